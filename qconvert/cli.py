@@ -1,0 +1,237 @@
+"""The `qconvert` command line: parse options, call the library, map errors to exit codes.
+
+Exit codes: 0 success, 1 internal error (a bug: the traceback is kept), 2 bad input or usage,
+3 `verify` found a problem, 130 interrupted.
+"""
+
+import json
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from qconvert import __version__
+from qconvert.errors import QConvertError
+
+app = typer.Typer(
+    help="Turn a Hugging Face checkpoint into a compact quantized model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stderr = Console(stderr=True)
+stdout = Console()
+_debug = False
+
+
+class Layout(str, Enum):
+    auto = "auto"
+    compressed_tensors = "compressed-tensors"
+    native = "native"
+
+
+class FloatDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class ScaleDtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def _run(action: Callable[[], int | None]) -> None:
+    """Run a command body; a user error becomes one line on stderr and its exit code."""
+    try:
+        code = action()
+    except QConvertError as exc:
+        if _debug:
+            raise
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted; nothing was written.")
+        raise typer.Exit(code=130) from None
+    if code:
+        raise typer.Exit(code=code)
+
+
+def parse_size(text: str) -> int:
+    """"500MB", "2GiB", "1000000" -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 500MB or 2GiB.")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(number * scale)
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    if version:
+        stdout.print(f"qconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def model(
+    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or cached hub id (org/name).")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder [default: <source>-<scheme> beside the source].")] = None,
+    bits: Annotated[int, typer.Option(help="Bits per weight code: 2, 3, 4, 5, 6 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Weights per scale within a row; 0 = one scale per output channel.")] = 64,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric grid (no zero point) or asymmetric (integer zero point).")] = False,
+    quantizer: Annotated[str, typer.Option("-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`.")] = "rtn",
+    include: Annotated[Optional[list[str]], typer.Option(help="Also quantize 2-D tensors whose name matches this regex (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep tensors whose name matches this regex in float (repeatable).")] = None,
+    dtype: Annotated[Optional[FloatDtype], typer.Option(help="Cast kept float tensors to this dtype [default: keep the source dtype].")] = None,
+    scale_dtype: Annotated[ScaleDtype, typer.Option(help="dtype of stored scales.")] = ScaleDtype.float16,
+    layout: Annotated[Layout, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")] = Layout.auto,
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Revision of a hub id.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Quantize a checkpoint into a packed safetensors file with a manifest."""
+    from qconvert.convert import Settings, convert
+
+    def action() -> None:
+        settings = Settings(
+            quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric,
+            scale_dtype=scale_dtype.value, include=tuple(include or ()), exclude=tuple(exclude or ()),
+            dtype=dtype.value if dtype else None, layout=layout.value,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+        )
+        with _progress_bar("converting") as report:
+            result = convert(source, output, settings, force=force, revision=revision,
+                             command=["qconvert", *sys.argv[1:]], progress=report)
+        totals = result.manifest.totals
+        if as_json:
+            print(json.dumps({"output": str(result.output), "layout": result.manifest.layout,
+                              "files": [str(f) for f in result.files], **totals}, sort_keys=True))
+        else:
+            stderr.print(
+                f"wrote [bold]{result.output}[/] ({result.manifest.layout} layout): "
+                f"{totals['stored_bytes'] / 1e6:.1f} MB, {totals['quantized_bits_per_weight']} bits per quantized weight, "
+                f"{totals['bits_per_weight']} overall", highlight=False)
+
+    _run(action)
+
+
+class _progress_bar:
+    """A rich progress bar on stderr, silent when stderr is not a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[tensor]}"), console=stderr, transient=True,
+                                 disable=not stderr.is_terminal)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self.report
+
+    def report(self, tensor: str, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=total, tensor="")
+        self.progress.update(self.task, completed=done, tensor=tensor)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A qconvert output folder, or any checkpoint.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
+) -> None:
+    """Show every tensor: its scheme, stored bytes and bits per weight, with totals."""
+    from qconvert.inspection import inspect_rows
+
+    def action() -> None:
+        rows, totals = inspect_rows(path)
+        if as_json:
+            print(json.dumps({"tensors": rows, "totals": totals}, sort_keys=True))
+            return
+        table = Table(title=str(path), show_footer=True)
+        for column, footer in [("tensor", "total"), ("scheme", ""), ("shape", ""),
+                               ("bytes", f"{totals['stored_bytes']:,}"), ("bits/weight", str(totals["bits_per_weight"])),
+                               ("rel. MSE", "")]:
+            table.add_column(column, footer=footer, justify="right" if column in ("bytes", "bits/weight", "rel. MSE") else "left")
+        for r in rows:
+            mse = "" if r["relative_mse"] is None else f"{r['relative_mse']:.2e}"
+            table.add_row(r["name"], r["scheme"], "×".join(map(str, r["shape"])), f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}", mse)
+        stdout.print(table)
+        if totals.get("quantized_bits_per_weight") is not None:
+            stdout.print(f"{totals['parameters']:,} parameters; quantized tensors: {totals['quantized_parameters']:,} parameters "
+                         f"at {totals['quantized_bits_per_weight']} bits per weight (scales and zero points counted); "
+                         f"whole file {totals['bits_per_weight']} bits per weight.", highlight=False)
+
+    _run(action)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="A qconvert output folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Re-read an output: checksums, shapes, and that every quantized tensor unpacks."""
+    from qconvert.errors import VerificationError
+    from qconvert.verification import verify_output
+
+    def action() -> int:
+        problems, checked = verify_output(path)
+        if as_json:
+            print(json.dumps({"ok": not problems, "tensors_checked": checked, "problems": problems}))
+        elif problems:
+            for problem in problems:
+                stderr.print(f"[red]✗[/] {problem}", highlight=False)
+        else:
+            stderr.print(f"[green]✓[/] {path}: {checked} tensors verified", highlight=False)
+        return VerificationError.exit_code if problems else 0
+
+    _run(action)
+
+
+@app.command()
+def quantizers(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """List the registered quantizers, built in and from installed plugins."""
+    from qconvert.quantizers import registry
+
+    def action() -> None:
+        rows = []
+        for name in registry.available():
+            try:
+                cls = registry.get(name)
+                rows.append({"name": name, "class": f"{cls.__module__}.{cls.__qualname__}", "calibration": cls.requires_calibration,
+                             "description": cls.description, "error": None})
+            except QConvertError as exc:
+                rows.append({"name": name, "class": None, "calibration": None, "description": "", "error": str(exc)})
+        if as_json:
+            print(json.dumps(rows))
+            return
+        table = Table("name", "class", "needs calibration", "description")
+        for r in rows:
+            table.add_row(r["name"], r["class"] or "[red]failed to load[/]", "" if r["error"] else ("yes" if r["calibration"] else "no"),
+                          r["error"] or r["description"])
+        stdout.print(table)
+
+    _run(action)
+
+
+if __name__ == "__main__":
+    app()

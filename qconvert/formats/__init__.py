@@ -1,0 +1,34 @@
+"""Output layouts: how quantized weights are named and laid out in the safetensors file."""
+
+from qconvert.errors import SchemeError
+from qconvert.formats.base import Layout
+from qconvert.formats.compressed_tensors import CompressedTensorsLayout
+from qconvert.formats.native import NativeLayout
+
+LAYOUTS: dict[str, type[Layout]] = {"compressed-tensors": CompressedTensorsLayout, "native": NativeLayout}
+LAYOUT_CHOICES = ("auto", *LAYOUTS)
+
+
+def get_layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise SchemeError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUT_CHOICES)}.")
+    return LAYOUTS[name]()
+
+
+def choose_layout(requested: str, quantized: list[tuple[str, tuple[int, ...], object]]) -> Layout:
+    """The layout to write: the requested one, or for "auto" compressed-tensors when it can hold
+    every quantized tensor (so transformers loads the output with no qconvert code), else native.
+
+    Raises:
+        SchemeError: an explicitly requested layout cannot hold one of the tensors.
+    """
+    if requested == "auto":
+        ct = CompressedTensorsLayout()
+        fits = all(ct.unsupported_reason(n, s, c) is None for n, s, c in quantized)
+        return ct if fits else NativeLayout()
+    layout = get_layout(requested)
+    for name, shape, config in quantized:
+        reason = layout.unsupported_reason(name, shape, config)
+        if reason:
+            raise SchemeError(f"--layout {requested} cannot store this model: {reason}; use --layout native or auto.")
+    return layout

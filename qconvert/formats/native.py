@@ -1,0 +1,60 @@
+"""qconvert's own layout, for any bit width and group size.
+
+For a source weight `W` named `<name>` (rows × columns, groups = ceil(columns / group_size)):
+
+| stored tensor    | dtype        | shape                                  | content                     |
+|------------------|--------------|----------------------------------------|-----------------------------|
+| `<name>.packed`  | U8           | rows × ceil(columns·bits / 8)          | codes, `packing.py` order   |
+| `<name>.scales`  | F16 or BF16  | rows × groups                          | per-group scale             |
+| `<name>.zeros`   | U8           | rows × ceil(groups·bits / 8)           | zero points, packed (asymmetric only) |
+
+`W[r, c] = (code[r, c] - zero[r, c // group_size]) * scale[r, c // group_size]`, where a symmetric
+weight's zero is 2**(bits-1). Bits, group size and the original shape are in the manifest.
+"""
+
+import torch
+
+from qconvert.formats.base import Layout, record_config, scale_spec, source_dtype
+from qconvert.io.writing import TensorSpec
+from qconvert.manifest import TensorRecord
+from qconvert.packing import pack_codes, packed_row_bytes, unpack_codes
+from qconvert.quantizers.base import QuantConfig, QuantizedTensor
+
+
+class NativeLayout(Layout):
+    name = "native"
+
+    def specs(self, name: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:
+        rows, columns = shape
+        groups = config.groups_for(columns)
+        specs = [TensorSpec(f"{name}.packed", "U8", (rows, packed_row_bytes(columns, config.bits))),
+                 scale_spec(f"{name}.scales", rows, groups, config)]
+        if not config.symmetric:
+            specs.append(TensorSpec(f"{name}.zeros", "U8", (rows, packed_row_bytes(groups, config.bits))))
+        return specs
+
+    def encode(self, name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+        stored = {f"{name}.packed": pack_codes(q.codes, q.bits), f"{name}.scales": q.scales}
+        if q.zeros is not None:
+            stored[f"{name}.zeros"] = pack_codes(q.zeros, q.bits)
+        return stored
+
+    def decode(self, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
+        config = record_config(record)
+        rows, columns = record.shape
+        scales = stored[f"{record.name}.scales"]
+        zeros = stored.get(f"{record.name}.zeros")
+        return QuantizedTensor(
+            codes=unpack_codes(stored[f"{record.name}.packed"], config.bits, columns),
+            scales=scales,
+            zeros=None if zeros is None else unpack_codes(zeros, config.bits, scales.shape[1]),
+            bits=config.bits,
+            group_size=config.group_size_for(columns),
+            shape=(rows, columns),
+            dtype=source_dtype(record),
+        )
+
+    def quantization_config(self, records: list[TensorRecord]) -> dict:
+        # transformers does not know this method, so it refuses the folder with a clear message
+        # instead of loading random weights; `qconvert.load` reads it.
+        return {"quant_method": "qconvert", "layout": self.name}

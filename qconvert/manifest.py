@@ -1,0 +1,131 @@
+"""The manifest: what was done to every tensor, with checksums and provenance.
+
+Written as `qconvert.json` beside the weights and, as the same sorted-key JSON string, under the
+`"qconvert"` key of every safetensors file's `__metadata__`, so a lone weights file still explains
+itself. No timestamps: the same command gives byte-identical output.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qconvert.errors import SourceError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "qconvert.json"
+METADATA_KEY = "qconvert"
+
+
+@dataclass
+class StoredRecord:
+    """One tensor as stored in the file."""
+
+    dtype: str
+    shape: list[int]
+    bytes: int
+    sha256: str = ""
+    file: str = ""
+
+
+@dataclass
+class TensorRecord:
+    """One source tensor and what became of it.
+
+    `action` is "quantized" or "kept"; `reason` says why. Scheme fields are None for kept tensors.
+    `relative_mse` is |W - deq(Q(W))|² / |W|², the weight reconstruction error.
+    """
+
+    name: str
+    shape: list[int]
+    source_dtype: str
+    action: str
+    reason: str
+    stored: dict[str, StoredRecord]
+    quantizer: str | None = None
+    quantizer_version: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    scale_dtype: str | None = None
+    relative_mse: float | None = None
+
+    @property
+    def parameters(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.bytes for s in self.stored.values())
+
+
+@dataclass
+class Manifest:
+    qconvert_version: str
+    layout: str
+    source: dict
+    settings: dict
+    tensors: list[TensorRecord]
+    command: list[str] | None = None
+    schema_version: int = SCHEMA_VERSION
+    totals: dict = field(default_factory=dict)
+
+    def compute_totals(self) -> None:
+        quantized = [t for t in self.tensors if t.action == "quantized"]
+        q_params = sum(t.parameters for t in quantized)
+        q_bytes = sum(t.stored_bytes for t in quantized)
+        params = sum(t.parameters for t in self.tensors)
+        stored = sum(t.stored_bytes for t in self.tensors)
+        self.totals = {
+            "parameters": params,
+            "quantized_parameters": q_params,
+            "stored_bytes": stored,
+            "quantized_bytes": q_bytes,
+            # bits per weight with scales and zero points counted
+            "quantized_bits_per_weight": round(8 * q_bytes / q_params, 4) if q_params else None,
+            "bits_per_weight": round(8 * stored / params, 4) if params else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        tensors = [
+            TensorRecord(**{**t, "stored": {k: StoredRecord(**v) for k, v in t["stored"].items()}})
+            for t in data.pop("tensors")
+        ]
+        return cls(tensors=tensors, **data)
+
+
+def read_manifest(output: Path) -> Manifest:
+    """The manifest of a qconvert output folder (or of one of its safetensors files).
+
+    Raises:
+        SourceError: `output` is not a qconvert output or its manifest is damaged.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if output.is_dir():
+        path = output / MANIFEST_FILE
+        if not path.is_file():
+            raise SourceError(f"{output} is not a qconvert output: {MANIFEST_FILE} is missing.")
+        text = path.read_text()
+    else:
+        try:
+            with safe_open(output, framework="pt") as handle:
+                text = (handle.metadata() or {}).get(METADATA_KEY)
+        except SafetensorError as exc:
+            raise SourceError(f"cannot read {output}: {exc}.") from exc
+        if text is None:
+            raise SourceError(f"{output} carries no qconvert manifest in its metadata.")
+    try:
+        manifest = Manifest.from_json(text)
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise SourceError(f"the qconvert manifest of {output} is damaged: {exc}.") from exc
+    if manifest.schema_version > SCHEMA_VERSION:
+        raise SourceError(f"{output} was written by a newer qconvert (manifest schema {manifest.schema_version}); upgrade qconvert.")
+    return manifest

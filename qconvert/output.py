@@ -1,0 +1,90 @@
+"""Read a qconvert output back: its stored tensors, dequantized weights, or a transformers model."""
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qconvert.errors import SourceError
+from qconvert.formats import get_layout
+from qconvert.io.loading import SAFETENSORS_DTYPES
+from qconvert.manifest import Manifest, TensorRecord, read_manifest
+from qconvert.quantizers import QuantizedTensor, dequantize
+
+
+def iter_records(output: Path, manifest: Manifest) -> Iterator[tuple[TensorRecord, dict[str, torch.Tensor]]]:
+    """Yield each manifest record with its stored tensors, one record at a time."""
+    folder = output if output.is_dir() else output.parent
+    handles: dict[str, object] = {}
+    try:
+        for record in manifest.tensors:
+            stored = {}
+            for name, entry in record.stored.items():
+                file = entry.file or "model.safetensors"
+                if file not in handles:
+                    handles[file] = _open(folder / file)
+                try:
+                    stored[name] = handles[file].get_tensor(name)
+                except SafetensorError as exc:
+                    raise SourceError(f"{folder / file} lacks tensor {name} named in its manifest.") from exc
+            yield record, stored
+    finally:
+        handles.clear()
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise SourceError(f"{path} is missing.")
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as exc:
+        raise SourceError(f"cannot read {path}: it is truncated or corrupt ({exc}).") from exc
+
+
+def quantized_tensor(manifest: Manifest, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
+    return get_layout(manifest.layout).decode(record, stored)
+
+
+def load(output: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Dequantized state dict of a qconvert output, with the source's tensor names.
+
+    Args:
+        output: a qconvert output folder.
+        dtype: dtype of the dequantized weights; default each tensor's source dtype.
+    """
+    output = Path(output)
+    manifest = read_manifest(output)
+    state = {}
+    for record, stored in iter_records(output, manifest):
+        if record.action == "quantized":
+            q = quantized_tensor(manifest, record, stored)
+            state[record.name] = dequantize(q, dtype or q.dtype)
+        else:
+            tensor = stored[record.name]
+            state[record.name] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
+    return state
+
+
+def load_model(output: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers model holding the dequantized weights of a qconvert output.
+
+    Raises:
+        SourceError: the output has no config.json, or transformers does not know its architecture.
+    """
+    import transformers
+
+    output = Path(output)
+    if not (output / "config.json").is_file():
+        raise SourceError(f"{output} has no config.json, so it cannot be built as a transformers model.")
+    config = transformers.AutoConfig.from_pretrained(output)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None:
+        raise SourceError(f"transformers has no model class {architecture} for {output}.")
+    state = load(output, dtype)
+    # transformers builds the skeleton without allocating weights, then takes ours (ties included).
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,105 @@
+"""Pack n-bit integer codes into bytes, and back.
+
+One bit order for every width: each row is a little-endian bit stream. Code ``j`` of a row fills
+bits ``j*bits .. j*bits+bits-1`` of that stream, and stream bit ``i`` is bit ``i % 8`` of byte
+``i // 8``. Rows are padded with zero bits to a whole byte, so every row starts on a byte and a
+row can be sliced without unpacking its neighbours. For 3 bits, eight codes fill three bytes::
+
+    codes   c0 c1 c2 ... c7, cᵢₖ = bit k of code i
+    byte 0  [c2₁ c2₀ c1₂ c1₁ c1₀ c0₂ c0₁ c0₀]   (most significant bit on the left)
+    byte 1  [c5₀ c4₂ c4₁ c4₀ c3₂ c3₁ c3₀ c2₂]
+    byte 2  [c7₂ c7₁ c7₀ c6₂ c6₁ c6₀ c5₂ c5₁]
+
+For 4 bits this is "low nibble first", which read as little-endian int32 words is exactly
+compressed-tensors' ``pack_to_int32`` layout (eight codes per word, code 0 in the lowest bits).
+"""
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def packed_row_bytes(columns: int, bits: int) -> int:
+    """Bytes one packed row of `columns` codes occupies."""
+    return (columns * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes of shape (rows, columns) into uint8 of shape (rows, packed_row_bytes).
+
+    Args:
+        codes: integer tensor with every value in [0, 2**bits).
+        bits: bits per code, 1 to 8.
+
+    Returns:
+        A contiguous uint8 tensor; `unpack_codes(result, bits, columns)` gives `codes` back.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"cannot pack {bits}-bit codes; bits must be 1 to 8")
+    rows, columns = codes.shape
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    if 8 % bits == 0:
+        return _pack_within_bytes(codes, bits)[:, : packed_row_bytes(columns, bits)].contiguous()
+    return _pack_across_bytes(codes, bits)[:, : packed_row_bytes(columns, bits)].contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 (rows, packed_row_bytes) -> uint8 codes (rows, columns)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"cannot unpack {bits}-bit codes; bits must be 1 to 8")
+    if packed.shape[1] != packed_row_bytes(columns, bits):
+        raise ValueError(
+            f"a packed row of {columns} {bits}-bit codes has {packed_row_bytes(columns, bits)} "
+            f"bytes, got {packed.shape[1]}"
+        )
+    if bits == 8:
+        return packed.contiguous()
+    if 8 % bits == 0:
+        return _unpack_within_bytes(packed, bits)[:, :columns].contiguous()
+    return _unpack_across_bytes(packed, bits)[:, :columns].contiguous()
+
+
+def _pad_columns(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = -t.shape[1] % multiple
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
+
+
+def _pack_within_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    # 1, 2 and 4 bits: whole codes fit in a byte, so plain uint8 shifts suffice.
+    per_byte = 8 // bits
+    groups = _pad_columns(codes, per_byte).view(codes.shape[0], -1, per_byte)
+    packed = groups[..., 0].clone()
+    for j in range(1, per_byte):
+        packed |= groups[..., j] << (j * bits)
+    return packed
+
+
+def _unpack_within_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (j * bits)) & mask for j in range(per_byte)]
+    return torch.stack(parts, dim=-1).view(packed.shape[0], -1)
+
+
+def _pack_across_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    # 3, 5, 6, 7 bits: eight codes make exactly `bits` bytes; assemble them in an int64 word.
+    rows = codes.shape[0]
+    groups = _pad_columns(codes, 8).view(rows, -1, 8).to(torch.int64)
+    word = groups[..., 0].clone()
+    for j in range(1, 8):
+        word |= groups[..., j] << (j * bits)
+    parts = [(word >> (8 * k)) & 0xFF for k in range(bits)]
+    return torch.stack(parts, dim=-1).to(torch.uint8).view(rows, -1)
+
+
+def _unpack_across_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    rows = packed.shape[0]
+    groups = _pad_columns(packed, bits).view(rows, -1, bits).to(torch.int64)
+    word = groups[..., 0].clone()
+    for k in range(1, bits):
+        word |= groups[..., k] << (8 * k)
+    mask = (1 << bits) - 1
+    parts = [(word >> (j * bits)) & mask for j in range(8)]
+    return torch.stack(parts, dim=-1).to(torch.uint8).view(rows, -1)

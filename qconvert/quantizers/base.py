@@ -1,0 +1,112 @@
+"""The quantizer plugin interface: a config, a result type and an abstract base class.
+
+A quantizer turns one float weight matrix into unsigned integer codes plus per-group scales and
+(for asymmetric schemes) integer zero points. How codes become bits is `packing.py`'s job, and how
+they are laid out in a file is `formats/`'s: a quantizer never does I/O.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.packing import SUPPORTED_BITS
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to do to one weight matrix.
+
+    Attributes:
+        bits: bits per code (2, 3, 4, 5, 6 or 8).
+        group_size: consecutive weights of a row that share a scale; 0 means one group per row
+            (per output channel). The last group of a row may be shorter; groups never cross rows.
+        symmetric: no zero point; codes are centred on 2**(bits-1).
+        scale_dtype: "float16" (default: three more mantissa bits than bfloat16, and weight
+            scales sit well inside its range) or "bfloat16".
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise SchemeError(f"--bits {self.bits} is not supported; choose one of {list(SUPPORTED_BITS)}.")
+        if self.group_size < 0:
+            raise SchemeError(f"--group-size {self.group_size} is negative; use 0 for per-channel or a positive size.")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SchemeError(f"scale dtype {self.scale_dtype!r} is not supported; choose float16 or bfloat16.")
+
+    def group_size_for(self, columns: int) -> int:
+        """The effective group size for a row of `columns` weights."""
+        return columns if self.group_size == 0 else min(self.group_size, columns)
+
+    def groups_for(self, columns: int) -> int:
+        """Groups per row of `columns` weights (the last one may be partial)."""
+        return -(-columns // self.group_size_for(columns))
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized 2-D weight: `weight[r, c] ≈ (codes[r, c] - zeros[r, g]) * scales[r, g]`, g = c // group_size.
+
+    Attributes:
+        codes: uint8 (rows, columns), each value in [0, 2**bits).
+        scales: (rows, groups) in the config's scale dtype.
+        zeros: uint8 (rows, groups) in [0, 2**bits), or None for symmetric (zero = 2**(bits-1)).
+        bits, group_size: as applied (group_size is the effective size, never 0).
+        shape: the original weight shape; dtype: its original dtype.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rebuild the float weight from codes, scales and zero points (computed in float32)."""
+    rows, columns = q.shape
+    groups = q.scales.shape[1]
+    padded = groups * q.group_size
+    codes = torch.nn.functional.pad(q.codes, (0, padded - columns)).view(rows, groups, q.group_size)
+    zeros = q.zeros.float() if q.zeros is not None else torch.full_like(q.scales, 2 ** (q.bits - 1), dtype=torch.float32)
+    weight = (codes.float() - zeros.unsqueeze(-1)) * q.scales.float().unsqueeze(-1)
+    return weight.view(rows, padded)[:, :columns].to(dtype)
+
+
+class Quantizer(ABC):
+    """Base class of every quantizer, built in or plugged in through the `qconvert.quantizers` entry points.
+
+    Subclasses set `name` (the registry key, used on the CLI and in manifests) and implement
+    `quantize`. `requires_calibration` quantizers receive activation statistics in `stats`.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    requires_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
+        """Quantize the 2-D float `weight` of tensor `name`."""
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        """The float32 weight `q` stands for."""
+        return dequantize(q)

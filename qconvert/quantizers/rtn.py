@@ -1,0 +1,76 @@
+"""Round-to-nearest (RTN) integer quantization: the baseline every other method is measured against.
+
+Per group, the scale maps the group's range onto the integer grid and each weight goes to the
+nearest grid point. Asymmetric groups span [min(w, 0), max(w, 0)] with an integer zero point
+(as in GPTQ and compressed-tensors); symmetric groups span [-absmax, absmax] centred on 2**(bits-1).
+"""
+
+from typing import Any
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, Quantizer
+from qconvert.quantizers.registry import register
+
+
+def group_view(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Float32 view of `weight` as (rows, groups, group_size), the partial last group zero-padded.
+
+    Zero padding never changes a group's range, because every range includes zero.
+    """
+    rows, columns = weight.shape
+    group_size = config.group_size_for(columns)
+    padded = config.groups_for(columns) * group_size
+    w = weight.float()
+    if padded != columns:
+        w = torch.nn.functional.pad(w, (0, padded - columns))
+    return w.view(rows, -1, group_size)
+
+
+def stored_scales(scales: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Round scales to their stored dtype, keeping them positive and finite there."""
+    dtype = SCALE_DTYPES[scale_dtype]
+    info = torch.finfo(dtype)
+    return scales.clamp(min=info.tiny, max=info.max).to(dtype)
+
+
+def rtn_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+    """Quantize a 2-D weight by round-to-nearest; see the module docstring for the grid."""
+    groups = group_view(weight, config)  # (rows, groups, group_size)
+    low, high = torch.aminmax(groups, dim=-1)
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
+    top = 2**config.bits - 1
+    if config.symmetric:
+        half = 2 ** (config.bits - 1)
+        scales = stored_scales(torch.maximum(-low, high) / (half - 1), config.scale_dtype)
+        inverse = scales.float().reciprocal().unsqueeze(-1)
+        codes = groups.mul(inverse).round_().clamp_(-half, half - 1).add_(half)
+        zeros = None
+    else:
+        low.clamp_(max=0)
+        high.clamp_(min=0)
+        scales = stored_scales((high - low) / top, config.scale_dtype)
+        inverse = scales.float().reciprocal()
+        zero_points = low.mul_(inverse).neg_().round_().clamp_(0, top)
+        codes = groups.mul(inverse.unsqueeze(-1)).round_().add_(zero_points.unsqueeze(-1)).clamp_(0, top)
+        zeros = zero_points.to(torch.uint8)
+    rows, columns = weight.shape
+    return QuantizedTensor(
+        codes=codes.view(rows, -1)[:, :columns].to(torch.uint8),
+        scales=scales,
+        zeros=zeros,
+        bits=config.bits,
+        group_size=groups.shape[-1],
+        shape=(rows, columns),
+        dtype=weight.dtype,
+    )
+
+
+@register("rtn")
+class RTNQuantizer(Quantizer):
+    description = "round-to-nearest integer, min/max range per group (no calibration)"
+
+    def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
+        return rtn_quantize(name, weight, self.config)
