@@ -26,7 +26,12 @@ app = typer.Typer(
     add_completion=False,
 )
 stderr = Console(stderr=True)
-stdout = Console()
+
+
+def _stdout() -> Console:
+    # Tables piped to a file or a CI log should not wrap at 80 columns.
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
 _debug = False
 
 
@@ -82,7 +87,7 @@ def main(
     global _debug
     _debug = debug
     if version:
-        stdout.print(f"qconvert {__version__}")
+        _stdout().print(f"qconvert {__version__}")
         raise typer.Exit()
 
 
@@ -105,7 +110,7 @@ def model(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest."""
-    from qconvert.convert import Settings, convert
+    from qconvert.conversion import Settings, convert
 
     def action() -> None:
         settings = Settings(
@@ -173,9 +178,9 @@ def inspect(
         for r in rows:
             mse = "" if r["relative_mse"] is None else f"{r['relative_mse']:.2e}"
             table.add_row(r["name"], r["scheme"], "×".join(map(str, r["shape"])), f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}", mse)
-        stdout.print(table)
+        _stdout().print(table)
         if totals.get("quantized_bits_per_weight") is not None:
-            stdout.print(f"{totals['parameters']:,} parameters; quantized tensors: {totals['quantized_parameters']:,} parameters "
+            _stdout().print(f"{totals['parameters']:,} parameters; quantized tensors: {totals['quantized_parameters']:,} parameters "
                          f"at {totals['quantized_bits_per_weight']} bits per weight (scales and zero points counted); "
                          f"whole file {totals['bits_per_weight']} bits per weight.", highlight=False)
 
@@ -228,7 +233,7 @@ def quantizers(
         for r in rows:
             table.add_row(r["name"], r["class"] or "[red]failed to load[/]", "" if r["error"] else ("yes" if r["calibration"] else "no"),
                           r["error"] or r["description"])
-        stdout.print(table)
+        _stdout().print(table)
 
     _run(action)
 

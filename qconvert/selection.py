@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass
 
 from qconvert.errors import SchemeError
-from qconvert.io.loading import FLOAT_DTYPES, TensorInfo
+from qconvert.io.loading import TensorInfo
 
 # A transformer block's tensors carry its index: model.layers.3., encoder.layer.0., h.11., blocks.2.
 IN_BLOCK = re.compile(r"(^|\.)\d+\.")
@@ -40,7 +40,7 @@ def decide(info: TensorInfo, include: list[re.Pattern], exclude: list[re.Pattern
             return Decision(True, f"included by --include {pattern.pattern}")
     if not is_matrix:
         return Decision(False, f"{len(info.shape)}-D tensor (norm, bias or buffer)")
-    if info.dtype not in FLOAT_DTYPES:
+    if not info.dtype.is_floating_point:
         return Decision(False, f"{info.dtype} tensor, not a float weight")
     if NOT_LINEAR.search(info.name):
         return Decision(False, "embedding, norm or output head")

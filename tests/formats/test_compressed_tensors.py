@@ -1,0 +1,67 @@
+"""Our compressed-tensors layout against the compressed-tensors library's own code."""
+
+import pytest
+import torch
+
+from qconvert.formats.compressed_tensors import CompressedTensorsLayout, module_targets, pack_to_words
+from qconvert.formats.native import NativeLayout
+from qconvert.manifest import TensorRecord
+from qconvert.quantizers import QuantConfig, dequantize, get
+
+ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("shape", [(6, 64), (5, 96), (3, 40)])
+def test_packed_words_equal_compressed_tensors_pack_to_int32(bits, shape):
+    codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
+    signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    theirs = ct_helpers.pack_to_int32(signed, bits)
+    assert torch.equal(pack_to_words(codes, bits), theirs)
+    assert torch.equal(ct_helpers.unpack_from_int32(theirs, bits, torch.Size(shape)), signed)
+
+
+def record_for(name, shape, config):
+    return TensorRecord(name=name, shape=list(shape), source_dtype="F32", action="quantized", reason="", stored={},
+                        quantizer="rtn", bits=config.bits, group_size=config.group_size_for(shape[1]),
+                        symmetric=config.symmetric, scale_dtype=config.scale_dtype)
+
+
+@pytest.mark.parametrize("layout", [CompressedTensorsLayout(), NativeLayout()])
+@pytest.mark.parametrize("config", [QuantConfig(4, 32, False), QuantConfig(3, 0, True), QuantConfig(8, 64, False), QuantConfig(2, 16, True)])
+def test_encode_matches_specs_and_decodes_exactly(layout, config):
+    name, shape = "model.layers.0.mlp.up_proj.weight", (40, 128)
+    q = get("rtn")(config).quantize(name, torch.randn(shape))
+    stored = layout.encode(name, q)
+    specs = layout.specs(name, shape, config)
+    assert [(s.name, s.shape) for s in specs] == [(n, tuple(t.shape)) for n, t in stored.items()]
+    back = layout.decode(record_for(name, shape, config), stored)
+    assert torch.equal(back.codes, q.codes) and torch.equal(back.scales, q.scales)
+    assert (back.zeros is None) == (q.zeros is None) and (q.zeros is None or torch.equal(back.zeros, q.zeros))
+
+
+def test_asymmetric_zero_points_match_compressed_tensors_decompression():
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    config = QuantConfig(4, 32, False, "float16")
+    name = "layer.weight"
+    weight = torch.randn(24, 96)
+    q = get("rtn")(config).quantize(name, weight)
+    stored = CompressedTensorsLayout().encode(name, q)
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32))
+    local = {k.removeprefix("layer."): v for k, v in stored.items()}
+    theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    torch.testing.assert_close(theirs.float(), dequantize(q), rtol=2e-3, atol=1e-4)
+
+
+def test_partial_groups_are_not_expressible():
+    layout = CompressedTensorsLayout()
+    assert "not a multiple of group size 128" in layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=128))
+    assert layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=64)) is None
+
+
+def test_targets_fold_layer_numbers_only_when_safe():
+    modules = ["m.layers.0.q", "m.layers.1.q", "m.layers.0.k"]
+    candidates = set(modules) | {"m.layers.1.k"}
+    assert module_targets(modules, candidates) == ["m.layers.0.k", r"re:^m\.layers\.\d+\.q$"]

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qconvert.packing import SUPPORTED_BITS, pack_codes, packed_row_bytes, unpack_codes
+
+
+@st.composite
+def codes_and_bits(draw):
+    bits = draw(st.sampled_from(SUPPORTED_BITS + (1, 7)))
+    rows = draw(st.integers(1, 9))
+    columns = draw(st.integers(1, 70))
+    seed = draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**bits, (rows, columns), generator=g, dtype=torch.uint8), bits
+
+
+@settings(deadline=None, max_examples=300)
+@given(codes_and_bits())
+def test_unpack_inverts_pack(case):
+    codes, bits = case
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (codes.shape[0], packed_row_bytes(codes.shape[1], bits))
+    assert torch.equal(unpack_codes(packed, bits, codes.shape[1]), codes)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_codes_use_exactly_their_bits(bits):
+    codes = torch.randint(0, 2**bits, (3, 64), dtype=torch.uint8)
+    assert pack_codes(codes, bits).numel() == 3 * 64 * bits // 8
+
+
+def test_documented_bit_order():
+    # 3 bits: code j fills bits 3j..3j+2 of the row's little-endian bit stream.
+    codes = torch.tensor([[0b101, 0b011, 0b110, 0, 0, 0, 0, 0b111]], dtype=torch.uint8)
+    packed = pack_codes(codes, 3)
+    stream = int.from_bytes(bytes(packed[0].tolist()), "little")
+    assert [(stream >> (3 * j)) & 7 for j in range(8)] == codes[0].tolist()
+    # 4 bits: low nibble first.
+    assert pack_codes(torch.tensor([[0x1, 0xF]], dtype=torch.uint8), 4).tolist() == [[0xF1]]
+
+
+def test_wrong_packed_width_is_refused():
+    with pytest.raises(ValueError, match="bytes"):
+        unpack_codes(torch.zeros(2, 5, dtype=torch.uint8), 4, 12)
