@@ -16,12 +16,14 @@ from qconvert import __version__
 from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES, choose_layout
 from qconvert.formats.base import Layout
-from qconvert.io.loading import DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, open_checkpoint, sha256_file
+from qconvert.io.loading import DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, open_checkpoint
+from qconvert.io.threads import BackgroundWorker, prefetched
 from qconvert.io.writing import (
     SafetensorsStreamWriter, TensorSpec, shard_file_names, split_into_shards, staged_directory, write_json,
 )
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
-from qconvert.quantizers import QuantConfig, Quantizer, dequantize, get
+from qconvert.quantizers import QuantConfig, Quantizer, get
+from qconvert.quantizers.base import relative_error
 from qconvert.selection import compile_patterns, decide
 
 PASSTHROUGH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -129,7 +131,7 @@ def convert(
     manifest = Manifest(
         qconvert_version=__version__,
         layout=layout.name,
-        source=_describe_source(checkpoint),
+        source=_describe_source(checkpoint, placeholder=True),
         settings=_settings_dict(settings),
         tensors=[p.record for p in planned],
         command=command,
@@ -142,6 +144,7 @@ def convert(
             for writer in writers:
                 writer.close()
             raise
+        manifest.source = _describe_source(checkpoint)  # the weights were hashed while being read
         manifest.compute_totals()
         metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
         for writer in writers:
@@ -205,41 +208,42 @@ def _open_writers(staging: Path, file_names: list[str], shards: list[list[Tensor
 
 def _stream(checkpoint: Checkpoint, planned: list[_Planned], quantizer: Quantizer, layout: Layout,
             settings: Settings, writers: list[SafetensorsStreamWriter], progress: ProgressCallback | None) -> None:
+    """Read, quantize and write every tensor; reading and writing run on their own threads."""
     writer_of = {spec.name: w for w in writers for spec in w.specs}
     total = sum(checkpoint.tensors[p.record.name].nbytes for p in planned)
     done = 0
     names = [p.record.name for p in planned]
-    for p, (name, tensor) in zip(planned, checkpoint.iter_tensors(names)):
-        record = p.record
-        if record.action == "quantized":
-            q = quantizer.quantize(name, tensor, None)
-            record.relative_mse = relative_error(tensor, dequantize(q))
-            stored = layout.encode(name, q)
-        else:
-            stored = {name: tensor.to(_kept_dtype(tensor.dtype, settings))}
-        for stored_name, t in stored.items():
-            record.stored[stored_name].sha256 = writer_of[stored_name].write(stored_name, t)
-        done += checkpoint.tensors[name].nbytes
-        if progress:
-            progress(name, done, total)
+    background = BackgroundWorker()
+    try:
+        for p, (name, tensor) in zip(planned, prefetched(checkpoint.iter_tensors(names))):
+            record = p.record
+            if record.action == "quantized":
+                q = quantizer.quantize(name, tensor, None)
+                record.relative_mse = relative_error(tensor, q)
+                stored = layout.encode(name, q)
+            else:
+                stored = {name: tensor.to(_kept_dtype(tensor.dtype, settings))}
+            background.submit(lambda stored=stored, record=record: _write_all(stored, record, writer_of))
+            done += checkpoint.tensors[name].nbytes
+            if progress:
+                progress(name, done, total)
+    finally:
+        background.join()
 
 
-def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
-    """|W - Ŵ|² / |W|², rounded to 6 significant digits so manifests compare cleanly."""
-    w = weight.float()
-    denominator = w.square().sum().item()
-    numerator = (w - approximation).square_().sum().item()
-    return float(f"{numerator / denominator:.6g}") if denominator else 0.0
+def _write_all(stored: dict[str, torch.Tensor], record: TensorRecord, writer_of: dict) -> None:
+    for stored_name, tensor in stored.items():
+        record.stored[stored_name].sha256 = writer_of[stored_name].write(stored_name, tensor)
 
 
-def _describe_source(checkpoint: Checkpoint) -> dict:
+def _describe_source(checkpoint: Checkpoint, placeholder: bool = False) -> dict:
     files = checkpoint.files + checkpoint.auxiliary_files()
     base = checkpoint.folder or checkpoint.files[0].parent
     return {
         "path": None if checkpoint.hub_id else str(Path(checkpoint.source).expanduser().resolve()),
         "hub_id": checkpoint.hub_id,
         "revision": checkpoint.revision,
-        "sha256": {str(f.relative_to(base)): sha256_file(f) for f in files},
+        "sha256": {str(f.relative_to(base)): "0" * 64 if placeholder else checkpoint.sha256(f) for f in files},
     }
 
 

@@ -9,13 +9,12 @@ id (`org/name`) already in the local Hugging Face cache. Pickled `.bin` files ar
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from qconvert.errors import SourceError
 
 SAFETENSORS_DTYPES = {
@@ -40,6 +39,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # absolute byte offset of the data in a .safetensors file
 
     @property
     def numel(self) -> int:
@@ -71,6 +71,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     hub_id: str | None = None
     revision: str | None = None
+    _digests: dict[Path, str] = field(default_factory=dict, repr=False)
 
     @property
     def config(self) -> dict | None:
@@ -92,8 +93,9 @@ class Checkpoint:
     def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for `names` in order, holding one tensor at a time.
 
-        Each safetensors file is opened once per run of consecutive names from that file, and
-        closed after, which unmaps the pages read so far and keeps resident memory low.
+        Safetensors data is read with plain sequential reads rather than a memory map, so pages
+        already used do not stay resident. A file read from start to end in order is hashed on
+        the way (see `sha256`), which saves reading it twice.
         """
         position = 0
         while position < len(names):
@@ -101,21 +103,47 @@ class Checkpoint:
             end = position
             while end < len(names) and self.tensors[names[end]].file == file:
                 end += 1
-            yield from self._read_run(file, names[position:end])
+            run = names[position:end]
+            if file.suffix == ".safetensors":
+                yield from self._read_safetensors(file, run)
+            else:
+                state = _load_bin(file)
+                yield from ((name, state[name]) for name in run)
             position = end
 
-    def _read_run(self, file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        if file.suffix == ".bin":
-            state = _load_bin(file)
-            for name in names:
-                yield name, state[name]
-            return
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for name in names:
-                    yield name, handle.get_tensor(name)
-        except SafetensorError as exc:
-            raise SourceError(f"cannot read {file}: it is truncated or corrupt ({exc}).") from exc
+    def sha256(self, file: Path) -> str:
+        """sha256 of a source file, from the last complete sequential read if there was one."""
+        if file not in self._digests:
+            self._digests[file] = sha256_file(file)
+        return self._digests[file]
+
+    def _read_safetensors(self, file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        infos = [self.tensors[n] for n in names]
+        digest = hashlib.sha256()
+        position = 0
+        with open(file, "rb") as f:
+            for info in infos:
+                if info.offset < position:  # out of file order: hashing on the way is off
+                    digest = None
+                f.seek(info.offset)
+                if digest is not None and info.offset > position:
+                    f.seek(position)
+                    digest.update(f.read(info.offset - position))
+                data = bytearray(info.nbytes)
+                if f.readinto(data) != info.nbytes:
+                    raise SourceError(f"{file} is truncated: tensor {info.name} is cut short.")
+                if digest is not None:
+                    digest.update(data)
+                position = info.offset + info.nbytes
+                yield info.name, _tensor_from_bytes(data, info)
+            if digest is not None and not f.read(1) and position == file.stat().st_size:
+                self._digests[file] = digest.hexdigest()
+
+
+def _tensor_from_bytes(data: bytearray, info: TensorInfo) -> torch.Tensor:
+    if not data:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
 
 
 def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
@@ -197,22 +225,58 @@ def _files_from_index(index: Path) -> list[Path]:
     return files
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
 def _read_headers(file: Path) -> list[TensorInfo]:
     if file.suffix != ".safetensors":
         state = _load_bin(file)
         return [TensorInfo(k, v.dtype, tuple(v.shape), file) for k, v in state.items() if isinstance(v, torch.Tensor)]
+    return _read_safetensors_header(file)
+
+
+def _read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """Tensor entries of a safetensors file in data order, checked as the safetensors library checks them.
+
+    We read the (8-byte length + JSON) header ourselves because the library exposes no data
+    offsets, and offsets are what let us stream the file sequentially.
+    """
+    def corrupt(why: str) -> SourceError:
+        return SourceError(f"cannot read {file}: it is not a valid safetensors file, or it is truncated ({why}).")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupt("shorter than 8 bytes")
+        length = struct.unpack("<Q", prefix)[0]
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise corrupt(f"header of {length} bytes in a {size}-byte file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise corrupt(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    header.pop("__metadata__", None)
+    infos, expected = [], 0
     try:
-        with safe_open(file, framework="pt") as handle:
-            infos = []
-            for name in handle.keys():
-                view = handle.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
-                if dtype is None:
-                    raise SourceError(f"tensor {name} in {file} has dtype {view.get_dtype()}, which qconvert cannot read.")
-                infos.append(TensorInfo(name, dtype, tuple(view.get_shape()), file))
-            return infos
-    except SafetensorError as exc:
-        raise SourceError(f"cannot read {file}: it is not a valid safetensors file, or it is truncated ({exc}).") from exc
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        for name, entry in entries:
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise SourceError(f"tensor {name} in {file} has dtype {entry['dtype']}, which qconvert cannot read.")
+            begin, end = entry["data_offsets"]
+            info = TensorInfo(name, dtype, tuple(int(d) for d in entry["shape"]), file, offset=8 + length + begin)
+            if begin != expected or end - begin != info.nbytes:
+                raise corrupt(f"tensor {name} has inconsistent data offsets")
+            infos.append(info)
+            expected = end
+    except (KeyError, TypeError, ValueError) as exc:
+        raise corrupt(f"malformed tensor entry: {exc}") from exc
+    if 8 + length + expected != size:
+        raise corrupt(f"the header describes {8 + length + expected} bytes but the file has {size}")
+    return infos
 
 
 _BIN_STATES: dict[Path, dict] = {}

@@ -77,15 +77,31 @@ class QuantizedTensor:
         return self.zeros is None
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rebuild the float weight from codes, scales and zero points (computed in float32)."""
-    rows, columns = q.shape
-    groups = q.scales.shape[1]
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+    """Rebuild the float weight (or the given `rows` of it) from codes, scales and zero points, in float32."""
+    codes, scales = q.codes[rows], q.scales[rows].float()
+    count, columns = codes.shape
+    groups = scales.shape[1]
     padded = groups * q.group_size
-    codes = torch.nn.functional.pad(q.codes, (0, padded - columns)).view(rows, groups, q.group_size)
-    zeros = q.zeros.float() if q.zeros is not None else torch.full_like(q.scales, 2 ** (q.bits - 1), dtype=torch.float32)
-    weight = (codes.float() - zeros.unsqueeze(-1)) * q.scales.float().unsqueeze(-1)
-    return weight.view(rows, padded)[:, :columns].to(dtype)
+    if padded != columns:
+        codes = torch.nn.functional.pad(codes, (0, padded - columns))
+    weight = codes.view(count, groups, q.group_size).float()
+    zeros = q.zeros[rows].float() if q.zeros is not None else torch.full_like(scales, 2 ** (q.bits - 1))
+    weight = weight.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
+    return weight.view(count, padded)[:, :columns].to(dtype)
+
+
+def relative_error(weight: torch.Tensor, q: QuantizedTensor) -> float:
+    """|W - deq(Q)|² / |W|², in cache-sized row blocks; rounded to 6 significant digits for stable manifests."""
+    rows, columns = weight.shape
+    step = max(1, (1 << 19) // max(columns, 1))
+    error = norm = 0.0
+    for start in range(0, rows, step):
+        block = slice(start, start + step)
+        w = weight[block].float()
+        error += (dequantize(q, rows=block).sub_(w)).square_().sum().item()
+        norm += w.square().sum().item()
+    return float(f"{error / norm:.6g}") if norm else 0.0
 
 
 class Quantizer(ABC):
