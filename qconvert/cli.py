@@ -160,13 +160,16 @@ class _progress_bar:
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A qconvert output folder, or any checkpoint.")],
+    fold: Annotated[bool, typer.Option("--fold", help="One row per tensor kind, layer numbers folded into '*'.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")] = False,
 ) -> None:
     """Show every tensor: its scheme, stored bytes and bits per weight, with totals."""
-    from qconvert.inspection import inspect_rows
+    from qconvert.inspection import fold_layers, inspect_rows
 
     def action() -> None:
         rows, totals = inspect_rows(path)
+        if fold:
+            rows = fold_layers(rows)
         if as_json:
             print(json.dumps({"tensors": rows, "totals": totals}, sort_keys=True))
             return
@@ -177,7 +180,8 @@ def inspect(
             table.add_column(column, footer=footer, justify="right" if column in ("bytes", "bits/weight", "rel. MSE") else "left")
         for r in rows:
             mse = "" if r["relative_mse"] is None else f"{r['relative_mse']:.2e}"
-            table.add_row(r["name"], r["scheme"], "×".join(map(str, r["shape"])), f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}", mse)
+            name = f"{r['name']} ×{r['count']}" if r.get("count", 1) > 1 else r["name"]
+            table.add_row(name, r["scheme"], "×".join(map(str, r["shape"])), f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}", mse)
         _stdout().print(table)
         if totals.get("quantized_bits_per_weight") is not None:
             _stdout().print(f"{totals['parameters']:,} parameters; quantized tensors: {totals['quantized_parameters']:,} parameters "

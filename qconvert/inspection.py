@@ -1,5 +1,7 @@
 """Rows for `qconvert inspect`: each tensor's scheme, stored bytes and bits per weight."""
 
+import re
+
 from pathlib import Path
 
 from qconvert.io.loading import DTYPE_NAMES, open_checkpoint
@@ -26,6 +28,26 @@ def inspect_rows(path: Path) -> tuple[list[dict], dict]:
         "stored": sorted(r.stored),
     } for r in manifest.tensors]
     return rows, manifest.totals
+
+
+def fold_layers(rows: list[dict]) -> list[dict]:
+    """One row per tensor kind: layer numbers replaced by `*`, bytes summed, bits per weight recomputed."""
+    folded: dict[tuple, dict] = {}
+    for r in rows:
+        name = re.sub(r"\.\d+\.", ".*.", r["name"])
+        key = (name, r["scheme"])
+        entry = folded.setdefault(key, {**r, "name": name, "count": 0, "bytes": 0, "parameters": 0, "_error": 0.0})
+        entry["count"] += 1
+        entry["bytes"] += r["bytes"]
+        params = r["bytes"] * 8 / r["bits_per_weight"] if r["bits_per_weight"] else 0
+        entry["parameters"] += params
+        entry["_error"] += (r["relative_mse"] or 0.0) * params
+    for entry in folded.values():
+        entry["bits_per_weight"] = 8 * entry["bytes"] / entry["parameters"] if entry["parameters"] else 0.0
+        if entry["relative_mse"] is not None:
+            entry["relative_mse"] = entry["_error"] / entry["parameters"]  # parameter-weighted mean
+        del entry["_error"], entry["parameters"]
+    return list(folded.values())
 
 
 def _has_manifest(path: Path) -> bool:

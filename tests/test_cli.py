@@ -37,6 +37,9 @@ def test_inspect_and_verify(tiny_checkpoint, tmp_path):
     rows = json.loads(run("inspect", tmp_path / "out", "--json").stdout)
     assert len(rows["tensors"]) == len(tiny_tensors())
     assert "source BF16" in run("inspect", tiny_checkpoint).output  # plain checkpoints too
+    folded = json.loads(run("inspect", tmp_path / "out", "--fold", "--json").stdout)["tensors"]
+    down = next(r for r in folded if r["name"] == "model.layers.*.mlp.down_proj.weight")
+    assert down["count"] == 2 and down["bytes"] == 2 * next(r["bytes"] for r in rows["tensors"] if r["name"].endswith("0.mlp.down_proj.weight"))
     verified = run("verify", tmp_path / "out", "--json")
     assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"]
 
