@@ -132,7 +132,7 @@ def convert(
         qconvert_version=__version__,
         layout=layout.name,
         source=_describe_source(checkpoint, placeholder=True),
-        settings=_settings_dict(settings),
+        settings=settings_dict(settings),
         tensors=[p.record for p in planned],
         command=command,
     )
@@ -247,7 +247,7 @@ def _describe_source(checkpoint: Checkpoint, placeholder: bool = False) -> dict:
     }
 
 
-def _settings_dict(settings: Settings) -> dict:
+def settings_dict(settings: Settings) -> dict:
     return {
         "quantizer": settings.quantizer, "bits": settings.bits, "group_size": settings.group_size,
         "symmetric": settings.symmetric, "scale_dtype": settings.scale_dtype, "include": list(settings.include),

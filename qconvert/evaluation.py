@@ -1,0 +1,201 @@
+"""Measure a model: perplexity on real text, divergence from a baseline, size, memory and speed.
+
+Every model is scored on the same token windows (non-overlapping, `ctx` tokens, the first
+`max_tokens` of the text), so a float checkpoint, a qconvert output and a GGUF file compare
+directly. Divergence uses the measures llama.cpp's perplexity tool ranks its types by: mean KL
+divergence of the next-token distributions from the baseline's, and top-1 token agreement.
+"""
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qconvert.errors import QConvertError, SourceError
+from qconvert.manifest import read_manifest
+from qconvert.runtime import LoadedModel, load_for_eval
+
+
+class QualityGateError(QConvertError):
+    """A `--max-ppl-increase` or `--max-kld` limit was crossed (exit code 4)."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    ctx: int = 512
+    max_tokens: int | None = 20480  # 40 windows of 512: the windows of the reference figures
+    prompt_tokens: int = 128  # prefill speed is measured on a prompt this long
+    decode_tokens: int = 32  # then this many greedy tokens are decoded for the decode speed
+    use_kernels: bool = True  # torch's int8/int4 kernels (bfloat16 activations); False: exact float32
+
+    def __post_init__(self) -> None:
+        if self.ctx < 2:
+            raise QConvertError("--ctx must be at least 2 tokens.")
+        if self.max_tokens is not None and self.max_tokens < self.ctx:
+            raise QConvertError(f"--max-tokens {self.max_tokens} is less than one window of --ctx {self.ctx} tokens.")
+
+
+@dataclass
+class EvalResult:
+    model: str
+    kind: str
+    perplexity: float
+    windows: int
+    tokens_scored: int
+    parameters: int
+    bytes_on_disk: int
+    bits_per_weight: float
+    weight_memory_bytes: int
+    peak_rss_bytes: int
+    prefill_tokens_per_s: float
+    decode_ms_per_token: float
+    eval_seconds: float
+    baseline: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_text(text_file: Path | None, dataset: str | None) -> str:
+    """The evaluation text: a file, or a public set through the `datasets` library."""
+    if text_file is not None:
+        if not text_file.is_file():
+            raise SourceError(f"text file {text_file} does not exist.")
+        return text_file.read_text(encoding="utf-8", errors="replace")
+    if dataset != "wikitext2":
+        raise QConvertError("give --text FILE, or --dataset wikitext2.")
+    try:
+        import datasets
+
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except ImportError as exc:
+        raise QConvertError("--dataset needs the `datasets` package (pip install datasets); --text FILE works without it.") from exc
+    except Exception as exc:
+        raise SourceError(f"cannot fetch wikitext-2 ({type(exc).__name__}); use --text FILE on a machine without the hub.") from exc
+    return "\n\n".join(rows["text"])
+
+
+def load_tokenizer(source: tuple[Path, str | None]):
+    from transformers import AutoTokenizer
+
+    folder, gguf_file = source
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"no tokenizer found at {folder}; pass --tokenizer PATH.") from exc
+
+
+def token_windows(tokenizer, text: str, settings: EvalSettings) -> torch.Tensor:
+    """(windows, ctx) token ids: consecutive non-overlapping windows from the start of the text."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if settings.max_tokens is not None:
+        ids = ids[: settings.max_tokens]
+    count = ids.numel() // settings.ctx
+    if count == 0:
+        raise QConvertError(f"the text has {ids.numel()} tokens, fewer than one window of {settings.ctx}.")
+    return ids[: count * settings.ctx].view(count, settings.ctx)
+
+
+@torch.no_grad()
+def score(model, windows: torch.Tensor, baseline_model=None) -> dict:
+    """Perplexity over `windows`, and with a baseline its perplexity, mean KL divergence and top-1 agreement."""
+    nll = base_nll = kld = agree = 0.0
+    scored = 0
+    for window in windows:
+        ids = window[None]
+        targets = window[1:]
+        log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        nll += -log_probs.gather(1, targets[:, None]).sum().item()
+        scored += targets.numel()
+        if baseline_model is not None:
+            base = torch.log_softmax(baseline_model(ids).logits[0, :-1].float(), dim=-1)
+            base_nll += -base.gather(1, targets[:, None]).sum().item()
+            kld += (base.exp() * (base - log_probs)).sum().item()
+            agree += (base.argmax(-1) == log_probs.argmax(-1)).sum().item()
+    result = {"perplexity": math.exp(nll / scored), "tokens_scored": scored}
+    if baseline_model is not None:
+        base_ppl = math.exp(base_nll / scored)
+        result["baseline"] = {"perplexity": base_ppl, "ppl_change_pct": 100 * (result["perplexity"] / base_ppl - 1),
+                              "mean_kld": kld / scored, "top1_agreement": agree / scored}
+    return result
+
+
+@torch.no_grad()
+def speed(model, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode ms/token): greedy decoding with the KV cache, after a warm-up run."""
+    def run(n_decode: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        out = model(prompt[None], use_cache=True)
+        prefill = time.perf_counter() - start
+        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(n_decode):
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return prefill, (time.perf_counter() - start) / max(n_decode, 1)
+
+    run(2)  # warm-up: first calls pay for allocation and kernel selection
+    prefill, per_token = run(decode_tokens)
+    return prompt.numel() / prefill, 1000 * per_token
+
+
+def weight_memory(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared storage counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def size_on_disk(path: Path, loaded: LoadedModel) -> tuple[int, int]:
+    """(parameters, bytes of weight files). A qconvert output's parameters come from its manifest."""
+    size = sum(f.stat().st_size for f in loaded.files)
+    if loaded.kind == "qconvert":
+        return read_manifest(path).totals["parameters"], size
+    return sum(p.numel() for p in loaded.model.parameters()), size
+
+
+def evaluate(path: Path, text: str, settings: EvalSettings = EvalSettings(), baseline: Path | None = None,
+             tokenizer_path: Path | None = None) -> EvalResult:
+    """Evaluate the model at `path` (qconvert output, checkpoint folder or .gguf) on `text`."""
+    start = time.perf_counter()
+    loaded = load_for_eval(path, use_kernels=settings.use_kernels)
+    tokenizer = load_tokenizer((tokenizer_path, None) if tokenizer_path else loaded.tokenizer_source)
+    windows = token_windows(tokenizer, text, settings)
+    baseline_model = load_for_eval(baseline).model if baseline else None
+    scores = score(loaded.model, windows, baseline_model)
+    del baseline_model
+    prompt = windows.view(-1)[: settings.prompt_tokens]
+    prefill_rate, decode_ms = speed(loaded.model, prompt, settings.decode_tokens)
+    parameters, on_disk = size_on_disk(path, loaded)
+    return EvalResult(
+        model=str(path), kind=loaded.kind, perplexity=scores["perplexity"], windows=windows.shape[0],
+        tokens_scored=scores["tokens_scored"], parameters=parameters, bytes_on_disk=on_disk,
+        bits_per_weight=8 * on_disk / parameters, weight_memory_bytes=weight_memory(loaded.model),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        prefill_tokens_per_s=prefill_rate, decode_ms_per_token=decode_ms,
+        eval_seconds=time.perf_counter() - start, baseline=scores.get("baseline", {}),
+    )
+
+
+def check_quality_gate(result: EvalResult, max_ppl_increase: float | None, max_kld: float | None) -> None:
+    """Raise QualityGateError when a limit is crossed.
+
+    Raises:
+        QConvertError: a limit was given without a baseline to measure it against.
+    """
+    if (max_ppl_increase is not None or max_kld is not None) and not result.baseline:
+        raise QConvertError("--max-ppl-increase and --max-kld need --baseline MODEL.")
+    change, kld = result.baseline.get("ppl_change_pct"), result.baseline.get("mean_kld")
+    if max_ppl_increase is not None and change > max_ppl_increase:
+        raise QualityGateError(f"quality gate failed: perplexity rose {change:.2f}% over the baseline, above the {max_ppl_increase}% allowed.")
+    if max_kld is not None and kld > max_kld:
+        raise QualityGateError(f"quality gate failed: mean KL divergence {kld:.4f} is above the {max_kld} allowed.")

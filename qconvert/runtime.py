@@ -1,0 +1,116 @@
+"""Build runnable transformers models for evaluation: float checkpoints, GGUF files, and qconvert
+outputs whose linear layers stay quantized in memory (`QuantizedLinear`)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qconvert.errors import SourceError
+from qconvert.manifest import MANIFEST_FILE, read_manifest
+from qconvert.output import iter_records, quantized_tensor
+from qconvert.qlinear import QuantizedLinear
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    kind: str  # "qconvert", "checkpoint" or "gguf"
+    tokenizer_source: tuple[Path, str | None]  # (folder, gguf file name or None)
+    files: list[Path]  # weight files on disk, for the size
+
+
+def is_qconvert_output(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_FILE).is_file()
+
+
+def load_for_eval(path: Path, dtype: torch.dtype = torch.float32, use_kernels: bool = True) -> LoadedModel:
+    """Load any supported model for evaluation.
+
+    Raises:
+        SourceError: the path is missing or transformers cannot build a causal LM from it.
+    """
+    if not path.exists():
+        raise SourceError(f"{path} does not exist.")
+    if is_qconvert_output(path):
+        return LoadedModel(build_quantized_model(path, dtype, use_kernels), "qconvert", (path, None), _weight_files(path))
+    if path.suffix == ".gguf":
+        return LoadedModel(_from_pretrained(path.parent, dtype, gguf_file=path.name), "gguf", (path.parent, path.name), [path])
+    return LoadedModel(_from_pretrained(path, dtype), "checkpoint", (path, None), _weight_files(path))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its loading bars would interleave with ours on stderr
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(f"transformers cannot load {folder} as a causal language model: {str(exc).splitlines()[0]}") from exc
+
+
+def build_quantized_model(output: Path, dtype: torch.dtype = torch.float32, use_kernels: bool = True) -> torch.nn.Module:
+    """A transformers model of a qconvert output whose quantized linears stay packed in memory.
+
+    The skeleton is built with parameters on the meta device (buffers such as rotary frequencies
+    are real), quantized linears are swapped for `QuantizedLinear`, then the kept tensors are
+    assigned. Peak memory is the quantized model plus one tensor.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    _quiet_transformers()
+    if not (output / "config.json").is_file():
+        raise SourceError(f"{output} has no config.json, so it cannot be run as a model.")
+    config = transformers.AutoConfig.from_pretrained(output)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])):
+        raise SourceError(f"{output} is a {', '.join(config.architectures or ['model'])}, not a causal language model; "
+                          "perplexity needs one.")
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    manifest = read_manifest(output)
+    kept = {}
+    for record, stored in iter_records(output, manifest):
+        if record.action == "quantized":
+            _swap_in(model, record.name, QuantizedLinear(quantized_tensor(manifest, record, stored), _has_bias(model, record.name), dtype, use_kernels))
+        else:
+            tensor = stored[record.name]
+            kept[record.name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    model.load_state_dict(kept, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise SourceError(f"{output} lacks weights for {', '.join(missing[:3])}.")
+    return model.eval()
+
+
+def _module_name(tensor_name: str) -> str:
+    return tensor_name.removesuffix(".weight")
+
+
+def _has_bias(model: torch.nn.Module, tensor_name: str) -> bool:
+    return getattr(model.get_submodule(_module_name(tensor_name)), "bias", None) is not None
+
+
+def _swap_in(model: torch.nn.Module, tensor_name: str, layer: QuantizedLinear) -> None:
+    parent_name, _, child = _module_name(tensor_name).rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, child)
+    except AttributeError as exc:
+        raise SourceError(f"the model built from config.json has no module for {tensor_name}.") from exc
+    if not isinstance(original, torch.nn.Linear):
+        raise SourceError(f"{tensor_name} belongs to a {type(original).__name__}, which qconvert cannot run quantized.")
+    setattr(parent, child, layer)

@@ -1,0 +1,133 @@
+"""`qconvert sweep`: convert a model at many settings, evaluate each on the same text, report the trade-off.
+
+Each evaluation runs in its own process, so its peak memory is its own and a setting that fails
+cannot stop the others. Outputs already converted with the same source and settings are reused.
+"""
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from qconvert.conversion import Settings, settings_dict, convert
+from qconvert.errors import QConvertError
+from qconvert.evaluation import EvalSettings
+from qconvert.io.loading import open_checkpoint, sha256_file
+from qconvert.manifest import MANIFEST_FILE, read_manifest
+
+
+@dataclass
+class SweepRow:
+    label: str
+    role: str  # "float", "qconvert" or "reference"
+    path: str
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    conversion_seconds: float | None = None  # None: not converted (float, reference, or reused)
+    reused: bool = False
+    quantized_bits_per_weight: float | None = None
+    bits_per_weight: float | None = None
+    size_mb: float | None = None
+    perplexity: float | None = None
+    ppl_change_pct: float | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_ms_per_token: float | None = None
+    weight_memory_mb: float | None = None
+    peak_rss_mb: float | None = None
+
+
+def setting_grid(bits: list[int], group_sizes: list[int], quantizers: list[str], symmetric: bool) -> list[Settings]:
+    return [Settings(quantizer=q, bits=b, group_size=g, symmetric=symmetric)
+            for q, b, g in itertools.product(quantizers, bits, group_sizes)]
+
+
+def label(settings: Settings) -> str:
+    group = f"g{settings.group_size}" if settings.group_size else "per-channel"
+    return f"{settings.quantizer} int{settings.bits} {group}{' sym' if settings.symmetric else ''}"
+
+
+def run_sweep(source: Path, grid: list[Settings], report_dir: Path, eval_args: list[str], eval_settings: EvalSettings,
+              references: list[Path] = (), log: Callable[[str], None] = print) -> list[SweepRow]:
+    """Convert, evaluate and collect one row per setting, plus the float model and references."""
+    models_dir = report_dir / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = ["--tokenizer", str(source)]
+    rows = [_evaluated(SweepRow("float", "float", str(source)), eval_args + tokenizer, eval_settings, log)]
+    for settings in grid:
+        row = SweepRow(label(settings), "qconvert", str(models_dir / f"{source.name}-{settings.suffix()}"))
+        try:
+            _convert_or_reuse(source, settings, Path(row.path), row, log)
+        except QConvertError as exc:
+            row.status, row.error = "failed", str(exc)
+            rows.append(row)
+            log(f"{row.label}: conversion failed: {exc}")
+            continue
+        rows.append(_evaluated(row, eval_args + tokenizer, eval_settings, log))
+    for reference in references:
+        rows.append(_evaluated(SweepRow(reference.name, "reference", str(reference)), eval_args + tokenizer, eval_settings, log))
+    float_ppl = rows[0].perplexity
+    for row in rows:
+        if float_ppl and row.perplexity:
+            row.ppl_change_pct = 100 * (row.perplexity / float_ppl - 1)
+    return rows
+
+
+def _convert_or_reuse(source: Path, settings: Settings, output: Path, row: SweepRow, log) -> None:
+    if _same_conversion(source, settings, output):
+        row.reused = True
+        log(f"{row.label}: reusing {output}")
+        return
+    log(f"{row.label}: converting to {output}")
+    start = time.perf_counter()
+    convert(source, output, settings, force=True)
+    row.conversion_seconds = time.perf_counter() - start
+
+
+def _same_conversion(source: Path, settings: Settings, output: Path) -> bool:
+    """Whether `output` already holds this source converted with these settings (by its manifest)."""
+    if not (output / MANIFEST_FILE).is_file():
+        return False
+    try:
+        manifest = read_manifest(output)
+        checkpoint = open_checkpoint(source)
+    except QConvertError:
+        return False
+    base = checkpoint.folder or checkpoint.files[0].parent
+    current = {str(f.relative_to(base)): sha256_file(f) for f in checkpoint.files}
+    recorded = manifest.source.get("sha256", {})
+    return manifest.settings == settings_dict(settings) and all(recorded.get(k) == v for k, v in current.items())
+
+
+def _evaluated(row: SweepRow, eval_args: list[str], eval_settings: EvalSettings, log) -> SweepRow:
+    log(f"{row.label}: evaluating {row.path}")
+    command = [sys.executable, "-m", "qconvert.cli", "eval", row.path, "--json", *eval_args,
+               "--ctx", str(eval_settings.ctx), "--decode-tokens", str(eval_settings.decode_tokens)]
+    if eval_settings.max_tokens is not None:
+        command += ["--max-tokens", str(eval_settings.max_tokens)]
+    if not eval_settings.use_kernels:
+        command.append("--no-kernels")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        row.status, row.error = "failed", (lines[-1] if lines else f"exit code {done.returncode}")
+        log(f"{row.label}: evaluation failed: {row.error}")
+        return row
+    result = json.loads(done.stdout)
+    row.perplexity = result["perplexity"]
+    row.bits_per_weight = result["bits_per_weight"]
+    row.size_mb = result["bytes_on_disk"] / 1e6
+    row.prefill_tokens_per_s = result["prefill_tokens_per_s"]
+    row.decode_ms_per_token = result["decode_ms_per_token"]
+    row.weight_memory_mb = result["weight_memory_bytes"] / 1e6
+    row.peak_rss_mb = result["peak_rss_bytes"] / 1e6
+    if row.role == "qconvert":
+        row.quantized_bits_per_weight = read_manifest(Path(row.path)).totals["quantized_bits_per_weight"]
+    return row
+
+
+def rows_as_dicts(rows: list[SweepRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
