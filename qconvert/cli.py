@@ -323,7 +323,7 @@ def sweep(
 ) -> None:
     """Convert at every setting, evaluate each and the float model on the same text, and draw the trade-off."""
     from qconvert.evaluation import EvalSettings, read_text
-    from qconvert.report import write_report
+    from qconvert.report import require_plotting, write_report
     from qconvert.sweep import rows_as_dicts, run_sweep, setting_grid
 
     def action() -> int:
@@ -331,6 +331,7 @@ def sweep(
                             [q.strip() for q in quantizer.split(",") if q.strip()], symmetric)
         settings = EvalSettings(ctx=ctx, max_tokens=max_tokens or None, decode_tokens=decode_tokens, use_kernels=kernels)
         read_text(text, dataset)  # fail early on a bad text source
+        require_plotting()
         eval_args = ["--text", str(text.resolve())] if text else ["--dataset", str(dataset)]
         rows = run_sweep(source, grid, output, eval_args, settings, reference or [],
                          log=lambda line: stderr.print(line, highlight=False))

@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+from qconvert.errors import QConvertError
 from qconvert.sweep import SweepRow, rows_as_dicts
 
 COLUMNS = [  # (header, row attribute, format)
@@ -23,16 +24,23 @@ def cell(row: SweepRow, attribute: str, fmt: str) -> str:
     return "" if value is None else fmt.format(value)
 
 
+def require_plotting() -> None:
+    """Refuse before a long sweep starts, rather than after it, when figures cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise QConvertError("sweep draws its figures with matplotlib, which is not installed: "
+                            "pip install 'qconvert[hf]' (or pip install matplotlib).") from exc
+
+
 def write_report(rows: list[SweepRow], folder: Path, context: dict) -> list[Path]:
     """Write every report file into `folder` and return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     written = [_markdown(rows, folder / "report.md", context), _json(rows, folder / "report.json", context),
                _csv(rows, folder / "report.csv")]
-    try:
-        import matplotlib
-    except ImportError:
-        return written  # figures need matplotlib (pip install matplotlib); the tables do not
-    matplotlib.use("Agg")
+    require_plotting()
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed: figures go straight to files
     written += [_tradeoff_figure(rows, folder / "tradeoff.png", context), _speed_figure(rows, folder / "speed.png")]
     return written
 

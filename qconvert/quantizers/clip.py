@@ -1,0 +1,92 @@
+"""Clipping search: round-to-nearest with each group's range chosen to minimise its own error.
+
+Plain min/max spends the grid on a group's rare extreme weights. Shrinking the range clips those
+few and rounds all the others more finely; the best shrink differs per group. For every group we
+try ranges of `ratio × [min, max]` over a fixed grid of ratios (the search AWQ's `auto_clip` and
+llama.cpp's k-quant `make_qx_quants` do, here on the weights alone, so no calibration data), keep
+the ratio with the least squared reconstruction error, then refit the scale by least squares for
+the chosen codes, keeping whichever of the two is better. Ratio 1.0 is in the grid, so a group is
+never worse than under `rtn`. Zero points stay integers, so every output layout can store it.
+"""
+
+from typing import Any
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, Quantizer
+from qconvert.quantizers.registry import register
+from qconvert.quantizers.rtn import group_view, row_blocks, stored_scales
+
+RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
+
+
+def _grid(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per group for the range [low, high] (both include 0); zero is 2**(bits-1) if symmetric."""
+    if config.symmetric:
+        half = 2 ** (config.bits - 1)
+        scale = stored_scales(torch.maximum(-low, high) / (half - 1), config.scale_dtype).float()
+        return scale, torch.full_like(scale, half)
+    top = 2**config.bits - 1
+    scale = stored_scales((high - low) / top, config.scale_dtype).float()
+    return scale, (-low / scale).round_().clamp_(0, top)
+
+
+def _codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    low, high = (-(2 ** (config.bits - 1)), 2 ** (config.bits - 1) - 1) if config.symmetric else (0, 2**config.bits - 1)
+    codes = (groups * scale.reciprocal().unsqueeze(-1)).round_()  # as rtn does, so ratio 1.0 reproduces it
+    if config.symmetric:
+        return codes.clamp_(low, high).add_(zero.unsqueeze(-1))
+    return codes.add_(zero.unsqueeze(-1)).clamp_(low, high)
+
+
+def _error(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes - zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).sub_(groups).square_().sum(-1)
+
+
+def _search_block(name: str, weight: torch.Tensor, config: QuantConfig):
+    groups = group_view(weight, config)  # (rows, groups, group_size)
+    low, high = torch.aminmax(groups, dim=-1)
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    best_error = torch.full_like(low, float("inf"))
+    best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
+    for ratio in RATIOS:
+        scale, zero = _grid(low * ratio, high * ratio, config)
+        error = _error(groups, _codes(groups, scale, zero, config), scale, zero)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    codes = _codes(groups, best_scale, best_zero, config)
+    # Least-squares scale for these codes: s = Σ w·(q-z) / Σ (q-z)².
+    centred = codes - best_zero.unsqueeze(-1)
+    refit = stored_scales((groups * centred).sum(-1) / centred.square().sum(-1).clamp(min=1e-12), config.scale_dtype).float()
+    refit = torch.where(refit > 0, refit, best_scale)
+    refit_codes = _codes(groups, refit, best_zero, config)
+    better = (_error(groups, refit_codes, refit, best_zero) < best_error).unsqueeze(-1)
+    codes = torch.where(better, refit_codes, codes)
+    scale = torch.where(better.squeeze(-1), refit, best_scale)
+    rows, columns = weight.shape
+    return codes.view(rows, -1)[:, :columns], scale, best_zero
+
+
+@register("clip")
+class ClipQuantizer(Quantizer):
+    description = "round-to-nearest with a per-group clipping range searched to minimise weight error (no calibration)"
+
+    def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
+        config = self.config
+        rows, columns = weight.shape
+        codes = torch.empty(rows, columns, dtype=torch.uint8)
+        scales = torch.empty(rows, config.groups_for(columns), dtype=SCALE_DTYPES[config.scale_dtype])
+        zeros = None if config.symmetric else torch.empty_like(scales, dtype=torch.uint8)
+        blocks = row_blocks(rows, columns)
+        for start in blocks:
+            block = slice(start, start + blocks.step)
+            codes[block], block_scales, block_zeros = _search_block(name, weight[block], config)
+            scales[block] = block_scales.to(scales.dtype)
+            if zeros is not None:
+                zeros[block] = block_zeros.to(torch.uint8)
+        return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, bits=config.bits,
+                               group_size=config.group_size_for(columns), shape=(rows, columns), dtype=weight.dtype)

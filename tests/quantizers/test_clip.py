@@ -1,0 +1,35 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qconvert.quantizers import QuantConfig, dequantize, get
+
+
+def squared_error(name, weight, config):
+    q = get(name)(config).quantize("w", weight)
+    return ((weight - dequantize(q)) ** 2).sum().item(), q
+
+
+@settings(deadline=None, max_examples=60)
+@given(bits=st.sampled_from([2, 3, 4, 8]), group_size=st.sampled_from([0, 16, 64]), symmetric=st.booleans(),
+       seed=st.integers(0, 2**31), columns=st.integers(1, 200))
+def test_clip_is_never_worse_than_rtn(bits, group_size, symmetric, seed, columns):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(8, columns, generator=g) * torch.rand(8, 1, generator=g)
+    config = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric)
+    clip_error, q = squared_error("clip", weight, config)
+    rtn_error, _ = squared_error("rtn", weight, config)
+    assert clip_error <= rtn_error * (1 + 1e-5) + 1e-12
+    assert int(q.codes.max()) < 2**bits
+
+
+@pytest.mark.parametrize("bits, symmetric, bound", [(2, False, 0.8), (3, False, 0.9), (4, False, 0.97), (4, True, 0.85)])
+def test_clip_helps_on_heavy_tailed_weights(bits, symmetric, bound):
+    # Real weights have outliers; student-t samples mimic them. Measured ratios (seed 0): 0.71, 0.85, 0.94, 0.81.
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(3.0).sample((256, 512))
+    config = QuantConfig(bits=bits, group_size=64, symmetric=symmetric)
+    clip_error, _ = squared_error("clip", weight, config)
+    rtn_error, _ = squared_error("rtn", weight, config)
+    assert clip_error < bound * rtn_error
