@@ -107,22 +107,37 @@ def model(
     layout: Annotated[Layout, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")] = Layout.auto,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Revision of a hub id.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration text file, for calibrated quantizers (gptq).", rich_help_panel="Calibration")] = None,
+    calib_dataset: Annotated[Optional[str], typer.Option(help="Calibration from a public set through `datasets`: wikitext2.", rich_help_panel="Calibration")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel="Calibration")] = 128,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")] = 512,
+    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Calibration")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for the calibration window positions.", rich_help_panel="Calibration")] = 0,
+    damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].", rich_help_panel="Calibration")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order", help="gptq: quantize columns by decreasing activation energy.", rich_help_panel="Calibration")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest."""
+    from qconvert.calibration.samples import CalibrationSettings
     from qconvert.conversion import Settings, convert
 
     def action() -> None:
+        calibration = None
+        if calib is not None or calib_dataset is not None:
+            calibration = CalibrationSettings(text=str(calib) if calib else None, dataset=calib_dataset, samples=calib_samples,
+                                              seqlen=calib_seqlen, seed=seed, batch_size=calib_batch_size)
+        options = {k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None}
         settings = Settings(
             quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric,
             scale_dtype=scale_dtype.value, include=tuple(include or ()), exclude=tuple(exclude or ()),
             dtype=dtype.value if dtype else None, layout=layout.value,
             max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            options=options, calibration=calibration,
         )
-        with _progress_bar("converting") as report:
+        with _progress_bar("converting") as report, _block_progress() as block_report:
             result = convert(source, output, settings, force=force, revision=revision,
-                             command=["qconvert", *sys.argv[1:]], progress=report)
+                             command=["qconvert", *sys.argv[1:]], progress=report, calibration_progress=block_report)
         totals = result.manifest.totals
         if as_json:
             print(json.dumps({"output": str(result.output), "layout": result.manifest.layout,
@@ -153,6 +168,30 @@ class _progress_bar:
         if self.task is None:
             self.task = self.progress.add_task("", total=total, tensor="")
         self.progress.update(self.task, completed=done, tensor=tensor)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+class _block_progress:
+    """Calibration progress: a bar over blocks on a terminal, one line per block otherwise (CI logs)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[stage]}"), console=stderr, transient=True,
+                                 disable=not stderr.is_terminal)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        return self.report
+
+    def report(self, stage: str, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=total, stage="")
+        self.progress.update(self.task, completed=done, stage=stage)
+        if not stderr.is_terminal and stage.endswith("done"):
+            stderr.print(f"calibrating: {stage} ({done}/{total})", highlight=False)
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()

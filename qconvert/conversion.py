@@ -13,6 +13,9 @@ from typing import Callable
 import torch
 
 from qconvert import __version__
+from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, calibrate
+from qconvert.calibration.samples import CalibrationSettings
+from qconvert.calibration.store import BlockStore, calibration_folder
 from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES, choose_layout
 from qconvert.formats.base import Layout
@@ -46,6 +49,8 @@ class Settings:
     dtype: str | None = None  # cast for kept float tensors; None keeps the source dtype
     layout: str = "auto"
     max_shard_size: int | None = None  # bytes
+    options: dict = field(default_factory=dict)  # the quantizer's own options, e.g. {"act_order": True}
+    calibration: CalibrationSettings | None = None  # for quantizers that need activations
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_CHOICES:
@@ -98,6 +103,7 @@ def convert(
     revision: str | None = None,
     command: list[str] | None = None,
     progress: ProgressCallback | None = None,
+    calibration_progress: BlockProgress | None = None,
 ) -> ConversionResult:
     """Quantize the checkpoint at `source` into a qconvert output folder.
 
@@ -109,6 +115,7 @@ def convert(
         revision: hub revision, for a hub id.
         command: the command line to record in the manifest.
         progress: called after every tensor.
+        calibration_progress: called at every stage of every block, for calibrated quantizers.
 
     Returns:
         The output folder, its manifest and the files written.
@@ -118,9 +125,7 @@ def convert(
     """
     settings = settings or Settings()
     checkpoint = open_checkpoint(source, revision)
-    quantizer = get(settings.quantizer)(settings.config)
-    if quantizer.requires_calibration:
-        raise SchemeError(f"quantizer {quantizer.name!r} needs calibration data, which `qconvert model` does not take yet.")
+    quantizer = _quantizer(settings)
     destination = Path(output) if output else default_output(str(source), settings)
     planned, layout = _plan(checkpoint, settings, quantizer)
     shards = split_into_shards([p.specs for p in planned], settings.max_shard_size)
@@ -137,9 +142,10 @@ def convert(
         command=command,
     )
     with staged_directory(destination, force) as staging:
+        calibrated = _calibrate(checkpoint, quantizer, planned, settings, destination, calibration_progress)
         writers = _open_writers(staging, file_names, shards, manifest)
         try:
-            _stream(checkpoint, planned, quantizer, layout, settings, writers, progress)
+            _stream(checkpoint, planned, quantizer, layout, settings, writers, progress, calibrated)
         except BaseException:
             for writer in writers:
                 writer.close()
@@ -150,7 +156,31 @@ def convert(
         for writer in writers:
             writer.finish(metadata)
         _write_sidecars(staging, checkpoint, manifest, layout, file_names, shards)
+    if calibrated is not None:
+        calibrated.store.remove()
     return ConversionResult(destination, manifest, [destination / n for n in file_names])
+
+
+def _quantizer(settings: Settings) -> Quantizer:
+    quantizer = get(settings.quantizer)(settings.config, **settings.options)
+    if quantizer.requires_calibration and settings.calibration is None:
+        raise SchemeError(f"quantizer {quantizer.name!r} learns from activations: give calibration text with --calib FILE.")
+    if not quantizer.requires_calibration and settings.calibration is not None:
+        raise SchemeError(f"quantizer {quantizer.name!r} uses no calibration data; drop --calib or choose gptq.")
+    return quantizer
+
+
+def _calibrate(checkpoint: Checkpoint, quantizer: Quantizer, planned: list[_Planned], settings: Settings,
+               destination: Path, progress: BlockProgress | None) -> CalibratedResults | None:
+    """Run the calibration pass of a calibrated quantizer; its results wait in a resumable store."""
+    if not quantizer.requires_calibration:
+        return None
+    key = {"qconvert_version": __version__, "settings": settings_dict(settings),
+           "source": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in checkpoint.files}}
+    store = BlockStore(calibration_folder(destination), key)
+    selected = [p.record.name for p in planned if p.record.action == "quantized"]
+    block_of = calibrate(checkpoint, quantizer, selected, settings.calibration, store, progress)
+    return CalibratedResults(store, block_of)
 
 
 def _plan(checkpoint: Checkpoint, settings: Settings, quantizer: Quantizer) -> tuple[list[_Planned], Layout]:
@@ -207,7 +237,8 @@ def _open_writers(staging: Path, file_names: list[str], shards: list[list[Tensor
 
 
 def _stream(checkpoint: Checkpoint, planned: list[_Planned], quantizer: Quantizer, layout: Layout,
-            settings: Settings, writers: list[SafetensorsStreamWriter], progress: ProgressCallback | None) -> None:
+            settings: Settings, writers: list[SafetensorsStreamWriter], progress: ProgressCallback | None,
+            calibrated: CalibratedResults | None) -> None:
     """Read, quantize and write every tensor; reading and writing run on their own threads."""
     writer_of = {spec.name: w for w in writers for spec in w.specs}
     total = sum(checkpoint.tensors[p.record.name].nbytes for p in planned)
@@ -218,7 +249,7 @@ def _stream(checkpoint: Checkpoint, planned: list[_Planned], quantizer: Quantize
         for p, (name, tensor) in zip(planned, prefetched(checkpoint.iter_tensors(names))):
             record = p.record
             if record.action == "quantized":
-                q = quantizer.quantize(name, tensor, None)
+                q = calibrated.result(name) if calibrated else quantizer.quantize(name, tensor, None)
                 record.relative_mse = relative_error(tensor, q)
                 stored = layout.encode(name, q)
             else:
@@ -252,7 +283,8 @@ def settings_dict(settings: Settings) -> dict:
         "quantizer": settings.quantizer, "bits": settings.bits, "group_size": settings.group_size,
         "symmetric": settings.symmetric, "scale_dtype": settings.scale_dtype, "include": list(settings.include),
         "exclude": list(settings.exclude), "dtype": settings.dtype, "layout": settings.layout,
-        "max_shard_size": settings.max_shard_size,
+        "max_shard_size": settings.max_shard_size, "options": dict(sorted(settings.options.items())),
+        "calibration": settings.calibration.describe() if settings.calibration else None,
     }
 
 

@@ -61,8 +61,8 @@ class EvalResult:
         return asdict(self)
 
 
-def read_text(text_file: Path | None, dataset: str | None) -> str:
-    """The evaluation text: a file, or a public set through the `datasets` library."""
+def read_text(text_file: Path | None, dataset: str | None, split: str = "test") -> str:
+    """The evaluation (or, with split="train", calibration) text: a file, or a public set through `datasets`."""
     if text_file is not None:
         if not text_file.is_file():
             raise SourceError(f"text file {text_file} does not exist.")
@@ -72,7 +72,7 @@ def read_text(text_file: Path | None, dataset: str | None) -> str:
     try:
         import datasets
 
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except ImportError as exc:
         raise QConvertError("--dataset needs the `datasets` package (pip install datasets); --text FILE works without it.") from exc
     except Exception as exc:

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic checkpoints for speed, and the real sample models."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,21 @@ def eval_text() -> str:
     if not path.is_file():
         pytest.skip(f"{path} is missing (see shared/DATA.md)")
     return path.read_text()
+
+
+def make_tiny_lm(folder: Path, real_models: Path, layers: int = 2, hidden: int = 64) -> Path:
+    """A random Llama with SmolLM2's real tokenizer, so real text tokenizes into its vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(real_models / "smollm2-135m" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, real_models) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), real_models)

@@ -18,21 +18,6 @@ torch.set_grad_enabled(False)
 TEXT = "Quantization maps floating point weights to a few bits. " * 60
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory, real_models):
-    """A random Llama with SmolLM2's real tokenizer, so real text tokenizes into its vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(real_models / "smollm2-135m" / name, folder / name)
-    return folder
-
-
 def small_settings(**kwargs):
     return EvalSettings(ctx=64, max_tokens=256, prompt_tokens=16, decode_tokens=4, **kwargs)
 

@@ -90,12 +90,13 @@ class Checkpoint:
         found = {p for pattern in AUXILIARY_PATTERNS for p in self.folder.glob(pattern) if p.is_file()}
         return sorted(found - set(self.files))
 
-    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, names: list[str], hash_on_the_way: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for `names` in order, holding one tensor at a time.
 
         Safetensors data is read with plain sequential reads rather than a memory map, so pages
         already used do not stay resident. A file read from start to end in order is hashed on
-        the way (see `sha256`), which saves reading it twice.
+        the way (see `sha256`), which saves reading it twice; a reader of a few tensors passes
+        `hash_on_the_way=False` so that gaps between them are skipped, not read.
         """
         position = 0
         while position < len(names):
@@ -105,7 +106,7 @@ class Checkpoint:
                 end += 1
             run = names[position:end]
             if file.suffix == ".safetensors":
-                yield from self._read_safetensors(file, run)
+                yield from self._read_safetensors(file, run, hash_on_the_way)
             else:
                 state = _load_bin(file)
                 yield from ((name, state[name]) for name in run)
@@ -117,9 +118,9 @@ class Checkpoint:
             self._digests[file] = sha256_file(file)
         return self._digests[file]
 
-    def _read_safetensors(self, file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read_safetensors(self, file: Path, names: list[str], hash_on_the_way: bool) -> Iterator[tuple[str, torch.Tensor]]:
         infos = [self.tensors[n] for n in names]
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if hash_on_the_way else None
         position = 0
         with open(file, "rb") as f:
             for info in infos:

@@ -108,16 +108,23 @@ class Quantizer(ABC):
     """Base class of every quantizer, built in or plugged in through the `qconvert.quantizers` entry points.
 
     Subclasses set `name` (the registry key, used on the CLI and in manifests) and implement
-    `quantize`. `requires_calibration` quantizers receive activation statistics in `stats`.
+    `quantize`. Method-specific settings are declared in `options` (name -> default) and arrive as
+    keyword arguments; an option a quantizer does not declare is refused, never silently ignored.
     """
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
     requires_calibration: ClassVar[bool] = False
+    options: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, config: QuantConfig) -> None:
+    def __init__(self, config: QuantConfig, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            accepted = ", ".join(self.options) or "none"
+            raise SchemeError(f"quantizer {self.name!r} takes no option {', '.join(unknown)} (its options: {accepted}).")
         self.config = config
+        self.settings = {**self.options, **options}
 
     @abstractmethod
     def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
@@ -126,3 +133,26 @@ class Quantizer(ABC):
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         """The float32 weight `q` stands for."""
         return dequantize(q)
+
+
+class CalibratedQuantizer(Quantizer):
+    """A quantizer that needs activations: it quantizes one decoder block at a time.
+
+    The converter runs calibration text through the model block by block and hands each block to
+    `quantize_block` (see `qconvert.calibration.blocks.CalibrationBlock`); the results replace the
+    block's tensors in the output. `quantize` is used only for selected tensors outside the blocks.
+    """
+
+    requires_calibration = True
+
+    @abstractmethod
+    def quantize_block(self, block: Any) -> dict[str, "QuantizedTensor | torch.Tensor"]:
+        """Quantize the selected linears of `block`; return results by tensor name.
+
+        A float tensor in the result replaces that tensor of the source (e.g. a norm weight that
+        absorbed AWQ's scales); a QuantizedTensor is the quantized form of a selected weight.
+        """
+
+    def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
+        raise SchemeError(f"{self.name} quantizes linear layers inside decoder blocks only, from their calibration "
+                          f"activations; {name} is outside them (leave it in float or exclude it).")

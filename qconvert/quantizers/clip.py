@@ -16,28 +16,9 @@ import torch
 from qconvert.errors import SchemeError
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, Quantizer
 from qconvert.quantizers.registry import register
-from qconvert.quantizers.rtn import group_view, row_blocks, stored_scales
+from qconvert.quantizers.rtn import codes_on_grid, grid_for_range, group_view, row_blocks, stored_scales
 
 RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
-
-
-def _grid(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per group for the range [low, high] (both include 0); zero is 2**(bits-1) if symmetric."""
-    if config.symmetric:
-        half = 2 ** (config.bits - 1)
-        scale = stored_scales(torch.maximum(-low, high) / (half - 1), config.scale_dtype).float()
-        return scale, torch.full_like(scale, half)
-    top = 2**config.bits - 1
-    scale = stored_scales((high - low) / top, config.scale_dtype).float()
-    return scale, (-low / scale).round_().clamp_(0, top)
-
-
-def _codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig) -> torch.Tensor:
-    low, high = (-(2 ** (config.bits - 1)), 2 ** (config.bits - 1) - 1) if config.symmetric else (0, 2**config.bits - 1)
-    codes = (groups * scale.reciprocal().unsqueeze(-1)).round_()  # as rtn does, so ratio 1.0 reproduces it
-    if config.symmetric:
-        return codes.clamp_(low, high).add_(zero.unsqueeze(-1))
-    return codes.add_(zero.unsqueeze(-1)).clamp_(low, high)
 
 
 def _error(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -53,17 +34,17 @@ def _search_block(name: str, weight: torch.Tensor, config: QuantConfig):
     best_error = torch.full_like(low, float("inf"))
     best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
     for ratio in RATIOS:
-        scale, zero = _grid(low * ratio, high * ratio, config)
-        error = _error(groups, _codes(groups, scale, zero, config), scale, zero)
+        scale, zero = grid_for_range(low * ratio, high * ratio, config)
+        error = _error(groups, codes_on_grid(groups, scale, zero, config), scale, zero)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
-    codes = _codes(groups, best_scale, best_zero, config)
+    codes = codes_on_grid(groups, best_scale, best_zero, config)
     # Least-squares scale for these codes: s = Σ w·(q-z) / Σ (q-z)².
     centred = codes - best_zero.unsqueeze(-1)
     refit = stored_scales((groups * centred).sum(-1) / centred.square().sum(-1).clamp(min=1e-12), config.scale_dtype).float()
     refit = torch.where(refit > 0, refit, best_scale)
-    refit_codes = _codes(groups, refit, best_zero, config)
+    refit_codes = codes_on_grid(groups, refit, best_zero, config)
     better = (_error(groups, refit_codes, refit, best_zero) < best_error).unsqueeze(-1)
     codes = torch.where(better, refit_codes, codes)
     scale = torch.where(better.squeeze(-1), refit, best_scale)

@@ -35,6 +35,27 @@ def stored_scales(scales: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     return scales.clamp(min=info.tiny, max=info.max).to(dtype)
 
 
+def grid_for_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) as float32 for ranges [low, high] that include 0; scales are rounded to their stored
+    dtype first, so codes are computed against the scale the file will hold. Symmetric zero is 2**(bits-1)."""
+    if config.symmetric:
+        half = 2 ** (config.bits - 1)
+        scale = stored_scales(torch.maximum(-low, high) / (half - 1), config.scale_dtype).float()
+        return scale, torch.full_like(scale, half)
+    top = 2**config.bits - 1
+    scale = stored_scales((high - low) / top, config.scale_dtype).float()
+    return scale, (-low / scale).round_().clamp_(0, top)
+
+
+def codes_on_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """Codes (as float) of `groups` (..., n) on the grid (scale, zero) of shape (...), as rtn rounds them."""
+    low, high = (-(2 ** (config.bits - 1)), 2 ** (config.bits - 1) - 1) if config.symmetric else (0, 2**config.bits - 1)
+    codes = (groups * scale.reciprocal().unsqueeze(-1)).round_()  # multiply by the reciprocal, exactly as rtn does
+    if config.symmetric:
+        return codes.clamp_(low, high).add_(zero.unsqueeze(-1))
+    return codes.add_(zero.unsqueeze(-1)).clamp_(low, high)
+
+
 # Rows per block: a block's float32 working set (~2 MB) stays in cache across the ~10 passes below,
 # which makes RTN about 2.5x faster than whole-tensor ops on a 2-core machine.
 BLOCK_ELEMENTS = 1 << 19

@@ -1,0 +1,155 @@
+"""A model's transformer blocks, run one at a time on calibration activations.
+
+transformers builds the model skeleton with its parameters on the meta device (no memory), so any
+architecture it knows with the usual layout (embeddings -> a list of decoder blocks -> norm -> head)
+works. Only the tensors needed to reach the first block, and then one block at a time, are read from
+the checkpoint; the activations between blocks are the only other large thing held.
+"""
+
+from typing import Any
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.io.loading import Checkpoint
+
+
+class _FirstBlockReached(Exception):
+    """Raised by a hook to stop the model's forward once the first block's inputs are captured."""
+
+
+class BlockInputs:
+    """The calibration activations entering the current block, in batches, with each batch's keyword
+    arguments (position embeddings, attention mask) as the model passed them to its first block."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def run(self, block: torch.nn.Module, keep_outputs: bool) -> None:
+        """Run every batch through `block`; with `keep_outputs` its outputs become the next inputs."""
+        for index, (hidden, kwargs) in enumerate(zip(self.hidden, self.kwargs)):
+            output = block(hidden, **kwargs)
+            if keep_outputs:
+                self.hidden[index] = output[0] if isinstance(output, tuple) else output
+
+
+class DecoderBlocks:
+    """Load a model's transformer blocks from `checkpoint` one at a time, in float32.
+
+    Decoders (Llama, Qwen, Mistral...) and encoders (BERT) alike: whatever transformers builds from
+    the checkpoint's config with one list of `num_hidden_layers` blocks.
+
+    Raises:
+        SchemeError: transformers cannot build the model, or its tensor names do not match the checkpoint's.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.model = _empty_model(checkpoint)
+        self.prefix, self.layers = _decoder_layers(self.model)
+        missing = [n for n in self._block_tensor_names(0) if n not in checkpoint.tensors]
+        if missing:
+            raise SchemeError(f"{checkpoint.source} does not use transformers' tensor names for "
+                              f"{type(self.model).__name__} (no {missing[0]}), so its blocks cannot be run.")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.prefix}.{index}."
+
+    def first_inputs(self, windows: torch.Tensor, batch_size: int) -> BlockInputs:
+        """Embed the calibration windows and capture what the model hands its first block."""
+        self._materialize_outside_blocks()
+        inputs = BlockInputs()
+
+        def capture(module, args, kwargs):
+            inputs.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            inputs.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _FirstBlockReached
+
+        hook = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in windows.split(batch_size):
+                    try:
+                        self.model(input_ids=batch)
+                    except _FirstBlockReached:
+                        pass
+        finally:
+            hook.remove()
+        self._release_outside_blocks()  # the embeddings are no longer needed; blocks are loaded one by one
+        return inputs
+
+    def load(self, index: int) -> torch.nn.Module:
+        """Block `index` with its float32 weights read from the checkpoint."""
+        block = self.layers[index]
+        prefix = self.block_prefix(index)
+        names = self._block_tensor_names(index)
+        state = {name[len(prefix):]: tensor.float() for name, tensor in self.checkpoint.iter_tensors(names, hash_on_the_way=False)}
+        block.load_state_dict(state, strict=False, assign=True)
+        return block.eval()
+
+    def unload(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    def _block_tensor_names(self, index: int) -> list[str]:
+        prefix = self.block_prefix(index)
+        names = [prefix + name for name, _ in self.layers[index].named_parameters()]
+        return [n for n in self.checkpoint.tensors if n in set(names)] + [n for n in names if n not in self.checkpoint.tensors]
+
+    def _materialize_outside_blocks(self) -> None:
+        block_names = self.prefix + "."
+        wanted = [n for n, p in self.model.named_parameters() if not n.startswith(block_names)]
+        present = [n for n in self.checkpoint.tensors if n in set(wanted)]
+        state = {name: tensor.float() for name, tensor in self.checkpoint.iter_tensors(present, hash_on_the_way=False)}
+        self.model.load_state_dict(state, strict=False, assign=True)
+        self.model.tie_weights()
+
+
+    def _release_outside_blocks(self) -> None:
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
+            if not name.startswith(self.prefix + "."):
+                module_name, _, attribute = name.rpartition(".")
+                meta = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+                setattr(self.model.get_submodule(module_name), attribute, meta)
+
+
+def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
+    """The checkpoint's own architecture (e.g. LlamaForCausalLM, BertModel), parameters on the meta device."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from qconvert.runtime import _quiet_transformers
+
+    _quiet_transformers()
+    if checkpoint.folder is None or checkpoint.config is None:
+        raise SchemeError(f"calibration runs the model, which needs config.json beside the weights; {checkpoint.source} has none.")
+    architectures = checkpoint.config.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    try:
+        config = transformers.AutoConfig.from_pretrained(checkpoint.folder)
+        config.use_cache = False  # a key/value cache would only grow during calibration
+        with init_empty_weights(include_buffers=False):
+            if model_class is not None:
+                model = model_class._from_config(config, dtype=torch.float32)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, KeyError, OSError, AttributeError) as exc:
+        kind = ", ".join(architectures) or checkpoint.config.get("model_type", "model")
+        raise SchemeError(f"calibration runs the model block by block with transformers, which cannot build "
+                          f"{checkpoint.source} ({kind}): {str(exc).splitlines()[0]}") from exc
+    return model.eval()
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The model's list of decoder blocks: the ModuleList with one entry per hidden layer."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name, module
+    raise SchemeError(f"cannot find the {count} decoder blocks of {type(model).__name__}: no list of that many layers.")

@@ -1,0 +1,105 @@
+"""Calibrated quantization, one decoder block at a time.
+
+For each block: read its weights from the checkpoint, let the quantizer see the calibration
+activations entering it (and quantize), put the *quantized* weights into the block, and run the
+activations through it to get the next block's inputs, so later blocks learn to compensate for the
+errors of earlier ones (as GPTQ does). Peak memory is one block plus the activations.
+
+Finished blocks are saved as they complete (`BlockStore`). A re-run finds them, recomputes the
+activations by running the saved quantized blocks (bit-identical to the first run, since the same
+weights see the same inputs) and carries on from the first unfinished block.
+"""
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from qconvert.calibration.blocks import DecoderBlocks
+from qconvert.calibration.samples import CalibrationSettings, calibration_windows
+from qconvert.calibration.statistics import CalibrationBlock
+from qconvert.calibration.store import BlockResults, BlockStore
+from qconvert.errors import SchemeError
+from qconvert.io.loading import Checkpoint
+from qconvert.quantizers.base import CalibratedQuantizer, QuantizedTensor, dequantize
+
+# Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
+BlockProgress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass
+class CalibratedResults:
+    """Where each selected tensor's result waits: its block's file in the store."""
+
+    store: BlockStore
+    block_of: dict[str, int]
+
+    def result(self, name: str) -> QuantizedTensor:
+        return self.store.result(name, self.block_of[name])
+
+
+def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: list[str],
+              settings: CalibrationSettings, store: BlockStore, progress: BlockProgress | None = None) -> dict[str, int]:
+    """Quantize every selected tensor block by block into `store`; return tensor name -> block index.
+
+    Raises:
+        SchemeError: a selected tensor lies outside the decoder blocks, or the model cannot be run.
+    """
+    blocks = DecoderBlocks(checkpoint)
+    block_of = _assign_to_blocks(blocks, selected)
+    report = progress or (lambda stage, done, total: None)
+    unfinished = [i for i in range(len(blocks)) if not store.finished(i)]
+    if not unfinished:
+        return block_of
+    report("tokenizing calibration text", 0, len(blocks))
+    inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
+    for index in range(unfinished[-1] + 1):
+        module, prefix = blocks.load(index), blocks.block_prefix(index)
+        if store.finished(index):
+            report(f"block {index}: replaying its saved result", index, len(blocks))
+            results = store.load(index)
+        else:
+            report(f"block {index}: {quantizer.name}", index, len(blocks))
+            names = [n for n, i in block_of.items() if i == index]
+            results = _quantize_block(quantizer, CalibrationBlock(module, prefix, names, inputs), names, checkpoint)
+            store.save(index, results)
+        if index < unfinished[-1]:  # the next blocks' inputs: this block's outputs, quantized
+            report(f"block {index}: outputs", index, len(blocks))
+            _apply(module, prefix, results)
+            with torch.no_grad():
+                inputs.run(module, keep_outputs=True)
+        blocks.unload(index)
+        report(f"block {index}: done", index + 1, len(blocks))
+    return block_of
+
+
+def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, int]:
+    block_of = {}
+    for name in selected:
+        index = next((i for i in range(len(blocks)) if name.startswith(blocks.block_prefix(i))), None)
+        if index is None:
+            raise SchemeError(f"{name} is selected for quantization but lies outside the decoder blocks, which "
+                              "calibrated quantizers cannot reach; exclude it or use rtn/clip.")
+        block_of[name] = index
+    return block_of
+
+
+def _quantize_block(quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str],
+                    checkpoint: Checkpoint) -> BlockResults:
+    results = quantizer.quantize_block(block)
+    missing = [n for n in names if n not in results]
+    if missing:
+        raise SchemeError(f"quantizer {quantizer.name} returned no result for {missing[0]} (no calibration input reached it).")
+    for name, result in results.items():  # record the source dtype, not the float32 compute dtype
+        if isinstance(result, QuantizedTensor):
+            results[name] = dataclasses.replace(result, dtype=checkpoint.tensors[name].dtype)
+    return results
+
+
+def _apply(module: torch.nn.Module, prefix: str, results: BlockResults) -> None:
+    """Put the results into the block: quantized weights as their float values, replacements as given."""
+    parameters = dict(module.named_parameters())
+    for name, result in results.items():
+        parameter = parameters[name[len(prefix):]]
+        value = dequantize(result) if isinstance(result, QuantizedTensor) else result.float()
+        parameter.data = value

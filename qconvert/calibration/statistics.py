@@ -1,0 +1,119 @@
+"""What a calibrated quantizer sees of one decoder block: its weights, its calibration inputs, and
+the statistics of the inputs of its linear layers."""
+
+import torch
+
+from qconvert.calibration.blocks import BlockInputs
+
+
+class CalibrationBlock:
+    """One decoder block with float weights, ready to be quantized.
+
+    Attributes:
+        module: the block (a transformers decoder layer) with float32 weights.
+        linears: selected tensor name -> its nn.Linear, in module order.
+        inputs: the calibration activations entering the block.
+    """
+
+    def __init__(self, module: torch.nn.Module, prefix: str, selected: list[str], inputs: BlockInputs) -> None:
+        self.module = module
+        self.inputs = inputs
+        modules = dict(module.named_modules())
+        self.linears = {}
+        for name, sub in module.named_modules():
+            tensor_name = f"{prefix}{name}.weight"
+            if tensor_name in selected:
+                if not isinstance(sub, torch.nn.Linear):
+                    raise _not_linear(tensor_name, sub)
+                self.linears[tensor_name] = sub
+        unreached = [n for n in selected if n not in self.linears]
+        if unreached:
+            raise _not_linear(unreached[0], modules.get(unreached[0][len(prefix):].removesuffix(".weight")))
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.linears[name].weight.detach()
+
+    def input_hessians(self) -> list[tuple[list[str], torch.Tensor]]:
+        """H = 2 XᵀX / n of each selected linear's inputs X over all calibration tokens, in float32.
+
+        Linears that read the very same input tensor (q/k/v, gate/up) share one H, computed once;
+        they come back together as ([names], H), in the order the forward pass reaches them.
+        """
+        collector = _HessianCollector(self.linears)
+        with collector, torch.no_grad():
+            for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
+                collector.start_batch()
+                try:
+                    self.module(hidden, **kwargs)
+                except _AllInputsSeen:  # the rest of the block (e.g. down_proj's product) is not needed
+                    pass
+        return collector.results()
+
+
+class _AllInputsSeen(Exception):
+    """Raised once every selected linear has seen its input in this batch, to skip the rest of the forward."""
+
+
+class _HessianCollector:
+    """Forward pre-hooks that accumulate XᵀX per distinct input tensor."""
+
+    def __init__(self, linears: dict[str, torch.nn.Linear]) -> None:
+        self.linears = linears
+        self.leader: dict[str, str] = {}  # name -> the first linear seen reading the same input
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._last: tuple[torch.Tensor | None, str] = (None, "")
+        self._seen: set[str] = set()  # linears reached in the current batch
+        self._hooks = []
+
+    def __enter__(self) -> "_HessianCollector":
+        self._hooks = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._last = (None, "")
+
+    def start_batch(self) -> None:
+        self._seen.clear()
+        self._last = (None, "")
+
+    def _hook(self, name: str):
+        def accumulate(module, args) -> None:
+            self._record(name, args[0])
+            self._seen.add(name)
+            if len(self._seen) == len(self.linears):
+                raise _AllInputsSeen
+
+        return accumulate
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
+        last, last_name = self._last
+        if x is last:
+            self.leader.setdefault(name, self.leader[last_name])
+            return
+        self.leader.setdefault(name, name)
+        self._last = (x, name)
+        leader = self.leader[name]
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if leader not in self.sums:
+            self.sums[leader] = torch.zeros(flat.shape[1], flat.shape[1])
+            self.tokens[leader] = 0
+        self.sums[leader].addmm_(flat.T, flat)
+        self.tokens[leader] += flat.shape[0]
+
+    def results(self) -> list[tuple[list[str], torch.Tensor]]:
+        groups = []
+        for leader, total in self.sums.items():
+            names = [n for n in self.linears if self.leader.get(n) == leader]
+            groups.append((names, total.mul_(2 / self.tokens[leader])))
+        return groups
+
+
+def _not_linear(name: str, module) -> Exception:
+    from qconvert.errors import SchemeError
+
+    kind = type(module).__name__ if module is not None else "no module"
+    return SchemeError(f"{name} belongs to {kind}, not an nn.Linear the calibration pass reaches; "
+                       "calibrated quantizers handle the linear layers of decoder blocks only.")

@@ -1,0 +1,82 @@
+"""Finished blocks of a calibrated conversion, kept on disk so that an interrupted run resumes.
+
+The folder `.<output>.qconvert-calibration` sits beside the output. It holds `key.json` (everything
+the results depend on: settings, calibration text checksum, source files, qconvert version) and one
+`block-NNNNN.safetensors` per finished block, each written to a temporary name and renamed, so a
+block file is either complete or absent. A run whose key differs starts afresh; a finished
+conversion removes the folder.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qconvert.io.loading import DTYPE_NAMES, SAFETENSORS_DTYPES
+from qconvert.quantizers.base import QuantizedTensor
+
+BlockResults = dict[str, "QuantizedTensor | torch.Tensor"]
+_PARTS = ("codes", "scales", "zeros")
+
+
+def calibration_folder(destination: Path) -> Path:
+    return destination.with_name(f".{destination.name}.qconvert-calibration")
+
+
+class BlockStore:
+    def __init__(self, folder: Path, key: dict) -> None:
+        self.folder = folder
+        key_file = folder / "key.json"
+        text = json.dumps(key, indent=2, sort_keys=True)
+        if not (key_file.is_file() and key_file.read_text() == text):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            key_file.write_text(text)
+        self._index: dict[str, Path] = {}
+
+    def finished(self, index: int) -> bool:
+        return self._path(index).is_file()
+
+    def save(self, index: int, results: BlockResults) -> None:
+        tensors, metadata = {}, {}
+        for name, result in results.items():
+            if isinstance(result, QuantizedTensor):
+                metadata[name] = json.dumps({"bits": result.bits, "group_size": result.group_size,
+                                             "shape": list(result.shape), "dtype": DTYPE_NAMES[result.dtype]})
+                for part in _PARTS:
+                    if getattr(result, part) is not None:
+                        tensors[f"{name}:{part}"] = getattr(result, part).contiguous()
+            else:
+                metadata[name] = json.dumps({"float": True})
+                tensors[name] = result.contiguous()
+        temporary = self._path(index).with_suffix(".tmp")
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, self._path(index))
+
+    def load(self, index: int) -> BlockResults:
+        with safe_open(self._path(index), "pt") as f:
+            return {name: _result(f, name, json.loads(meta)) for name, meta in f.metadata().items()}
+
+    def result(self, name: str, index: int) -> "QuantizedTensor | torch.Tensor":
+        """One tensor's result from block `index`, read alone."""
+        with safe_open(self._path(index), "pt") as f:
+            return _result(f, name, json.loads(f.metadata()[name]))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.safetensors"
+
+
+def _result(f, name: str, meta: dict) -> "QuantizedTensor | torch.Tensor":
+    if meta.get("float"):
+        return f.get_tensor(name)
+    keys = set(f.keys())
+    parts = {part: f.get_tensor(f"{name}:{part}") if f"{name}:{part}" in keys else None for part in _PARTS}
+    return QuantizedTensor(**parts, bits=meta["bits"], group_size=meta["group_size"], shape=tuple(meta["shape"]),
+                           dtype=SAFETENSORS_DTYPES[meta["dtype"]])
