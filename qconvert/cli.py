@@ -358,16 +358,21 @@ def sweep(
     max_tokens: MaxTokensOption = 20480,
     decode_tokens: DecodeOption = 32,
     kernels: KernelsOption = True,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration text for calibrated quantizers (gptq).", rich_help_panel="Calibration")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel="Calibration")] = 128,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
 ) -> None:
     """Convert at every setting, evaluate each and the float model on the same text, and draw the trade-off."""
+    from qconvert.calibration.samples import CalibrationSettings
     from qconvert.evaluation import EvalSettings, read_text
     from qconvert.report import require_plotting, write_report
     from qconvert.sweep import rows_as_dicts, run_sweep, setting_grid
 
     def action() -> int:
+        calibration = CalibrationSettings(text=str(calib.resolve()), samples=calib_samples, seqlen=calib_seqlen) if calib else None
         grid = setting_grid(_int_list(bits, "--bits"), _int_list(group_size, "--group-size"),
-                            [q.strip() for q in quantizer.split(",") if q.strip()], symmetric)
+                            [q.strip() for q in quantizer.split(",") if q.strip()], symmetric, calibration)
         settings = EvalSettings(ctx=ctx, max_tokens=max_tokens or None, decode_tokens=decode_tokens, use_kernels=kernels)
         read_text(text, dataset)  # fail early on a bad text source
         require_plotting()

@@ -179,8 +179,7 @@ def _calibrate(checkpoint: Checkpoint, quantizer: Quantizer, planned: list[_Plan
            "source": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in checkpoint.files}}
     store = BlockStore(calibration_folder(destination), key)
     selected = [p.record.name for p in planned if p.record.action == "quantized"]
-    block_of = calibrate(checkpoint, quantizer, selected, settings.calibration, store, progress)
-    return CalibratedResults(store, block_of)
+    return calibrate(checkpoint, quantizer, selected, settings.calibration, store, progress)
 
 
 def _plan(checkpoint: Checkpoint, settings: Settings, quantizer: Quantizer) -> tuple[list[_Planned], Layout]:
@@ -248,11 +247,14 @@ def _stream(checkpoint: Checkpoint, planned: list[_Planned], quantizer: Quantize
     try:
         for p, (name, tensor) in zip(planned, prefetched(checkpoint.iter_tensors(names))):
             record = p.record
+            result, error = calibrated.result(name) if calibrated is not None and name in calibrated else (None, None)
             if record.action == "quantized":
-                q = calibrated.result(name) if calibrated else quantizer.quantize(name, tensor, None)
-                record.relative_mse = relative_error(tensor, q)
+                q = result if result is not None else quantizer.quantize(name, tensor, None)
+                record.relative_mse = error if error is not None else relative_error(tensor, q)
                 stored = layout.encode(name, q)
             else:
+                if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
+                    tensor, record.reason = result, f"{record.reason}; rescaled by {quantizer.name}"
                 stored = {name: tensor.to(_kept_dtype(tensor.dtype, settings))}
             background.submit(lambda stored=stored, record=record: _write_all(stored, record, writer_of))
             done += checkpoint.tensors[name].nbytes

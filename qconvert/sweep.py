@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from qconvert.calibration.samples import CalibrationSettings
 from qconvert.conversion import Settings, settings_dict, convert
 from qconvert.errors import QConvertError
 from qconvert.evaluation import EvalSettings
 from qconvert.io.loading import open_checkpoint, sha256_file
 from qconvert.manifest import MANIFEST_FILE, read_manifest
+from qconvert.quantizers import get
 
 
 @dataclass
@@ -40,8 +42,17 @@ class SweepRow:
     peak_rss_mb: float | None = None
 
 
-def setting_grid(bits: list[int], group_sizes: list[int], quantizers: list[str], symmetric: bool) -> list[Settings]:
-    return [Settings(quantizer=q, bits=b, group_size=g, symmetric=symmetric)
+def setting_grid(bits: list[int], group_sizes: list[int], quantizers: list[str], symmetric: bool,
+                 calibration: CalibrationSettings | None = None) -> list[Settings]:
+    """Every combination; calibrated quantizers get `calibration`, the others none."""
+    def calibration_for(name: str) -> CalibrationSettings | None:
+        if not get(name).requires_calibration:
+            return None
+        if calibration is None:
+            raise QConvertError(f"quantizer {name} learns from activations: give the sweep --calib FILE.")
+        return calibration
+
+    return [Settings(quantizer=q, bits=b, group_size=g, symmetric=symmetric, calibration=calibration_for(q))
             for q, b, g in itertools.product(quantizers, bits, group_sizes)]
 
 

@@ -21,26 +21,30 @@ from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
-from qconvert.quantizers.base import CalibratedQuantizer, QuantizedTensor, dequantize
+from qconvert.quantizers.base import CalibratedQuantizer, QuantizedTensor, dequantize, relative_error
 
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
 BlockProgress = Callable[[str, int, int], None]
 
 
-@dataclasses.dataclass
 class CalibratedResults:
-    """Where each selected tensor's result waits: its block's file in the store."""
+    """Where each tensor's calibrated result waits: its block's file in the store."""
 
-    store: BlockStore
-    block_of: dict[str, int]
+    def __init__(self, store: BlockStore, blocks: int) -> None:
+        self.store = store
+        self.block_of = {name: index for index in range(blocks) for name in store.names(index)}
 
-    def result(self, name: str) -> QuantizedTensor:
+    def __contains__(self, name: str) -> bool:
+        return name in self.block_of
+
+    def result(self, name: str) -> tuple["QuantizedTensor | torch.Tensor", float | None]:
+        """(quantized tensor, its relative error) or (replacement float tensor, None)."""
         return self.store.result(name, self.block_of[name])
 
 
 def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: list[str],
-              settings: CalibrationSettings, store: BlockStore, progress: BlockProgress | None = None) -> dict[str, int]:
-    """Quantize every selected tensor block by block into `store`; return tensor name -> block index.
+              settings: CalibrationSettings, store: BlockStore, progress: BlockProgress | None = None) -> CalibratedResults:
+    """Quantize every selected tensor block by block into `store`.
 
     Raises:
         SchemeError: a selected tensor lies outside the decoder blocks, or the model cannot be run.
@@ -50,7 +54,7 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: 
     report = progress or (lambda stage, done, total: None)
     unfinished = [i for i in range(len(blocks)) if not store.finished(i)]
     if not unfinished:
-        return block_of
+        return CalibratedResults(store, len(blocks))
     report("tokenizing calibration text", 0, len(blocks))
     inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
     for index in range(unfinished[-1] + 1):
@@ -61,8 +65,11 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: 
         else:
             report(f"block {index}: {quantizer.name}", index, len(blocks))
             names = [n for n, i in block_of.items() if i == index]
-            results = _quantize_block(quantizer, CalibrationBlock(module, prefix, names, inputs), names, checkpoint)
-            store.save(index, results)
+            block = CalibrationBlock(module, prefix, names, inputs)
+            results = _quantize_block(quantizer, block, names, checkpoint)
+            # Against the block's weights as the quantizer left them (AWQ folds scales into them).
+            errors = {n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)}
+            store.save(index, results, errors)
         if index < unfinished[-1]:  # the next blocks' inputs: this block's outputs, quantized
             report(f"block {index}: outputs", index, len(blocks))
             _apply(module, prefix, results)
@@ -70,7 +77,7 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: 
                 inputs.run(module, keep_outputs=True)
         blocks.unload(index)
         report(f"block {index}: done", index + 1, len(blocks))
-    return block_of
+    return CalibratedResults(store, len(blocks))
 
 
 def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, int]:
@@ -90,9 +97,12 @@ def _quantize_block(quantizer: CalibratedQuantizer, block: CalibrationBlock, nam
     missing = [n for n in names if n not in results]
     if missing:
         raise SchemeError(f"quantizer {quantizer.name} returned no result for {missing[0]} (no calibration input reached it).")
-    for name, result in results.items():  # record the source dtype, not the float32 compute dtype
+    for name, result in results.items():  # the source dtype, not the float32 compute dtype
+        source_dtype = checkpoint.tensors[name].dtype
         if isinstance(result, QuantizedTensor):
-            results[name] = dataclasses.replace(result, dtype=checkpoint.tensors[name].dtype)
+            results[name] = dataclasses.replace(result, dtype=source_dtype)
+        else:
+            results[name] = result.to(source_dtype)
     return results
 
 

@@ -11,12 +11,14 @@ class CalibrationBlock:
 
     Attributes:
         module: the block (a transformers decoder layer) with float32 weights.
+        prefix: its tensors' name prefix in the checkpoint, e.g. "model.layers.3.".
         linears: selected tensor name -> its nn.Linear, in module order.
         inputs: the calibration activations entering the block.
     """
 
     def __init__(self, module: torch.nn.Module, prefix: str, selected: list[str], inputs: BlockInputs) -> None:
         self.module = module
+        self.prefix = prefix
         self.inputs = inputs
         modules = dict(module.named_modules())
         self.linears = {}

@@ -41,12 +41,13 @@ class BlockStore:
     def finished(self, index: int) -> bool:
         return self._path(index).is_file()
 
-    def save(self, index: int, results: BlockResults) -> None:
+    def save(self, index: int, results: BlockResults, errors: dict[str, float]) -> None:
+        """Save a block's results, with the relative error of each quantized tensor against the weight it replaced."""
         tensors, metadata = {}, {}
         for name, result in results.items():
             if isinstance(result, QuantizedTensor):
-                metadata[name] = json.dumps({"bits": result.bits, "group_size": result.group_size,
-                                             "shape": list(result.shape), "dtype": DTYPE_NAMES[result.dtype]})
+                metadata[name] = json.dumps({"bits": result.bits, "group_size": result.group_size, "shape": list(result.shape),
+                                             "dtype": DTYPE_NAMES[result.dtype], "relative_mse": errors[name]})
                 for part in _PARTS:
                     if getattr(result, part) is not None:
                         tensors[f"{name}:{part}"] = getattr(result, part).contiguous()
@@ -61,10 +62,15 @@ class BlockStore:
         with safe_open(self._path(index), "pt") as f:
             return {name: _result(f, name, json.loads(meta)) for name, meta in f.metadata().items()}
 
-    def result(self, name: str, index: int) -> "QuantizedTensor | torch.Tensor":
-        """One tensor's result from block `index`, read alone."""
+    def result(self, name: str, index: int) -> tuple["QuantizedTensor | torch.Tensor", float | None]:
+        """One tensor's result from block `index`, read alone, with its relative error if quantized."""
         with safe_open(self._path(index), "pt") as f:
-            return _result(f, name, json.loads(f.metadata()[name]))
+            meta = json.loads(f.metadata()[name])
+            return _result(f, name, meta), meta.get("relative_mse")
+
+    def names(self, index: int) -> list[str]:
+        with safe_open(self._path(index), "pt") as f:
+            return list(f.metadata())
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""AWQ (Lin et al. 2023): protect the weights that meet large activations by scaling them up before
+rounding, and fold the inverse scale into the operation that produces those activations.
+
+For linears reading input X, scaling input channel j of every weight by s_j and dividing X's
+channel j by s_j leaves the output unchanged, but rounds the scaled weights on a finer relative
+grid where s_j > 1. AWQ searches s = rms(X)^α over α ∈ [0, 1) and keeps the α whose quantized
+weights best reproduce the float output. The output error of a weight error ΔW over the
+calibration set is tr(ΔW H ΔWᵀ) with H = 2XᵀX/n, the statistic GPTQ also uses, so the search needs
+no stored activations. The division by s is folded exactly into the previous operation: the norm
+before q/k/v and before gate/up (its weight), and up_proj's rows before down_proj (since
+down's input is act(gate) * up). o_proj's input comes out of attention, where grouped-query heads
+forbid an exact fold, so it is quantized without scales, as AutoAWQ does for such models.
+
+Folding needs to know which operation feeds which linears; `FOLDS` names them for the Llama block
+layout (Llama, Mistral, Qwen2, SmolLM and kin). Other blocks are refused with a clear message.
+"""
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize
+from qconvert.quantizers.registry import register
+from qconvert.quantizers.rtn import rtn_quantize
+
+# (operation whose output feeds the linears, the linears), as module paths inside a block.
+FOLDS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+GRID = 20
+
+
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean squared output error over the calibration inputs, up to a constant: tr(ΔW H ΔWᵀ)."""
+    delta = approximation - weight
+    return float((delta @ hessian).mul_(delta).sum())
+
+
+def search_scales(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, grid: int = GRID) -> torch.Tensor:
+    """Per input channel scales s = rms(x)^α, α chosen to minimise the output error of rtn(W·s)/s."""
+    rms = torch.diagonal(hessian).div(2).clamp(min=0).sqrt()
+    best, best_error = torch.ones_like(rms), float("inf")
+    for step in range(grid):
+        scales = rms.pow(step / grid).clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()  # centre the range so scales stay near 1
+        approximation = dequantize(rtn_quantize("awq", weight * scales, config)) / scales
+        error = output_error(weight, approximation, hessian)
+        if error < best_error:
+            best, best_error = scales, error
+    return best
+
+
+@register("awq")
+class AWQQuantizer(CalibratedQuantizer):
+    description = "AWQ: activation-aware per-channel scales folded into the previous op, then round-to-nearest"
+    options = {"grid": GRID}
+
+    def quantize_block(self, block) -> dict[str, "QuantizedTensor | torch.Tensor"]:
+        replaced = self.fold_scales(block)
+        results = {name: rtn_quantize(name, block.weight(name), self.config) for name in block.linears}
+        return {**replaced, **results}
+
+    def fold_scales(self, block) -> dict[str, torch.Tensor]:
+        """Search and fold every group's scales into the block in place (its function is unchanged);
+        return the kept tensors that changed."""
+        hessians = {name: h for names, h in block.input_hessians() for name in names}
+        replaced = {}
+        for feeder, consumers in FOLDS:
+            names = [f"{block.prefix}{c}.weight" for c in consumers]
+            if not all(n in block.linears for n in names):
+                continue  # not all selected: leave this group unscaled
+            weight = torch.cat([block.weight(n) for n in names])
+            scales = search_scales(weight, hessians[names[0]], self.config, self.settings["grid"])
+            replaced.update(_fold(block, feeder, scales))
+            for name in names:
+                block.linears[name].weight.data.mul_(scales)
+        return replaced
+
+
+def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Divide the output channels of `feeder` by `scales`; return its changed kept tensors (norms)."""
+    try:
+        module = block.module.get_submodule(feeder)
+    except AttributeError as exc:
+        raise SchemeError(f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
+                          "awq supports Llama-style blocks (use gptq or clip for others).") from exc
+    weight = module.weight.data
+    weight.div_(scales.view(-1, *([1] * (weight.dim() - 1))))
+    if getattr(module, "bias", None) is not None:
+        module.bias.data.div_(scales)
+    if isinstance(module, torch.nn.Linear):
+        return {}  # a linear feeder (up_proj) is quantized with the rest, its rows already divided
+    changed = {f"{block.prefix}{feeder}.weight": weight}
+    if getattr(module, "bias", None) is not None:
+        changed[f"{block.prefix}{feeder}.bias"] = module.bias.data
+    return changed
