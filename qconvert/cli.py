@@ -111,7 +111,7 @@ def model(
     calib_dataset: Annotated[Optional[str], typer.Option(help="Calibration from a public set through `datasets`: wikitext2.", rich_help_panel="Calibration")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel="Calibration")] = 128,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")] = 512,
-    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Calibration")] = 8,
+    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Calibration")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for the calibration window positions.", rich_help_panel="Calibration")] = 0,
     damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].", rich_help_panel="Calibration")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order", help="gptq: quantize columns by decreasing activation energy.", rich_help_panel="Calibration")] = None,

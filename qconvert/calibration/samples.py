@@ -24,7 +24,7 @@ class CalibrationSettings:
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 4
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.dataset is None):

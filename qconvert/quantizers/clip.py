@@ -4,9 +4,10 @@ Plain min/max spends the grid on a group's rare extreme weights. Shrinking the r
 few and rounds all the others more finely; the best shrink differs per group. For every group we
 try ranges of `ratio × [min, max]` over a fixed grid of ratios (the search AWQ's `auto_clip` and
 llama.cpp's k-quant `make_qx_quants` do, here on the weights alone, so no calibration data), keep
-the ratio with the least squared reconstruction error, then refit the scale by least squares for
-the chosen codes, keeping whichever of the two is better. Ratio 1.0 is in the grid, so a group is
-never worse than under `rtn`. Zero points stay integers, so every output layout can store it.
+the ratio with the least reconstruction error, then refit the scale by least squares for the
+chosen codes, keeping whichever of the two is better. The error is weighted by each weight's
+importance (see `importance_of`). Ratio 1.0 is in the grid, so a group is never worse than under
+`rtn` on that weighted error. Zero points stay integers, so every output layout can store it.
 """
 
 from typing import Any
@@ -21,8 +22,19 @@ from qconvert.quantizers.rtn import codes_on_grid, grid_for_range, group_view, r
 RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
 
 
-def _error(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (codes - zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).sub_(groups).square_().sum(-1)
+def _error(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+           importance: torch.Tensor) -> torch.Tensor:
+    return (codes - zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).sub_(groups).square_().mul_(importance).sum(-1)
+
+
+def importance_of(groups: torch.Tensor) -> torch.Tensor:
+    """How much each weight's error counts: |w| plus the group's rms, as llama.cpp's k-quants weigh it.
+
+    Plain squared error trades a few large weights for many small ones, but the large weights
+    matter most to the model's output: on SmolLM2, unweighted clipping lowered weight error yet
+    raised int4 g64 perplexity from 23.48 (rtn) to 24.43.
+    """
+    return groups.abs() + groups.square().mean(-1, keepdim=True).sqrt()
 
 
 def _search_block(name: str, weight: torch.Tensor, config: QuantConfig):
@@ -31,21 +43,23 @@ def _search_block(name: str, weight: torch.Tensor, config: QuantConfig):
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
     low, high = low.clamp(max=0), high.clamp(min=0)
+    importance = importance_of(groups)
     best_error = torch.full_like(low, float("inf"))
     best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
     for ratio in RATIOS:
         scale, zero = grid_for_range(low * ratio, high * ratio, config)
-        error = _error(groups, codes_on_grid(groups, scale, zero, config), scale, zero)
+        error = _error(groups, codes_on_grid(groups, scale, zero, config), scale, zero, importance)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
     codes = codes_on_grid(groups, best_scale, best_zero, config)
-    # Least-squares scale for these codes: s = Σ w·(q-z) / Σ (q-z)².
+    # Weighted least-squares scale for these codes: s = Σ i·w·(q-z) / Σ i·(q-z)².
     centred = codes - best_zero.unsqueeze(-1)
-    refit = stored_scales((groups * centred).sum(-1) / centred.square().sum(-1).clamp(min=1e-12), config.scale_dtype).float()
+    weighted = centred * importance
+    refit = stored_scales((groups * weighted).sum(-1) / (centred * weighted).sum(-1).clamp(min=1e-12), config.scale_dtype).float()
     refit = torch.where(refit > 0, refit, best_scale)
     refit_codes = codes_on_grid(groups, refit, best_zero, config)
-    better = (_error(groups, refit_codes, refit, best_zero) < best_error).unsqueeze(-1)
+    better = (_error(groups, refit_codes, refit, best_zero, importance) < best_error).unsqueeze(-1)
     codes = torch.where(better, refit_codes, codes)
     scale = torch.where(better.squeeze(-1), refit, best_scale)
     rows, columns = weight.shape

@@ -4,11 +4,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qconvert.quantizers import QuantConfig, dequantize, get
+from qconvert.quantizers.clip import importance_of
+from qconvert.quantizers.rtn import group_view
 
 
 def squared_error(name, weight, config):
+    """The error clip minimises: squared, weighted by importance (|w| plus the group's rms)."""
     q = get(name)(config).quantize("w", weight)
-    return ((weight - dequantize(q)) ** 2).sum().item(), q
+    groups = group_view(weight, config)
+    return (importance_of(groups) * (group_view(dequantize(q), config) - groups) ** 2).sum().item(), q
 
 
 @settings(deadline=None, max_examples=60)
@@ -24,9 +28,9 @@ def test_clip_is_never_worse_than_rtn(bits, group_size, symmetric, seed, columns
     assert int(q.codes.max()) < 2**bits
 
 
-@pytest.mark.parametrize("bits, symmetric, bound", [(2, False, 0.8), (3, False, 0.9), (4, False, 0.97), (4, True, 0.85)])
+@pytest.mark.parametrize("bits, symmetric, bound", [(2, False, 0.82), (3, False, 0.92), (4, False, 0.96), (4, True, 0.9)])
 def test_clip_helps_on_heavy_tailed_weights(bits, symmetric, bound):
-    # Real weights have outliers; student-t samples mimic them. Measured ratios (seed 0): 0.71, 0.85, 0.94, 0.81.
+    # Real weights have outliers; student-t samples mimic them. Measured ratios (seed 0): 0.78, 0.88, 0.93, 0.86.
     torch.manual_seed(0)
     weight = torch.distributions.StudentT(3.0).sample((256, 512))
     config = QuantConfig(bits=bits, group_size=64, symmetric=symmetric)
