@@ -58,6 +58,7 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: 
         return CalibratedResults(store, len(blocks))
     report("tokenizing calibration text", 0, len(blocks))
     inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
+    _release_freed_memory()  # the tokenizer and the embeddings are gone
     for index in range(unfinished[-1] + 1):
         module, prefix = blocks.load(index), blocks.block_prefix(index)
         if store.finished(index):
@@ -79,6 +80,8 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: 
         blocks.unload(index)
         _release_freed_memory()
         report(f"block {index}: done", index + 1, len(blocks))
+    del inputs
+    _release_freed_memory()  # before the streaming pass reads the checkpoint again
     return CalibratedResults(store, len(blocks))
 
 

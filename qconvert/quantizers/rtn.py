@@ -2,7 +2,10 @@
 
 Per group, the scale maps the group's range onto the integer grid and each weight goes to the
 nearest grid point. Asymmetric groups span [min(w, 0), max(w, 0)] with an integer zero point
-(as in GPTQ and compressed-tensors); symmetric groups span [-absmax, absmax] centred on 2**(bits-1).
+(as in GPTQ and compressed-tensors). Symmetric groups use all 2**bits codes, -2**(bits-1) … 2**(bits-1)-1
+around 2**(bits-1), with scale absmax / (2**(bits-1) - 0.5): the extreme weight of either sign lands
+at most half a step from its code, and the grid is 7% finer at 4 bits than absmax / 7 with one code
+unused (as compressed-tensors does).
 """
 
 from typing import Any
@@ -40,7 +43,7 @@ def grid_for_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -
     dtype first, so codes are computed against the scale the file will hold. Symmetric zero is 2**(bits-1)."""
     if config.symmetric:
         half = 2 ** (config.bits - 1)
-        scale = stored_scales(torch.maximum(-low, high) / (half - 1), config.scale_dtype).float()
+        scale = stored_scales(torch.maximum(-low, high) / (half - 0.5), config.scale_dtype).float()
         return scale, torch.full_like(scale, half)
     top = 2**config.bits - 1
     scale = stored_scales((high - low) / top, config.scale_dtype).float()
@@ -91,7 +94,7 @@ def _rtn_block(name: str, weight: torch.Tensor, config: QuantConfig):
     top = 2**config.bits - 1
     if config.symmetric:
         half = 2 ** (config.bits - 1)
-        scales = stored_scales(torch.maximum(-low, high) / (half - 1), config.scale_dtype)
+        scales = stored_scales(torch.maximum(-low, high) / (half - 0.5), config.scale_dtype)
         inverse = scales.float().reciprocal().unsqueeze(-1)
         codes = groups.mul_(inverse).round_().clamp_(-half, half - 1).add_(half)
         zeros = None
