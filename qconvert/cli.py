@@ -114,7 +114,7 @@ def model(
     calib_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Calibration")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for the calibration window positions.", rich_help_panel="Calibration")] = 0,
     damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].", rich_help_panel="Calibration")] = None,
-    act_order: Annotated[Optional[bool], typer.Option("--act-order", help="gptq: quantize columns by decreasing activation energy.", rich_help_panel="Calibration")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="gptq: quantize columns by decreasing activation energy [on].", rich_help_panel="Calibration")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:

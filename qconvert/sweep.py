@@ -46,8 +46,11 @@ def setting_grid(bits: list[int], group_sizes: list[int], quantizers: list[str],
                  calibration: CalibrationSettings | None = None) -> list[Settings]:
     """Every combination; calibrated quantizers get `calibration`, the others none."""
     def calibration_for(name: str) -> CalibrationSettings | None:
-        if not get(name).requires_calibration:
-            return None
+        try:
+            if not get(name).requires_calibration:
+                return None
+        except QConvertError:
+            return None  # an unknown quantizer fails its own row, not the whole sweep
         if calibration is None:
             raise QConvertError(f"quantizer {name} learns from activations: give the sweep --calib FILE.")
         return calibration

@@ -75,7 +75,9 @@ def test_smollm2_8_bit_is_nearly_lossless(smollm2, tmp_path, eval_windows, float
 
     result = convert(smollm2, tmp_path / "out", Settings(bits=8, group_size=0, symmetric=True))
     logits = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32)(eval_windows).logits
-    assert perplexity(logits, eval_windows) < 1.01 * perplexity(float_logits, eval_windows)
+    # Symmetric grids use all 256 codes (scale = absmax / 127.5), so a row's extreme weight is up to
+    # half a step off: measured +1.2% on these windows (absmax / 127 gave +0.2%, but int4 g64 lost 8%).
+    assert perplexity(logits, eval_windows) < 1.015 * perplexity(float_logits, eval_windows)
     assert result.output.joinpath("tokenizer.json").is_file() and result.output.joinpath("generation_config.json").is_file()
 
 

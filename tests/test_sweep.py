@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qconvert.cli import app
-from test_evaluation import TEXT, tiny_lm  # noqa: F401  (fixture)
+from test_evaluation import TEXT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

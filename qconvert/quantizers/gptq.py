@@ -33,7 +33,7 @@ MAX_DAMP_RETRIES = 6
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = 0.01,
-                  act_order: bool = False) -> QuantizedTensor:
+                  act_order: bool = True) -> QuantizedTensor:
     """Quantize `weight` (rows, columns) given the input Hessian (columns, columns).
 
     Raises:
@@ -127,7 +127,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 @register("gptq")
 class GPTQQuantizer(CalibratedQuantizer):
     description = "GPTQ: error-compensating column-by-column rounding from calibration activations"
-    options = {"damp": 0.01, "act_order": False}
+    # Activation order is on by default, as in llm-compressor (its "static" order): on SmolLM2 int4 g64
+    # (32 x 512 calibration tokens) it took perplexity from 22.17 to 20.73 (symmetric: 26.24 for rtn).
+    options = {"damp": 0.01, "act_order": True}
 
     def quantize_block(self, block) -> dict[str, QuantizedTensor]:
         groups = block.input_hessians()

@@ -17,7 +17,7 @@ from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers import QuantConfig, dequantize
 from qconvert.quantizers.gptq import gptq_quantize
-from tests.conftest import make_tiny_lm
+from conftest import make_tiny_lm
 
 TEXT = "\n".join(f"Sentence {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(300))
 
@@ -85,10 +85,10 @@ def test_block_by_block_equals_whole_model_calibration(tmp_path, real_models, ca
 
 
 def test_killed_run_resumes_to_a_byte_identical_output(tmp_path, real_models, calib_text):
-    source = make_tiny_lm(tmp_path / "tiny", real_models, layers=8, hidden=256)
+    source = make_tiny_lm(tmp_path / "tiny", real_models, layers=8, hidden=128)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "qconvert.cli", "model", str(source), "-q", "gptq", "--group-size", "64",
-               "--calib", str(calib_text), "--calib-samples", "32", "--calib-seqlen", "256", "-o", str(out)]
+               "--calib", str(calib_text), "--calib-samples", "32", "--calib-seqlen", "128", "-o", str(out)]
     subprocess.run(command, check=True, capture_output=True)
     out.rename(tmp_path / "uninterrupted")
 
