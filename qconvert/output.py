@@ -8,7 +8,6 @@ from safetensors import SafetensorError, safe_open
 
 from qconvert.errors import SourceError
 from qconvert.formats import get_layout
-from qconvert.io.loading import SAFETENSORS_DTYPES
 from qconvert.manifest import Manifest, TensorRecord, read_manifest
 from qconvert.quantizers import QuantizedTensor, dequantize
 

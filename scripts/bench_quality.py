@@ -15,12 +15,10 @@ machine kind and quoted in issue 4 (it is not re-run here: llm-compressor is not
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,7 +49,7 @@ def main() -> None:
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="qconvert-quality-"))
     scratch.mkdir(parents=True, exist_ok=True)
     base = evaluate(args.source, args.text, args.source, args.max_tokens)
-    print(f"| setting | ppl | change vs float | bits/weight (quantized tensors) | file MB | convert s | convert peak RSS GB |")
+    print("| setting | ppl | change vs float | bits/weight (quantized tensors) | file MB | convert s | convert peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
     print(f"| float | {base['perplexity']:.3f} | | 16 | {base['bytes_on_disk'] / 1e6:.1f} | | |", flush=True)
     for setting in args.setting:

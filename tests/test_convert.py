@@ -9,7 +9,7 @@ import qconvert
 from conftest import tiny_tensors, write_checkpoint
 from qconvert import Settings, convert, load
 from qconvert.errors import SchemeError
-from qconvert.quantizers import QuantConfig, dequantize, get
+from qconvert.quantizers import dequantize, get
 from qconvert.verification import verify_output
 
 

@@ -98,9 +98,10 @@ class DecoderBlocks:
         self.layers[index].to("meta")
 
     def _block_tensor_names(self, index: int) -> list[str]:
+        """The block's parameter names in checkpoint file order (sequential reads), absent ones last."""
         prefix = self.block_prefix(index)
-        names = [prefix + name for name, _ in self.layers[index].named_parameters()]
-        return [n for n in self.checkpoint.tensors if n in set(names)] + [n for n in names if n not in self.checkpoint.tensors]
+        names = {prefix + name for name, _ in self.layers[index].named_parameters()}
+        return [n for n in self.checkpoint.tensors if n in names] + sorted(names - self.checkpoint.tensors.keys())
 
     def _materialize_outside_blocks(self) -> None:
         block_names = self.prefix + "."

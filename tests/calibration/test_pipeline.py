@@ -15,7 +15,7 @@ from qconvert.calibration.store import calibration_folder
 from qconvert.errors import SchemeError
 from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
-from qconvert.quantizers import QuantConfig, dequantize
+from qconvert.quantizers import dequantize
 from qconvert.quantizers.gptq import gptq_quantize
 from conftest import make_tiny_lm
 
