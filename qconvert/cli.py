@@ -151,50 +151,43 @@ def model(
     _run(action)
 
 
-class _progress_bar:
-    """A rich progress bar on stderr, silent when stderr is not a terminal."""
+class _Bar:
+    """A rich progress bar on stderr, silent when stderr is not a terminal; `report` updates it."""
 
-    def __init__(self, label: str) -> None:
-        self.progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[tensor]}"), console=stderr, transient=True,
-                                 disable=not stderr.is_terminal)
+    def __init__(self, *columns, field: str) -> None:
+        self.progress = Progress(*columns, TimeRemainingColumn(), TextColumn(f"{{task.fields[{field}]}}"),
+                                 console=stderr, transient=True, disable=not stderr.is_terminal)
+        self.field = field
         self.task = None
 
     def __enter__(self):
         self.progress.start()
         return self.report
 
-    def report(self, tensor: str, done: int, total: int) -> None:
+    def report(self, label: str, done: int, total: int) -> None:
         if self.task is None:
-            self.task = self.progress.add_task("", total=total, tensor="")
-        self.progress.update(self.task, completed=done, tensor=tensor)
+            self.task = self.progress.add_task("", total=total, **{self.field: ""})
+        self.progress.update(self.task, completed=done, **{self.field: label})
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
 
-class _block_progress:
+def _progress_bar(label: str) -> _Bar:
+    """Conversion progress: source bytes done, with the current tensor."""
+    return _Bar(TextColumn(label), BarColumn(), DownloadColumn(), field="tensor")
+
+
+class _block_progress(_Bar):
     """Calibration progress: a bar over blocks on a terminal, one line per block otherwise (CI logs)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[stage]}"), console=stderr, transient=True,
-                                 disable=not stderr.is_terminal)
-        self.task = None
-
-    def __enter__(self):
-        self.progress.start()
-        return self.report
+        super().__init__(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} blocks"), field="stage")
 
     def report(self, stage: str, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task("", total=total, stage="")
-        self.progress.update(self.task, completed=done, stage=stage)
+        super().report(stage, done, total)
         if not stderr.is_terminal and stage.endswith("done"):
             stderr.print(f"calibrating: {stage} ({done}/{total})", highlight=False)
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
 
 
 @app.command()

@@ -4,6 +4,7 @@ the statistics of the inputs of its linear layers."""
 import torch
 
 from qconvert.calibration.blocks import BlockInputs
+from qconvert.errors import SchemeError
 
 
 class CalibrationBlock:
@@ -135,8 +136,6 @@ class _HessianCollector:
 
 
 def _not_linear(name: str, module) -> Exception:
-    from qconvert.errors import SchemeError
-
     kind = type(module).__name__ if module is not None else "no module"
     return SchemeError(f"{name} belongs to {kind}, not an nn.Linear the calibration pass reaches; "
                        "calibrated quantizers handle the linear layers of decoder blocks only.")

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from qconvert.errors import SchemeError
-from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, Quantizer
+from qconvert.quantizers.base import QuantConfig, QuantizedTensor, Quantizer
 from qconvert.quantizers.registry import register
-from qconvert.quantizers.rtn import codes_on_grid, grid_for_range, group_view, row_blocks, stored_scales
+from qconvert.quantizers.rtn import codes_on_grid, grid_for_range, group_view, quantize_in_row_blocks, stored_scales
 
 RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
 
@@ -71,17 +71,4 @@ class ClipQuantizer(Quantizer):
     description = "round-to-nearest with a per-group clipping range searched to minimise weight error (no calibration)"
 
     def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
-        config = self.config
-        rows, columns = weight.shape
-        codes = torch.empty(rows, columns, dtype=torch.uint8)
-        scales = torch.empty(rows, config.groups_for(columns), dtype=SCALE_DTYPES[config.scale_dtype])
-        zeros = None if config.symmetric else torch.empty_like(scales, dtype=torch.uint8)
-        blocks = row_blocks(rows, columns)
-        for start in blocks:
-            block = slice(start, start + blocks.step)
-            codes[block], block_scales, block_zeros = _search_block(name, weight[block], config)
-            scales[block] = block_scales.to(scales.dtype)
-            if zeros is not None:
-                zeros[block] = block_zeros.to(torch.uint8)
-        return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, bits=config.bits,
-                               group_size=config.group_size_for(columns), shape=(rows, columns), dtype=weight.dtype)
+        return quantize_in_row_blocks(name, weight, self.config, _search_block)

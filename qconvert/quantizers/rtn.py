@@ -71,15 +71,21 @@ def row_blocks(rows: int, columns: int) -> range:
 
 def rtn_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     """Quantize a 2-D weight by round-to-nearest; see the module docstring for the grid."""
+    return quantize_in_row_blocks(name, weight, config, _rtn_block)
+
+
+def quantize_in_row_blocks(name: str, weight: torch.Tensor, config: QuantConfig, quantize_block) -> QuantizedTensor:
+    """Assemble a QuantizedTensor from `quantize_block(name, rows, config) -> (codes, scales, zeros)`
+    applied to cache-sized blocks of rows (see BLOCK_ELEMENTS)."""
     rows, columns = weight.shape
     groups = config.groups_for(columns)
     codes = torch.empty(rows, columns, dtype=torch.uint8)
     scales = torch.empty(rows, groups, dtype=SCALE_DTYPES[config.scale_dtype])
     zeros = None if config.symmetric else torch.empty(rows, groups, dtype=torch.uint8)
-    step = row_blocks(rows, columns).step
-    for start in row_blocks(rows, columns):
-        block = slice(start, start + step)
-        codes[block], scales[block], block_zeros = _rtn_block(name, weight[block], config)
+    blocks = row_blocks(rows, columns)
+    for start in blocks:
+        block = slice(start, start + blocks.step)
+        codes[block], scales[block], block_zeros = quantize_block(name, weight[block], config)
         if zeros is not None:
             zeros[block] = block_zeros
     return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, bits=config.bits,
