@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 __all__ = ["ConversionResult", "Settings", "__version__", "convert", "load", "load_model"]
 
-_LAZY = {"ConversionResult": "qconvert.conversion", "Settings": "qconvert.conversion", "convert": "qconvert.conversion",
+_LAZY = {"ConversionResult": "qconvert.conversion", "Settings": "qconvert.settings", "convert": "qconvert.conversion",
          "load": "qconvert.output", "load_model": "qconvert.output"}
 
 

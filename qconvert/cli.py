@@ -92,52 +92,78 @@ def main(
         raise typer.Exit()
 
 
+RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults.")]
+BitsOption = Annotated[Optional[int], typer.Option("--bits", help="Bits per weight code: 2, 3, 4, 5, 6 or 8. [default: 4]", show_default=False)]
+GroupOption = Annotated[Optional[int], typer.Option("--group-size", help="Weights per scale within a row; 0 = one scale per output channel. [default: 64]", show_default=False)]
+SymmetricOption = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Symmetric grid (no zero point) or asymmetric (integer zero point). [default: asymmetric]", show_default=False)]
+QuantizerOption = Annotated[Optional[str], typer.Option("-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`. [default: rtn]", show_default=False)]
+TargetBpwOption = Annotated[Optional[float], typer.Option("--target-bpw", help="Choose each tensor's bits to average this many bits per quantized weight (scales and zero points counted).")]
+TargetSizeOption = Annotated[Optional[str], typer.Option("--target-size", help="Choose each tensor's bits so the whole output fits this size, e.g. 90MB.")]
+IncludeOption = Annotated[Optional[list[str]], typer.Option("--include", help="Also quantize 2-D tensors whose name matches this regex (repeatable).")]
+ExcludeOption = Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep tensors whose name matches this regex in float (repeatable).")]
+CalibOption = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text file, for calibrated quantizers (gptq, awq).", rich_help_panel="Calibration")]
+CalibSamplesOption = Annotated[Optional[int], typer.Option("--calib-samples", help="Calibration windows. [default: 128]", show_default=False, rich_help_panel="Calibration")]
+CalibSeqlenOption = Annotated[Optional[int], typer.Option("--calib-seqlen", help="Tokens per calibration window. [default: 512]", show_default=False, rich_help_panel="Calibration")]
+OutputOption = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder [default: <source>-<scheme> beside the source].")]
+
+
 @app.command()
 def model(
     source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or cached hub id (org/name).")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder [default: <source>-<scheme> beside the source].")] = None,
-    bits: Annotated[int, typer.Option(help="Bits per weight code: 2, 3, 4, 5, 6 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Weights per scale within a row; 0 = one scale per output channel.")] = 64,
-    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric grid (no zero point) or asymmetric (integer zero point).")] = False,
-    quantizer: Annotated[str, typer.Option("-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`.")] = "rtn",
-    include: Annotated[Optional[list[str]], typer.Option(help="Also quantize 2-D tensors whose name matches this regex (repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep tensors whose name matches this regex in float (repeatable).")] = None,
+    output: OutputOption = None,
+    recipe: RecipeOption = None,
+    bits: BitsOption = None,
+    group_size: GroupOption = None,
+    symmetric: SymmetricOption = None,
+    quantizer: QuantizerOption = None,
+    target_bpw: TargetBpwOption = None,
+    target_size: TargetSizeOption = None,
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
     dtype: Annotated[Optional[FloatDtype], typer.Option(help="Cast kept float tensors to this dtype [default: keep the source dtype].")] = None,
-    scale_dtype: Annotated[ScaleDtype, typer.Option(help="dtype of stored scales.")] = ScaleDtype.float16,
+    scale_dtype: Annotated[Optional[ScaleDtype], typer.Option(help="dtype of stored scales. [default: float16]", show_default=False)] = None,
     layout: Annotated[Layout, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")] = Layout.auto,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Revision of a hub id.")] = None,
-    calib: Annotated[Optional[Path], typer.Option(help="Calibration text file, for calibrated quantizers (gptq).", rich_help_panel="Calibration")] = None,
+    calib: CalibOption = None,
     calib_dataset: Annotated[Optional[str], typer.Option(help="Calibration from a public set through `datasets`: wikitext2.", rich_help_panel="Calibration")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel="Calibration")] = 128,
-    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")] = 512,
-    calib_batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Calibration")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed for the calibration window positions.", rich_help_panel="Calibration")] = 0,
+    calib_samples: CalibSamplesOption = None,
+    calib_seqlen: CalibSeqlenOption = None,
+    calib_batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass. [default: 4]", show_default=False, rich_help_panel="Calibration")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the calibration window positions. [default: 0]", show_default=False, rich_help_panel="Calibration")] = None,
     damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].", rich_help_panel="Calibration")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="gptq: quantize columns by decreasing activation energy [on].", rich_help_panel="Calibration")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")] = False,
+    events: Annotated[Optional[Path], typer.Option(help="Append a JSON-lines stream of progress events (phase, tensor i of N, RSS, ETA, errors) to this file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists, and start even when the plan predicts too little memory or disk.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest."""
-    from qconvert.calibration.samples import CalibrationSettings
-    from qconvert.conversion import Settings, convert
+    from qconvert.conversion import convert
+    from qconvert.events import EventLog
 
     def action() -> None:
-        calibration = None
-        if calib is not None or calib_dataset is not None:
-            calibration = CalibrationSettings(text=str(calib) if calib else None, dataset=calib_dataset, samples=calib_samples,
-                                              seqlen=calib_seqlen, seed=seed, batch_size=calib_batch_size)
-        options = {k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None}
-        settings = Settings(
-            quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric,
-            scale_dtype=scale_dtype.value, include=tuple(include or ()), exclude=tuple(exclude or ()),
-            dtype=dtype.value if dtype else None, layout=layout.value,
-            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
-            options=options, calibration=calibration,
-        )
-        with _progress_bar("converting") as report, _block_progress() as block_report:
-            result = convert(source, output, settings, force=force, revision=revision,
-                             command=["qconvert", *sys.argv[1:]], progress=report, calibration_progress=block_report)
+        settings = _settings_from_flags(
+            recipe, dict(quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric,
+                         scale_dtype=scale_dtype.value if scale_dtype else None, include=tuple(include) if include else None,
+                         exclude=tuple(exclude) if exclude else None, dtype=dtype.value if dtype else None, layout=layout.value,
+                         max_shard_size=parse_size(max_shard_size) if max_shard_size else None, target_bpw=target_bpw,
+                         target_size=parse_size(target_size) if target_size else None,
+                         options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None),
+            dict(text=str(calib) if calib else None, dataset=calib_dataset, samples=calib_samples, seqlen=calib_seqlen,
+                 seed=seed, batch_size=calib_batch_size))
+        with EventLog(events) as log, _progress_bar("converting") as report, _block_progress() as block_report:
+            def on_tensor(record, done: int, total: int, count: int) -> None:
+                report(record.name, done, total)
+                log.tensor(record, done, total, count)
+
+            def on_block(stage: str, done: int, total: int) -> None:
+                block_report(stage, done, total)
+                log.block(stage, done, total)
+
+            log.start(source, settings)
+            result = convert(source, output, settings, force=force, revision=revision, command=["qconvert", *sys.argv[1:]],
+                             progress=on_tensor, calibration_progress=on_block, check_resources=not force)
+            log.done(result)
         totals = result.manifest.totals
         if as_json:
             print(json.dumps({"output": str(result.output), "layout": result.manifest.layout,
@@ -149,6 +175,113 @@ def model(
                 f"{totals['bits_per_weight']} overall", highlight=False)
 
     _run(action)
+
+
+def _settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
+    from qconvert.recipes import load_recipe
+    from qconvert.settings import build_settings
+
+    return build_settings(load_recipe(recipe) if recipe else None, flags, calibration_flags)
+
+
+recipe_app = typer.Typer(help="Work with recipes (TOML files of settings and per-tensor rules).", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("check")
+def recipe_check(
+    file: Annotated[Path, typer.Argument(help="The recipe to validate.")],
+    model_source: Annotated[Optional[str], typer.Option("--model", help="Show what the recipe would do to this checkpoint (headers only, nothing converted).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="One row per tensor instead of per tensor kind.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Validate a recipe; with --model, print each tensor's scheme, bits per weight and size."""
+    from qconvert.recipes import load_recipe
+
+    def action() -> None:
+        recipe = load_recipe(file)
+        if model_source is None:
+            summary = {"recipe": str(file), "sha256": recipe.sha256, "defaults": recipe.defaults,
+                       "calibration": recipe.calibration, "rules": [r.describe() for r in recipe.rules]}
+            if as_json:
+                print(json.dumps(summary, sort_keys=True))
+            else:
+                stderr.print(f"[green]✓[/] {file}: valid; {len(recipe.rules)} rules, defaults {recipe.defaults}", highlight=False)
+            return
+        _print_plan(model_source, _settings_from_flags(file, {}, {}), full, as_json)
+
+    _run(action)
+
+
+@app.command()
+def plan(
+    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or cached hub id.")],
+    output: OutputOption = None,
+    recipe: RecipeOption = None,
+    bits: BitsOption = None,
+    group_size: GroupOption = None,
+    symmetric: SymmetricOption = None,
+    quantizer: QuantizerOption = None,
+    target_bpw: TargetBpwOption = None,
+    target_size: TargetSizeOption = None,
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
+    calib: CalibOption = None,
+    calib_samples: CalibSamplesOption = None,
+    calib_seqlen: CalibSeqlenOption = None,
+    full: Annotated[bool, typer.Option("--full", help="One row per tensor instead of per tensor kind.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Predict a conversion before running it: output size, bits per weight, peak memory, disk and time."""
+
+    def action() -> None:
+        settings = _settings_from_flags(
+            recipe, dict(quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric, target_bpw=target_bpw,
+                         target_size=parse_size(target_size) if target_size else None,
+                         include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None),
+            dict(text=str(calib) if calib else None, samples=calib_samples, seqlen=calib_seqlen))
+        _print_plan(source, settings, full, as_json, output, predict_resources=True)
+
+    _run(action)
+
+
+def _print_plan(source: str, settings, full: bool, as_json: bool, output: Path | None = None, predict_resources: bool = False) -> None:
+    """The table of what a conversion would do to each tensor, with totals (and the resource prediction)."""
+    from qconvert.conversion import default_output, planned_with_budget
+    from qconvert.inspection import fold_layers, plan_rows
+    from qconvert.io.loading import open_checkpoint
+    from qconvert.prediction import predict
+
+    checkpoint = open_checkpoint(source)
+    conversion_plan = planned_with_budget(checkpoint, settings)
+    rows, totals = plan_rows(conversion_plan)
+    rows = rows if full else fold_layers(rows)
+    prediction = predict(checkpoint, conversion_plan, settings, output or default_output(source, settings)) if predict_resources else None
+    if as_json:
+        print(json.dumps({"tensors": rows, "totals": totals, "prediction": prediction.to_dict() if prediction else None}, sort_keys=True))
+        return
+    table = Table(title=f"{source}: {conversion_plan.layout.name} layout", show_footer=True)
+    for column, footer in [("tensor", "total"), ("scheme", ""), ("decided by", ""), ("bytes", f"{totals['stored_bytes']:,}"),
+                           ("bits/weight", str(totals["bits_per_weight"]))]:
+        table.add_column(column, footer=footer, justify="right" if column in ("bytes", "bits/weight") else "left")
+    for r in rows:
+        name = f"{r['name']} ×{r['count']}" if r.get("count", 1) > 1 else r["name"]
+        table.add_row(name, r["scheme"], r["reason"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}")
+    out = _stdout()
+    out.print(table)
+    out.print(f"quantized tensors: {totals['quantized_parameters']:,} parameters at {totals['quantized_bits_per_weight']} bits per weight "
+              f"(scales and zero points counted); whole file {totals['bits_per_weight']} bits per weight, "
+              f"{totals['stored_bytes'] / 1e6:.1f} MB.", highlight=False)
+    if prediction:
+        out.print(f"predicted: peak memory {prediction.peak_rss_bytes / 1e9:.2f} GB (available "
+                  f"{_gb(prediction.available_memory_bytes)}), disk {prediction.disk_bytes / 1e9:.2f} GB (free "
+                  f"{_gb(prediction.free_disk_bytes)}), about {prediction.seconds:.0f} s.", highlight=False)
+        for problem in prediction.problems():
+            out.print(f"[red]✗[/] {problem}", highlight=False)
+
+
+def _gb(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / 1e9:.2f} GB"
 
 
 class _Bar:

@@ -30,12 +30,22 @@ def inspect_rows(path: Path) -> tuple[list[dict], dict]:
     return rows, manifest.totals
 
 
+def plan_rows(plan) -> tuple[list[dict], dict]:
+    """Rows and totals for a conversion plan (`recipe check`, `plan`): what would be done, and which rule decided."""
+    rows = [{
+        "name": p.record.name, "scheme": scheme_label(p.record), "reason": p.record.reason, "shape": p.record.shape,
+        "bytes": p.record.stored_bytes, "bits_per_weight": 8 * p.record.stored_bytes / max(p.record.parameters, 1),
+        "relative_mse": None,
+    } for p in plan.tensors]
+    return rows, plan.totals()
+
+
 def fold_layers(rows: list[dict]) -> list[dict]:
     """One row per tensor kind: layer numbers replaced by `*`, bytes summed, bits per weight recomputed."""
     folded: dict[tuple, dict] = {}
     for r in rows:
         name = re.sub(r"\.\d+\.", ".*.", r["name"])
-        key = (name, r["scheme"])
+        key = (name, r["scheme"], r.get("reason"))
         entry = folded.setdefault(key, {**r, "name": name, "count": 0, "bytes": 0, "parameters": 0, "_error": 0.0})
         entry["count"] += 1
         entry["bytes"] += r["bytes"]

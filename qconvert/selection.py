@@ -1,10 +1,18 @@
-"""Which tensors get quantized, and why: the default rule plus --include / --exclude regexes."""
+"""Which tensors get quantized, with which scheme, and why: ordered rules, then the default rule.
+
+Rules come from --exclude (keep in float), a recipe's [[rules]] and --include, in that order; the
+first whose regex matches a tensor's name decides it. A tensor no rule matches falls to the default:
+2-D float weights of linear layers inside the transformer blocks are quantized, everything else
+(embeddings, norms, biases, the output head) is kept.
+"""
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from qconvert.errors import SchemeError
 from qconvert.io.loading import TensorInfo
+from qconvert.recipes import Rule
 
 # A transformer block's tensors carry its index: model.layers.3., encoder.layer.0., h.11., blocks.2.
 IN_BLOCK = re.compile(r"(^|\.)\d+\.")
@@ -15,30 +23,36 @@ NOT_LINEAR = re.compile(r"(embed|wte|wpe|norm|ln_|lm_head|\.bias$)", re.IGNORECA
 class Decision:
     quantize: bool
     reason: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # scheme keys the deciding rule sets
 
 
-def compile_patterns(patterns: list[str], option: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise SchemeError(f"{option} {pattern!r} is not a valid regular expression: {exc}.") from exc
-    return compiled
+def command_line_rules(include: Sequence[str], exclude: Sequence[str], recipe_rules: Sequence[Rule] = ()) -> list[Rule]:
+    """--exclude first (it beats everything), then the recipe's rules, then --include."""
+    excluded = [Rule(_compile(p, "--exclude"), True, {}, f"--exclude {p}") for p in exclude]
+    included = [Rule(_compile(p, "--include"), False, {}, f"--include {p}") for p in include]
+    return [*excluded, *recipe_rules, *included]
 
 
-def decide(info: TensorInfo, include: list[re.Pattern], exclude: list[re.Pattern]) -> Decision:
-    """Decide for one tensor; --exclude beats --include, which adds to the default rule."""
-    for pattern in exclude:
-        if pattern.search(info.name):
-            return Decision(False, f"excluded by --exclude {pattern.pattern}")
-    is_matrix = len(info.shape) == 2
-    for pattern in include:
-        if pattern.search(info.name):
-            if not is_matrix:
-                return Decision(False, f"matches --include {pattern.pattern} but is not a 2-D matrix")
-            return Decision(True, f"included by --include {pattern.pattern}")
-    if not is_matrix:
+def _compile(pattern: str, option: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise SchemeError(f"{option} {pattern!r} is not a valid regular expression: {exc}.") from exc
+
+
+def decide(info: TensorInfo, rules: Sequence[Rule]) -> Decision:
+    """Decide for one tensor: the first matching rule, else the default rule."""
+    is_float_matrix = len(info.shape) == 2 and info.dtype.is_floating_point
+    for rule in rules:
+        if rule.pattern.search(info.name):
+            if rule.keep:
+                verb = "excluded by" if rule.label.startswith("--") else "kept in float by"
+                return Decision(False, f"{verb} {rule.label}")
+            if not is_float_matrix:
+                return Decision(False, f"matches {rule.label} but is not a 2-D float matrix")
+            verb = "included by" if rule.label.startswith("--") else "quantized by"
+            return Decision(True, f"{verb} {rule.label}", dict(rule.overrides))
+    if len(info.shape) != 2:
         return Decision(False, f"{len(info.shape)}-D tensor (norm, bias or buffer)")
     if not info.dtype.is_floating_point:
         return Decision(False, f"{info.dtype} tensor, not a float weight")

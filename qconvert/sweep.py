@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from qconvert.calibration.samples import CalibrationSettings
-from qconvert.conversion import Settings, settings_dict, convert
+from qconvert.conversion import convert
+from qconvert.settings import Settings, settings_dict
 from qconvert.errors import QConvertError
 from qconvert.evaluation import EvalSettings
 from qconvert.io.loading import open_checkpoint, sha256_file

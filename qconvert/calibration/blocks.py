@@ -33,8 +33,8 @@ class BlockInputs:
         """Run every batch through `block`; with `keep_outputs` its outputs become the next inputs."""
         for index, (hidden, kwargs) in enumerate(zip(self.hidden, self.kwargs)):
             output = block(hidden, **kwargs)
-            if keep_outputs:
-                self.hidden[index] = output[0] if isinstance(output, tuple) else output
+            if keep_outputs:  # in place: the activations keep their memory instead of churning the heap
+                hidden.copy_(output[0] if isinstance(output, tuple) else output)
 
 
 class DecoderBlocks:

@@ -22,7 +22,7 @@ from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
-from qconvert.quantizers.base import CalibratedQuantizer, QuantizedTensor, dequantize, relative_error
+from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize, relative_error
 
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
 BlockProgress = Callable[[str, int, int], None]
@@ -43,15 +43,15 @@ class CalibratedResults:
         return self.store.result(name, self.block_of[name])
 
 
-def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: list[str],
+def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, configs: dict[str, QuantConfig],
               settings: CalibrationSettings, store: BlockStore, progress: BlockProgress | None = None) -> CalibratedResults:
-    """Quantize every selected tensor block by block into `store`.
+    """Quantize every tensor named in `configs` (with its own grid) block by block into `store`.
 
     Raises:
         SchemeError: a selected tensor lies outside the decoder blocks, or the model cannot be run.
     """
     blocks = DecoderBlocks(checkpoint)
-    block_of = _assign_to_blocks(blocks, selected)
+    block_of = _assign_to_blocks(blocks, list(configs))
     report = progress or (lambda stage, done, total: None)
     unfinished = [i for i in range(len(blocks)) if not store.finished(i)]
     if not unfinished:
@@ -67,7 +67,7 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, selected: 
         else:
             report(f"block {index}: {quantizer.name}", index, len(blocks))
             names = [n for n, i in block_of.items() if i == index]
-            block = CalibrationBlock(module, prefix, names, inputs)
+            block = CalibrationBlock(module, prefix, {n: configs[n] for n in names}, inputs)
             results = _quantize_block(quantizer, block, names, checkpoint)
             # Against the block's weights as the quantizer left them (AWQ folds scales into them).
             errors = {n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)}

@@ -5,6 +5,7 @@ import torch
 
 from qconvert.calibration.blocks import BlockInputs
 from qconvert.errors import SchemeError
+from qconvert.quantizers.base import QuantConfig
 
 
 class CalibrationBlock:
@@ -14,10 +15,13 @@ class CalibrationBlock:
         module: the block (a transformers decoder layer) with float32 weights.
         prefix: its tensors' name prefix in the checkpoint, e.g. "model.layers.3.".
         linears: selected tensor name -> its nn.Linear, in module order.
+        configs: selected tensor name -> the grid to quantize it to (a recipe may mix them).
         inputs: the calibration activations entering the block.
     """
 
-    def __init__(self, module: torch.nn.Module, prefix: str, selected: list[str], inputs: BlockInputs) -> None:
+    def __init__(self, module: torch.nn.Module, prefix: str, configs: dict[str, QuantConfig], inputs: BlockInputs) -> None:
+        selected = list(configs)
+        self.configs = configs
         self.module = module
         self.prefix = prefix
         self.inputs = inputs

@@ -19,6 +19,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize
+from qconvert.quantizers.clip import clip_quantize
 from qconvert.quantizers.registry import register
 from qconvert.quantizers.rtn import rtn_quantize
 
@@ -57,25 +58,37 @@ class AWQQuantizer(CalibratedQuantizer):
     options = {"grid": GRID}
 
     def quantize_block(self, block) -> dict[str, "QuantizedTensor | torch.Tensor"]:
-        replaced = self.fold_scales(block)
-        results = {name: rtn_quantize(name, block.weight(name), self.config) for name in block.linears}
+        hessians = {name: h for names, h in block.input_hessians() for name in names}
+        replaced = self.fold_scales(block, hessians)
+        # Then clip each group's range where the (scaled) activations say it matters, as AutoAWQ's
+        # auto_clip does: the error of column j counts in proportion to E[x_j²] = H_jj / 2.
+        results = {name: clip_quantize(name, block.weight(name), block.configs[name], _column_importance(block, name, hessians))
+                   for name in block.linears}
         return {**replaced, **results}
 
-    def fold_scales(self, block) -> dict[str, torch.Tensor]:
+    def fold_scales(self, block, hessians: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Search and fold every group's scales into the block in place (its function is unchanged);
-        return the kept tensors that changed."""
-        hessians = {name: h for names, h in block.input_hessians() for name in names}
+        return the kept tensors that changed. `hessians` (computed if not given) become those of the
+        scaled inputs."""
+        if hessians is None:
+            hessians = {name: h for names, h in block.input_hessians() for name in names}
         replaced = {}
         for feeder, consumers in FOLDS:
             names = [f"{block.prefix}{c}.weight" for c in consumers]
             if not all(n in block.linears for n in names):
                 continue  # not all selected: leave this group unscaled
             weight = torch.cat([block.weight(n) for n in names])
-            scales = search_scales(weight, hessians[names[0]], self.config, self.settings["grid"])
+            scales = search_scales(weight, hessians[names[0]], block.configs[names[0]], self.settings["grid"])
             replaced.update(_fold(block, feeder, scales))
+            hessian = hessians[names[0]] / scales.outer(scales)  # inputs are now x / s
             for name in names:
                 block.linears[name].weight.data.mul_(scales)
+                hessians[name] = hessian
         return replaced
+
+
+def _column_importance(block, name: str, hessians: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.diagonal(hessians[name]).clamp(min=0) + 1e-12
 
 
 def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:

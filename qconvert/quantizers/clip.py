@@ -37,13 +37,28 @@ def importance_of(groups: torch.Tensor) -> torch.Tensor:
     return groups.abs() + groups.square().mean(-1, keepdim=True).sqrt()
 
 
-def _search_block(name: str, weight: torch.Tensor, config: QuantConfig):
+def clip_quantize(name: str, weight: torch.Tensor, config: QuantConfig,
+                  column_importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """Clipping search on `weight`; with `column_importance` (one weight per input column, e.g. the
+    mean square of the activations that column meets, as AWQ passes it) that weights the error
+    instead of the weights' own magnitude."""
+    if column_importance is None:
+        return quantize_in_row_blocks(name, weight, config, _search_block)
+    columns = group_view(column_importance.view(1, -1), config)
+
+    def search(name: str, rows: torch.Tensor, config: QuantConfig):
+        return _search_block(name, rows, config, columns)
+
+    return quantize_in_row_blocks(name, weight, config, search)
+
+
+def _search_block(name: str, weight: torch.Tensor, config: QuantConfig, column_importance: torch.Tensor | None = None):
     groups = group_view(weight, config)  # (rows, groups, group_size)
     low, high = torch.aminmax(groups, dim=-1)
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
     low, high = low.clamp(max=0), high.clamp(min=0)
-    importance = importance_of(groups)
+    importance = importance_of(groups) if column_importance is None else column_importance.expand_as(groups)
     best_error = torch.full_like(low, float("inf"))
     best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
     for ratio in RATIOS:
@@ -71,4 +86,4 @@ class ClipQuantizer(Quantizer):
     description = "round-to-nearest with a per-group clipping range searched to minimise weight error (no calibration)"
 
     def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
-        return quantize_in_row_blocks(name, weight, self.config, _search_block)
+        return clip_quantize(name, weight, self.config)

@@ -132,12 +132,14 @@ class GPTQQuantizer(CalibratedQuantizer):
     options = {"damp": 0.01, "act_order": True}
 
     def quantize_block(self, block) -> dict[str, QuantizedTensor]:
-        groups = block.input_hessians()
+        # Linears sharing an input and a grid are solved as one stacked problem.
+        groups = [([n for n in names if block.configs[n] == config], hessian)
+                  for names, hessian in block.input_hessians() for config in dict.fromkeys(block.configs[n] for n in names)]
 
         def solve(group: tuple[list[str], torch.Tensor]) -> QuantizedTensor:
             names, hessian = group
             torch.set_num_threads(1)  # the column loop is latency-bound: one problem per core beats shared cores
-            return gptq_quantize(torch.cat([block.weight(n) for n in names]), hessian, self.config,
+            return gptq_quantize(torch.cat([block.weight(n) for n in names]), hessian, block.configs[names[0]],
                                  self.settings["damp"], self.settings["act_order"])
 
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:

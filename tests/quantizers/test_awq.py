@@ -20,7 +20,7 @@ def first_block(source, tmp_path):
     inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
     module = blocks.load(0)
     names = [n for n in checkpoint.tensors if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
-    return CalibrationBlock(module, blocks.block_prefix(0), names, inputs)
+    return CalibrationBlock(module, blocks.block_prefix(0), {n: QuantConfig(bits=3, group_size=32) for n in names}, inputs)
 
 
 def test_folding_scales_leaves_the_float_block_unchanged(tiny_lm, tmp_path):

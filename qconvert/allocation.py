@@ -1,0 +1,107 @@
+"""Choose each tensor's bit width to fit a size budget with the least total error.
+
+Sensitivity is measured cheaply, one tensor at a time (memory stays at one tensor): the squared
+reconstruction error ||W - Q_b(W)||² of round-to-nearest at every candidate width b, on the
+tensor's own group size and symmetry. The stored bytes of every (tensor, width) pair come from the
+output layout, so scales and zero points are counted exactly.
+
+Choosing widths is then a multiple-choice knapsack: minimise the summed error subject to the summed
+bytes. The greedy solution on each tensor's lower convex hull of (bytes, error) is the exact
+Lagrangian optimum at every budget it lands on; it starts every tensor at its smallest width and
+repeatedly takes the upgrade that removes the most error per extra byte while it fits.
+"""
+
+import heapq
+from dataclasses import dataclass
+
+from qconvert.errors import SchemeError
+from qconvert.io.loading import Checkpoint
+from qconvert.planning import ConversionPlan
+from qconvert.quantizers import QuantConfig
+from qconvert.quantizers.base import dequantize
+from qconvert.quantizers.rtn import rtn_quantize
+from qconvert.settings import Settings
+
+CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)
+
+
+@dataclass
+class _Option:
+    bits: int
+    bytes: int
+    error: float
+
+
+def allocate_bits(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings) -> dict[str, int]:
+    """Tensor name -> bits, for every quantized tensor of `plan`, within the budget of `settings`.
+
+    Raises:
+        SchemeError: the budget is below every tensor at 2 bits or above every tensor at 8 bits.
+    """
+    quantized = [p for p in plan.tensors if p.scheme]
+    kept_bytes = sum(p.record.stored_bytes for p in plan.tensors if not p.scheme)
+    parameters = sum(p.record.parameters for p in quantized)
+    if settings.target_bpw is not None:
+        budget, wanted = settings.target_bpw * parameters / 8, f"--target-bpw {settings.target_bpw}"
+    else:
+        budget, wanted = settings.target_size - kept_bytes, f"--target-size {settings.target_size / 1e6:.1f} MB"
+    schemes = {p.record.name: p.scheme for p in quantized}
+    options = {name: _options(name, weight, schemes[name].config, plan)
+               for name, weight in checkpoint.iter_tensors(list(schemes), hash_on_the_way=False)}
+    smallest = sum(o[0].bytes for o in options.values())
+    largest = sum(o[-1].bytes for o in options.values())
+    if not smallest <= budget <= largest:
+        raise SchemeError(f"{wanted} is out of reach: the selected tensors take {_bpw(smallest, parameters)} to "
+                          f"{_bpw(largest, parameters)} bits per weight ({(smallest + kept_bytes) / 1e6:.1f} to "
+                          f"{(largest + kept_bytes) / 1e6:.1f} MB in all).")
+    return _choose(options, budget)
+
+
+def _options(name: str, weight, config: QuantConfig, plan: ConversionPlan) -> list[_Option]:
+    """The tensor's candidate widths on its convex hull of (bytes, error), smallest first."""
+    found = []
+    for bits in CANDIDATE_BITS:
+        candidate = QuantConfig(bits=bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=config.scale_dtype)
+        error = float(dequantize(rtn_quantize(name, weight, candidate)).sub_(weight.float()).square_().sum())
+        stored = sum(spec.nbytes for spec in plan.layout.specs(name, tuple(weight.shape), candidate))
+        found.append(_Option(bits, stored, error))
+    return _lower_hull(found)
+
+
+def _lower_hull(options: list[_Option]) -> list[_Option]:
+    """Drop widths that a mix of their neighbours beats: what remains has falling error per byte."""
+    hull: list[_Option] = []
+    for option in sorted(options, key=lambda o: o.bytes):
+        if hull and option.error >= hull[-1].error:
+            continue  # more bytes, no less error
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], option):
+            hull.pop()
+        hull.append(option)
+    return hull
+
+
+def _slope(a: _Option, b: _Option) -> float:
+    """Error removed per extra byte going from a to b."""
+    return (a.error - b.error) / max(b.bytes - a.bytes, 1)
+
+
+def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, int]:
+    level = {name: 0 for name in options}
+    spent = sum(o[0].bytes for o in options.values())
+    heap = [(-_slope(o[0], o[1]), name) for name, o in options.items() if len(o) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        current, following = options[name][level[name]], options[name][level[name] + 1]
+        extra = following.bytes - current.bytes
+        if spent + extra > budget:
+            continue  # too big for what is left; smaller upgrades further down may still fit
+        spent += extra
+        level[name] += 1
+        if level[name] + 1 < len(options[name]):
+            heapq.heappush(heap, (-_slope(following, options[name][level[name] + 1]), name))
+    return {name: options[name][level[name]].bits for name in sorted(options)}
+
+
+def _bpw(stored: float, parameters: int) -> str:
+    return f"{8 * stored / parameters:.2f}"

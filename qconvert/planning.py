@@ -1,0 +1,112 @@
+"""The plan of a conversion, from checkpoint headers alone: every tensor's fate, scheme and stored bytes.
+
+`qconvert model` executes this plan; `qconvert recipe check` and `qconvert plan` print it, so what
+they show is what conversion then does.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.formats import choose_layout
+from qconvert.formats.base import Layout
+from qconvert.io.loading import DTYPE_NAMES, FLOAT_DTYPES, Checkpoint
+from qconvert.io.writing import TensorSpec
+from qconvert.manifest import Manifest, StoredRecord, TensorRecord
+from qconvert.quantizers import Quantizer, get
+from qconvert.selection import command_line_rules, decide
+from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
+
+
+@dataclass
+class PlannedTensor:
+    record: TensorRecord
+    specs: list[TensorSpec]
+    scheme: TensorScheme | None  # None for a kept tensor
+
+
+@dataclass
+class ConversionPlan:
+    tensors: list[PlannedTensor]
+    layout: Layout
+    quantizers: dict[TensorScheme, Quantizer] = field(default_factory=dict)
+
+    def quantizer_of(self, planned: PlannedTensor) -> Quantizer:
+        return self.quantizers[planned.scheme]
+
+    @property
+    def calibrated(self) -> Quantizer | None:
+        """The calibrated quantizer (for its default grid), if any tensor uses one."""
+        return next((q for q in self.quantizers.values() if q.requires_calibration), None)
+
+    def totals(self) -> dict:
+        manifest = Manifest("", "", {}, {}, [p.record for p in self.tensors])
+        manifest.compute_totals()
+        return manifest.totals
+
+
+def plan_conversion(checkpoint: Checkpoint, settings: Settings, bits: dict[str, int] | None = None) -> ConversionPlan:
+    """Decide every tensor: kept or quantized, with which quantizer and grid, stored how.
+
+    `bits` (tensor name -> bits) overrides the bit width of quantized tensors, as chosen by
+    `--target-bpw`.
+
+    Raises:
+        SchemeError: nothing to quantize, an impossible scheme, or calibration settings that do
+            not fit the quantizers.
+    """
+    rules = command_line_rules(settings.include, settings.exclude, settings.rules)
+    decisions = {name: decide(info, rules) for name, info in checkpoint.tensors.items()}
+    schemes = {}
+    for name, decision in decisions.items():
+        if decision.quantize:
+            if checkpoint.tensors[name].dtype not in FLOAT_DTYPES:
+                raise SchemeError(f"tensor {name} has dtype {checkpoint.tensors[name].dtype}; qconvert quantizes "
+                                  "float32, float16 and bfloat16 weights only.")
+            overrides = {**decision.overrides, **({"bits": bits[name]} if bits and name in bits else {})}
+            schemes[name] = settings.scheme(overrides)
+    if not schemes:
+        raise SchemeError(f"no tensor in {checkpoint.source} is selected for quantization; use --include to pick some.")
+    quantizers = _quantizers(set(schemes.values()), settings)
+    layout = choose_layout(settings.layout, [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()])
+    planned = []
+    for name, info in checkpoint.tensors.items():
+        decision, scheme = decisions[name], schemes.get(name)
+        reason = decision.reason
+        if bits and name in bits:
+            reason += f"; {bits[name]} bits chosen by the size budget"
+        record = TensorRecord(name=name, shape=list(info.shape), source_dtype=DTYPE_NAMES[info.dtype],
+                              action="quantized" if scheme else "kept", reason=reason, stored={})
+        if scheme:
+            config, quantizer = scheme.config, quantizers[scheme]
+            record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
+            record.bits, record.group_size = config.bits, config.group_size_for(info.shape[1])
+            record.symmetric, record.scale_dtype = config.symmetric, config.scale_dtype
+            record.relative_mse = 1.23456e-100  # widest value, so the reserved header room suffices
+            specs = layout.specs(name, info.shape, config)
+        else:
+            specs = [TensorSpec(name, DTYPE_NAMES[kept_dtype(info.dtype, settings)], info.shape)]
+        record.stored = {s.name: StoredRecord(s.dtype, list(s.shape), s.nbytes, "0" * 64) for s in specs}
+        planned.append(PlannedTensor(record, specs, scheme))
+    return ConversionPlan(planned, layout, quantizers)
+
+
+def _quantizers(schemes: set[TensorScheme], settings: Settings) -> dict[TensorScheme, Quantizer]:
+    """One quantizer per scheme; the options go to the default quantizer, which they were given for."""
+    quantizers = {}
+    for scheme in sorted(schemes, key=lambda s: (s.quantizer, s.config.bits, s.config.group_size, s.config.symmetric)):
+        options = settings.options if scheme.quantizer == settings.quantizer else {}
+        quantizers[scheme] = get(scheme.quantizer)(scheme.config, **options)
+    calibrated = sorted({q.name for q in quantizers.values() if q.requires_calibration})
+    if len(calibrated) > 1:
+        raise SchemeError(f"one conversion can run one calibrated quantizer, not {' and '.join(calibrated)}.")
+    if not calibrated and settings.calibration is not None:
+        raise SchemeError(f"quantizer {settings.quantizer!r} uses no calibration data; drop --calib or choose gptq or awq.")
+    return quantizers
+
+
+def kept_dtype(dtype: torch.dtype, settings: Settings) -> torch.dtype:
+    if settings.dtype is None or dtype not in FLOAT_DTYPES:
+        return dtype
+    return PASSTHROUGH_DTYPES[settings.dtype]

@@ -1,0 +1,132 @@
+"""Predict a conversion's output size, peak memory, disk and time from checkpoint headers alone.
+
+The size is exact (the plan knows every stored tensor's bytes). Memory and time come from a
+simple model of how qconvert runs, with constants measured on a 2-core x86 machine:
+
+- streaming (rtn, clip): the process's baseline (Python, torch) plus a few copies of the largest
+  tensor in flight (reader prefetch, quantizer working set, writer queue);
+- calibration (gptq, awq): the baseline with transformers, the activations between blocks
+  (samples x seqlen x hidden, float32), one batch's forward intermediates and one block's weights.
+
+`tests/test_prediction.py` checks the prediction against measured peak RSS and output size.
+"""
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qconvert.errors import QConvertError
+from qconvert.io.loading import Checkpoint
+from qconvert.planning import ConversionPlan
+from qconvert.settings import Settings
+
+GB = 1e9
+BASE_RSS = 0.30 * GB  # python + torch + safetensors, measured
+CALIBRATION_BASE_RSS = 0.42 * GB  # + transformers and the model skeleton, measured
+IN_FLIGHT_COPIES = 3.0  # largest tensor: prefetched, being quantized (float32 rows), queued for writing
+ACTIVATION_OVERHEAD = 1.35  # allocator slack around the activations, measured on SmolLM2 at 32 and 128 samples
+STREAM_BYTES_PER_S = 150e6  # source bytes read, quantized, hashed and written per second (rtn)
+STARTUP_S = 3.0
+CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
+
+
+class ResourceError(QConvertError):
+    """The plan predicts more memory or disk than the machine has (exit code 6)."""
+
+    exit_code = 6
+
+
+@dataclass
+class Prediction:
+    output_bytes: int
+    quantized_bits_per_weight: float | None
+    bits_per_weight: float | None
+    peak_rss_bytes: int
+    disk_bytes: int  # output, plus the calibration store while it runs
+    seconds: float
+    available_memory_bytes: int | None
+    free_disk_bytes: int | None
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.available_memory_bytes is not None and self.peak_rss_bytes > self.available_memory_bytes:
+            found.append(f"it needs about {self.peak_rss_bytes / GB:.2f} GB of memory and {self.available_memory_bytes / GB:.2f} GB is available")
+        if self.free_disk_bytes is not None and self.disk_bytes > self.free_disk_bytes:
+            found.append(f"it writes about {self.disk_bytes / GB:.2f} GB and the output's disk has {self.free_disk_bytes / GB:.2f} GB free")
+        return found
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, destination: Path) -> Prediction:
+    totals = plan.totals()
+    output_bytes = totals["stored_bytes"] + sum(f.stat().st_size for f in checkpoint.auxiliary_files())
+    source_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
+    largest = max(info.numel * 4 for info in checkpoint.tensors.values())  # float32 working copy
+    peak = BASE_RSS + IN_FLIGHT_COPIES * largest
+    seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S
+    disk = output_bytes
+    if plan.calibrated is not None:
+        calibration_peak, calibration_seconds = _calibration_cost(checkpoint, plan, settings)
+        peak = max(peak, calibration_peak)
+        seconds += calibration_seconds
+        disk += totals["quantized_bytes"] * 2  # the block store holds codes unpacked (one byte each)
+    return Prediction(
+        output_bytes=output_bytes, quantized_bits_per_weight=totals["quantized_bits_per_weight"],
+        bits_per_weight=totals["bits_per_weight"], peak_rss_bytes=int(peak), disk_bytes=int(disk),
+        seconds=round(seconds, 1), available_memory_bytes=available_memory(), free_disk_bytes=free_disk(destination))
+
+
+def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings) -> tuple[float, float]:
+    config = checkpoint.config or {}
+    hidden = config.get("hidden_size") or config.get("d_model") or 1024
+    intermediate = config.get("intermediate_size") or 4 * hidden
+    heads = config.get("num_attention_heads") or 16
+    blocks = config.get("num_hidden_layers") or 1
+    calibration = settings.calibration
+    samples, seqlen, batch = (calibration.samples, calibration.seqlen, calibration.batch_size) if calibration else (128, 512, 4)
+    tokens, batch_tokens = samples * seqlen, batch * seqlen
+    activations = tokens * hidden * 4 * ACTIVATION_OVERHEAD
+    forward = batch_tokens * (3 * intermediate + 6 * hidden) * 4 + batch * heads * seqlen**2 * 4
+    block_parameters = sum(p.record.parameters for p in plan.tensors if p.scheme) / blocks
+    weights = block_parameters * 4 * 3  # float32 block, its quantized copy, the solver's working set
+    embeddings = max(info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name) \
+        if any("embed" in n or "wte" in n for n in checkpoint.tensors) else 0
+    peak = CALIBRATION_BASE_RSS + activations + max(forward + weights, embeddings)
+    # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
+    flops = blocks * tokens * (2 * 2 * block_parameters + 2 * (hidden + intermediate) * hidden)
+    return peak, flops / CALIBRATION_FLOPS
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None off Linux."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_disk(destination: Path) -> int | None:
+    folder = destination.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_resources(prediction: Prediction) -> None:
+    """Refuse to start a run the machine cannot hold (`--force` skips this).
+
+    Raises:
+        ResourceError: with what is needed and what is there.
+    """
+    problems = prediction.problems()
+    if problems:
+        raise ResourceError(f"not starting: {'; '.join(problems)}. Free some, or pass --force to try anyway.")

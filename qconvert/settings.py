@@ -1,0 +1,111 @@
+"""What a conversion does, as one value: built from command-line flags, a recipe, or both."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qconvert.calibration.samples import CalibrationSettings
+from qconvert.errors import SchemeError
+from qconvert.formats import LAYOUT_CHOICES
+from qconvert.quantizers import QuantConfig
+from qconvert.recipes import Recipe, Rule
+
+PASSTHROUGH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorScheme:
+    """The quantizer and grid for one tensor: the defaults with its deciding rule's overrides."""
+
+    quantizer: str
+    config: QuantConfig
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the output; recorded in the manifest.
+
+    `quantizer` … `scale_dtype` are the defaults every quantized tensor gets unless a rule (from
+    `rules` or `include`) overrides them; `target_bpw` / `target_size` then let qconvert choose
+    each tensor's bits within that budget (see `allocation.py`).
+    """
+
+    quantizer: str = "rtn"
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    dtype: str | None = None  # cast for kept float tensors; None keeps the source dtype
+    layout: str = "auto"
+    max_shard_size: int | None = None  # bytes
+    options: dict = field(default_factory=dict)  # the quantizer's own options, e.g. {"act_order": True}
+    calibration: CalibrationSettings | None = None  # for quantizers that need activations
+    rules: tuple[Rule, ...] = ()  # a recipe's ordered rules
+    recipe: Recipe | None = None
+    target_bpw: float | None = None  # bits per quantized weight, scales and zero points counted
+    target_size: int | None = None  # bytes of the whole output
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUT_CHOICES:
+            raise SchemeError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUT_CHOICES)}.")
+        if self.dtype is not None and self.dtype not in PASSTHROUGH_DTYPES:
+            raise SchemeError(f"--dtype {self.dtype} is not supported; choose one of {', '.join(PASSTHROUGH_DTYPES)}.")
+        if self.max_shard_size is not None and self.max_shard_size <= 0:
+            raise SchemeError("--max-shard-size must be positive.")
+        if self.target_bpw is not None and self.target_size is not None:
+            raise SchemeError("give --target-bpw or --target-size, not both.")
+        if self.target_bpw is not None and not 2 <= self.target_bpw <= 9:
+            raise SchemeError(f"--target-bpw {self.target_bpw} is out of reach: quantized tensors take 2 to 9 bits per weight.")
+        self.config  # validates bits, group size and scale dtype now, not mid-conversion
+
+    @property
+    def config(self) -> QuantConfig:
+        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                           scale_dtype=self.scale_dtype)
+
+    def scheme(self, overrides: dict[str, Any]) -> TensorScheme:
+        """The scheme of a tensor whose deciding rule sets `overrides`."""
+        config = QuantConfig(**{k: overrides.get(k, getattr(self, k)) for k in ("bits", "group_size", "symmetric", "scale_dtype")})
+        return TensorScheme(overrides.get("quantizer", self.quantizer), config)
+
+    def suffix(self) -> str:
+        """Folder-name suffix, e.g. "int4-g64", "rtn-int3-ch-sym" or "mixed-int4-mixed" for a recipe."""
+        if self.recipe is not None:
+            return self.recipe.path.stem
+        parts = [] if self.quantizer == "rtn" else [self.quantizer]
+        if self.target_bpw is not None:
+            parts += [f"bpw{self.target_bpw:g}"]
+        elif self.target_size is not None:
+            parts += [f"{self.target_size / 1e6:.0f}MB"]
+        else:
+            parts += [f"int{self.bits}"]
+        parts += [f"g{self.group_size}" if self.group_size else "ch"]
+        return "-".join(parts + (["sym"] if self.symmetric else []))
+
+
+def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_flags: dict[str, Any]) -> Settings:
+    """Settings from a recipe's defaults (if any) with the command-line flags that were given (not None)
+    on top; calibration settings merge the same way, field by field."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    calibration = {**((recipe.calibration or {}) if recipe else {}), **{k: v for k, v in calibration_flags.items() if v is not None}}
+    has_source = calibration.get("text") is not None or calibration.get("dataset") is not None
+    values = {**(recipe.defaults if recipe else {}), **given}
+    if recipe is not None:
+        values.update(rules=recipe.rules, recipe=recipe)
+    return Settings(**values, calibration=CalibrationSettings(**calibration) if has_source else None)
+
+
+def settings_dict(settings: Settings) -> dict:
+    return {
+        "quantizer": settings.quantizer, "bits": settings.bits, "group_size": settings.group_size,
+        "symmetric": settings.symmetric, "scale_dtype": settings.scale_dtype, "include": list(settings.include),
+        "exclude": list(settings.exclude), "dtype": settings.dtype, "layout": settings.layout,
+        "max_shard_size": settings.max_shard_size, "options": dict(sorted(settings.options.items())),
+        "calibration": settings.calibration.describe() if settings.calibration else None,
+        "recipe": settings.recipe.describe() if settings.recipe else None,
+        "rules": [rule.describe() for rule in settings.rules],
+        "target_bpw": settings.target_bpw, "target_size": settings.target_size,
+    }
