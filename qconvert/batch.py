@@ -1,0 +1,251 @@
+"""Batch conversion: many sources x recipes from one TOML file, each job in its own process.
+
+    # jobs.toml: paths are relative to this file
+    [defaults]                      # optional: for every job
+    output_dir = "out"              # a job without `output` writes <output_dir>/<source name>-<recipe name>
+    calib = "calib.txt"             # calibration text for recipes with calibrated quantizers
+
+    [[jobs]]
+    source = "models/smollm2-135m"
+    recipe = "configs/int4-g64.toml"
+    output = "out/smollm2-int4"     # optional
+
+    [[jobs]]
+    source = "models/all-minilm-l6-v2"
+    settings = { bits = 8, group_size = 0, symmetric = true }   # instead of a recipe
+
+    [matrix]                        # optional: every source with every recipe
+    sources = ["models/smollm2-135m"]
+    recipes = ["configs/int8-channel.toml", "configs/int3-g64.toml"]
+
+A job runs `qconvert model` in a fresh process, so its seconds and peak RSS are its own and one
+job's crash cannot take the batch down. A job whose output already exists with a manifest recording
+the same source checksums, the same recipe (by content hash) or settings, and the same qconvert
+version is skipped; an interrupted batch therefore resumes where it stopped (and an interrupted
+calibrated job resumes from its last finished block).
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qconvert import __version__
+from qconvert.errors import QConvertError, SchemeError, SourceError
+from qconvert.io.writing import write_json
+from qconvert.manifest import SCHEMA_VERSION, read_manifest
+
+SETTING_FLAGS = {"quantizer": "--quantizer", "bits": "--bits", "group_size": "--group-size", "scale_dtype": "--scale-dtype",
+                 "target_bpw": "--target-bpw", "target_size": "--target-size", "calib_samples": "--calib-samples",
+                 "calib_seqlen": "--calib-seqlen", "layout": "--layout"}
+JOB_KEYS = {"source", "recipe", "settings", "output", "calib"}
+
+
+@dataclass
+class Job:
+    source: str
+    output: Path
+    recipe: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    calib: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} -> {self.output}"
+
+    def command(self, force: bool) -> list[str]:
+        command = [sys.executable, "-m", "qconvert.cli", "model", self.source, "-o", str(self.output), "--json"]
+        if self.recipe:
+            command += ["--recipe", str(self.recipe)]
+        for key, value in self.settings.items():
+            if key == "symmetric":
+                command.append("--symmetric" if value else "--asymmetric")
+            else:
+                command += [SETTING_FLAGS[key], str(value)]
+        if self.calib:
+            command += ["--calib", str(self.calib)]
+        return command + (["--force"] if force else [])
+
+
+@dataclass
+class JobResult:
+    source: str
+    output: str
+    recipe: str | None
+    status: str  # "converted", "skipped", "failed" or "not run"
+    seconds: float | None = None
+    peak_rss_bytes: int | None = None
+    quantized_bits_per_weight: float | None = None
+    bits_per_weight: float | None = None
+    size_bytes: int | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+
+def load_jobs(path: Path) -> list[Job]:
+    """The jobs of a batch file, matrix expanded, in order.
+
+    Raises:
+        SchemeError: the file is not valid TOML or a job is malformed.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}.") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SchemeError(f"{path}: not valid TOML: {exc}.") from exc
+    unknown = set(data) - {"defaults", "jobs", "matrix"}
+    if unknown:
+        raise SchemeError(f"{path}: unknown section [{sorted(unknown)[0]}]; a batch file has [defaults], [[jobs]] and [matrix].")
+    base = path.parent
+    defaults = data.get("defaults", {})
+    entries = list(data.get("jobs", []))
+    matrix = data.get("matrix")
+    if matrix:
+        entries += [{"source": s, "recipe": r} for s in matrix.get("sources", []) for r in matrix.get("recipes", [])]
+    if not entries:
+        raise SchemeError(f"{path} lists no jobs: add [[jobs]] entries or a [matrix].")
+    return [_job(entry, index, defaults, base, path) for index, entry in enumerate(entries)]
+
+
+def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job:
+    where = f"{path}, job {index + 1}"
+    unknown = set(entry) - JOB_KEYS
+    if unknown:
+        raise SchemeError(f"{where}: unknown key `{sorted(unknown)[0]}`; a job has {', '.join(sorted(JOB_KEYS))}.")
+    if "source" not in entry:
+        raise SchemeError(f"{where}: no `source`.")
+    if "recipe" in entry and "settings" in entry:
+        raise SchemeError(f"{where}: give a `recipe` or `settings`, not both.")
+    settings = entry.get("settings", {})
+    bad = set(settings) - set(SETTING_FLAGS) - {"symmetric"}
+    if bad:
+        raise SchemeError(f"{where}: unknown setting `{sorted(bad)[0]}`; settings take {', '.join(sorted([*SETTING_FLAGS, 'symmetric']))}.")
+    source = _resolve(entry["source"], base)
+    recipe = Path(_resolve(entry["recipe"], base)) if "recipe" in entry else None
+    if "output" in entry:
+        output = Path(_resolve(entry["output"], base))
+    else:
+        name = recipe.stem if recipe else "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
+        output = Path(_resolve(defaults.get("output_dir", "."), base)) / f"{Path(source).name}-{name}"
+    calib = entry.get("calib", defaults.get("calib"))
+    return Job(source=source, output=output, recipe=recipe, settings=settings, calib=Path(_resolve(calib, base)) if calib else None)
+
+
+def _resolve(value: str, base: Path) -> str:
+    """Relative paths are relative to the batch file; a hub id (org/name, not on disk) stays as it is."""
+    candidate = base / value
+    if Path(value).is_absolute() or candidate.exists() or not _looks_like_hub_id(value):
+        return str(candidate if not Path(value).is_absolute() else Path(value))
+    return value
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith((".", "/")) and not Path(value).suffix
+
+
+def is_current(job: Job) -> bool:
+    """The job's output exists and records this source (by checksum), recipe or settings, and qconvert version."""
+    if not (job.output / "qconvert.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(job.output)
+        from qconvert.io.loading import open_checkpoint
+
+        checkpoint = open_checkpoint(job.source)
+    except QConvertError:
+        return False
+    if manifest.qconvert_version != __version__ or manifest.schema_version != SCHEMA_VERSION:
+        return False
+    recorded = manifest.settings.get("recipe") or {}
+    if job.recipe is not None:
+        import hashlib
+
+        if recorded.get("sha256") != hashlib.sha256(job.recipe.read_bytes()).hexdigest():
+            return False
+    elif recorded or any(manifest.settings.get(k) != v for k, v in job.settings.items() if k in manifest.settings):
+        return False
+    base = checkpoint.folder or checkpoint.files[0].parent
+    current = {str(f.relative_to(base)): checkpoint.sha256(f) for f in checkpoint.files + checkpoint.auxiliary_files()}
+    return manifest.source.get("sha256") == current
+
+
+def run_job(job: Job, force: bool) -> JobResult:
+    result = JobResult(source=job.source, output=str(job.output), recipe=str(job.recipe) if job.recipe else None, status="failed")
+    if not force and is_current(job):
+        result.status = "skipped"
+        _fill_from_output(result, job.output)
+        return result
+    started = time.monotonic()
+    code, stdout, stderr, peak = _run_measured(job.command(force=force or job.output.exists()))
+    result.seconds = round(time.monotonic() - started, 2)
+    result.peak_rss_bytes = peak
+    result.exit_code = code
+    if code == 0:
+        result.status = "converted"
+        _fill_from_output(result, job.output)
+    else:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        result.error = (lines[-1] if lines else f"exit code {code}").removeprefix("error: ")
+    return result
+
+
+def _run_measured(command: list[str]) -> tuple[int, str, str, int]:
+    """(exit code, stdout, stderr, peak RSS in bytes) of a child process; wait4 gives this child's own peak."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    output: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda name=name, pipe=pipe: output.__setitem__(name, pipe.read()))
+               for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))]
+    for reader in readers:
+        reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    for reader in readers:
+        reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return process.returncode, output.get("stdout", ""), output.get("stderr", ""), peak
+
+
+def _fill_from_output(result: JobResult, output: Path) -> None:
+    totals = read_manifest(output).totals
+    result.quantized_bits_per_weight = totals.get("quantized_bits_per_weight")
+    result.bits_per_weight = totals.get("bits_per_weight")
+    result.size_bytes = totals.get("stored_bytes")
+
+
+def run_batch(jobs: list[Job], report: Path, force: bool = False, keep_going: bool = False, workers: int = 1,
+              on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+    """Run every job, writing `report` after each; stop at the first failure unless `keep_going`."""
+    results: list[JobResult | None] = [None] * len(jobs)
+    stop = False
+
+    def one(index: int) -> None:
+        nonlocal stop
+        if stop:
+            return
+        results[index] = run_job(jobs[index], force)
+        if results[index].status == "failed" and not keep_going:
+            stop = True
+        _write_report(report, jobs, results)
+        if on_result:
+            on_result(results[index])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(one, range(len(jobs))))
+    final = [r or JobResult(source=j.source, output=str(j.output), recipe=str(j.recipe) if j.recipe else None, status="not run")
+             for j, r in zip(jobs, results)]
+    _write_report(report, jobs, final)
+    return final
+
+
+def _write_report(report: Path, jobs: list[Job], results: list) -> None:
+    rows = [asdict(r) if r else {"source": j.source, "output": str(j.output), "status": "pending"} for j, r in zip(jobs, results)]
+    staging = report.with_name(f".{report.name}.partial")
+    write_json(staging, {"qconvert_version": __version__, "jobs": rows})
+    os.replace(staging, report)

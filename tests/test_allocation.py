@@ -1,0 +1,64 @@
+"""--target-bpw / --target-size: the budget is met within 1%, and the choice is the optimal one."""
+
+import itertools
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qconvert.allocation import _choose, _lower_hull, _Option
+from qconvert.cli import app
+from qconvert.conversion import convert
+from qconvert.errors import SchemeError
+from qconvert.settings import Settings
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("target", [2.6, 3.5, 4.0, 5.2, 7.0])
+def test_target_bpw_is_met_within_one_percent_and_never_exceeded(tmp_path, tiny_llama, target):
+    manifest = convert(tiny_llama, tmp_path / "out", Settings(group_size=32, target_bpw=target)).manifest
+    achieved = manifest.totals["quantized_bits_per_weight"]
+    assert target * 0.99 <= achieved <= target
+    assert len({t.bits for t in manifest.tensors if t.action == "quantized"}) >= 1
+    assert all("bits chosen by the size budget" in t.reason for t in manifest.tensors if t.action == "quantized")
+    assert manifest.settings["target_bpw"] == target
+
+
+def test_target_size_counts_the_whole_output(tmp_path, tiny_llama):
+    plain = convert(tiny_llama, tmp_path / "int4", Settings(group_size=32)).manifest.totals["stored_bytes"]
+    budget = int(plain * 0.9)
+    result = runner.invoke(app, ["model", str(tiny_llama), "-o", str(tmp_path / "out"), "--group-size", "32",
+                                 "--target-size", f"{budget}B", "--json"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads(result.stdout)["stored_bytes"]
+    assert budget * 0.99 <= stored <= budget
+
+
+def test_an_unreachable_budget_is_refused(tmp_path, tiny_llama):
+    with pytest.raises(SchemeError, match="out of reach: the selected tensors take"):
+        convert(tiny_llama, tmp_path / "out", Settings(group_size=32, target_bpw=2.01))
+    assert not (tmp_path / "out").exists()
+
+
+def test_greedy_on_convex_hulls_matches_brute_force():
+    # Three tensors with convex error curves: the greedy choice must be the best that fits.
+    curves = {
+        "a": [_Option(2, 100, 50.0), _Option(3, 150, 20.0), _Option(4, 200, 8.0), _Option(8, 400, 0.1)],
+        "b": [_Option(2, 60, 9.0), _Option(3, 90, 4.0), _Option(4, 120, 2.0), _Option(8, 240, 0.05)],
+        "c": [_Option(2, 300, 400.0), _Option(3, 450, 90.0), _Option(4, 600, 30.0), _Option(8, 1200, 1.0)],
+    }
+    hulls = {name: _lower_hull(options) for name, options in curves.items()}
+    for budget in (460, 600, 800, 1000, 1300, 1840):
+        chosen = _choose(hulls, budget)
+        spent = sum(next(o.bytes for o in curves[n] if o.bits == b) for n, b in chosen.items())
+        error = sum(next(o.error for o in curves[n] if o.bits == b) for n, b in chosen.items())
+        best = min(sum(o.error for o in combo) for combo in itertools.product(*curves.values())
+                   if sum(o.bytes for o in combo) <= budget)
+        assert spent <= budget
+        assert error <= best * 1.25  # greedy on hulls is optimal at hull vertices, close in between
+
+
+def test_lower_hull_drops_dominated_and_concave_points():
+    options = [_Option(2, 100, 10.0), _Option(3, 150, 9.5), _Option(4, 200, 2.0), _Option(5, 250, 2.5)]
+    assert [o.bits for o in _lower_hull(options)] == [2, 4]
