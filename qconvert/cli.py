@@ -1,8 +1,11 @@
 """The `qconvert` command line: parse options, call the library, map errors to exit codes.
 
-Exit codes: 0 success, 1 internal error (a bug: the traceback is kept), 2 bad input or usage,
-3 `verify` found a problem, 4 `eval` quality gate failed, 5 some `sweep` settings failed,
-130 interrupted.
+Exit codes (documented in the README):
+  0 success                      4 quality gate failed (eval --max-ppl..., verify --max-bpw)
+  1 internal error (a bug; the traceback is kept)      5 some sweep settings or batch jobs failed
+  2 bad input or usage           6 predicted out of memory or disk (--force starts anyway)
+  3 verify found a damaged output                      7 unsupported model
+  130 interrupted
 """
 
 import json
@@ -93,18 +96,18 @@ def main(
 
 
 RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults.")]
-BitsOption = Annotated[Optional[int], typer.Option("--bits", help="Bits per weight code: 2, 3, 4, 5, 6 or 8. [default: 4]", show_default=False)]
-GroupOption = Annotated[Optional[int], typer.Option("--group-size", help="Weights per scale within a row; 0 = one scale per output channel. [default: 64]", show_default=False)]
-SymmetricOption = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Symmetric grid (no zero point) or asymmetric (integer zero point). [default: asymmetric]", show_default=False)]
-QuantizerOption = Annotated[Optional[str], typer.Option("-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`. [default: rtn]", show_default=False)]
+BitsOption = Annotated[Optional[int], typer.Option("--bits", help="Bits per weight code: 2, 3, 4, 5, 6 or 8. (default: 4)", show_default=False)]
+GroupOption = Annotated[Optional[int], typer.Option("--group-size", help="Weights per scale within a row; 0 = one scale per output channel. (default: 64)", show_default=False)]
+SymmetricOption = Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Symmetric grid (no zero point) or asymmetric (integer zero point). (default: asymmetric)", show_default=False)]
+QuantizerOption = Annotated[Optional[str], typer.Option("-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`. (default: rtn)", show_default=False)]
 TargetBpwOption = Annotated[Optional[float], typer.Option("--target-bpw", help="Choose each tensor's bits to average this many bits per quantized weight (scales and zero points counted).")]
 TargetSizeOption = Annotated[Optional[str], typer.Option("--target-size", help="Choose each tensor's bits so the whole output fits this size, e.g. 90MB.")]
 IncludeOption = Annotated[Optional[list[str]], typer.Option("--include", help="Also quantize 2-D tensors whose name matches this regex (repeatable).")]
 ExcludeOption = Annotated[Optional[list[str]], typer.Option("--exclude", help="Keep tensors whose name matches this regex in float (repeatable).")]
 CalibOption = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text file, for calibrated quantizers (gptq, awq).", rich_help_panel="Calibration")]
-CalibSamplesOption = Annotated[Optional[int], typer.Option("--calib-samples", help="Calibration windows. [default: 128]", show_default=False, rich_help_panel="Calibration")]
-CalibSeqlenOption = Annotated[Optional[int], typer.Option("--calib-seqlen", help="Tokens per calibration window. [default: 512]", show_default=False, rich_help_panel="Calibration")]
-OutputOption = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder [default: <source>-<scheme> beside the source].")]
+CalibSamplesOption = Annotated[Optional[int], typer.Option("--calib-samples", help="Calibration windows. (default: 128)", show_default=False, rich_help_panel="Calibration")]
+CalibSeqlenOption = Annotated[Optional[int], typer.Option("--calib-seqlen", help="Tokens per calibration window. (default: 512)", show_default=False, rich_help_panel="Calibration")]
+OutputOption = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (default: <source>-<scheme> beside the source).")]
 
 
 @app.command()
@@ -120,8 +123,8 @@ def model(
     target_size: TargetSizeOption = None,
     include: IncludeOption = None,
     exclude: ExcludeOption = None,
-    dtype: Annotated[Optional[FloatDtype], typer.Option(help="Cast kept float tensors to this dtype [default: keep the source dtype].")] = None,
-    scale_dtype: Annotated[Optional[ScaleDtype], typer.Option(help="dtype of stored scales. [default: float16]", show_default=False)] = None,
+    dtype: Annotated[Optional[FloatDtype], typer.Option(help="Cast kept float tensors to this dtype (default: keep the source dtype).")] = None,
+    scale_dtype: Annotated[Optional[ScaleDtype], typer.Option(help="dtype of stored scales. (default: float16)", show_default=False)] = None,
     layout: Annotated[Layout, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")] = Layout.auto,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Revision of a hub id.")] = None,
@@ -129,10 +132,10 @@ def model(
     calib_dataset: Annotated[Optional[str], typer.Option(help="Calibration from a public set through `datasets`: wikitext2.", rich_help_panel="Calibration")] = None,
     calib_samples: CalibSamplesOption = None,
     calib_seqlen: CalibSeqlenOption = None,
-    calib_batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass. [default: 4]", show_default=False, rich_help_panel="Calibration")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the calibration window positions. [default: 0]", show_default=False, rich_help_panel="Calibration")] = None,
-    damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal [0.01].", rich_help_panel="Calibration")] = None,
-    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="gptq: quantize columns by decreasing activation energy [on].", rich_help_panel="Calibration")] = None,
+    calib_batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass. (default: 4)", show_default=False, rich_help_panel="Calibration")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the calibration window positions. (default: 0)", show_default=False, rich_help_panel="Calibration")] = None,
+    damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal (default 0.01).", rich_help_panel="Calibration")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="gptq: quantize columns by decreasing activation energy (default on).", rich_help_panel="Calibration")] = None,
     events: Annotated[Optional[Path], typer.Option(help="Append a JSON-lines stream of progress events (phase, tensor i of N, RSS, ETA, errors) to this file.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists, and start even when the plan predicts too little memory or disk.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -290,7 +293,7 @@ def batch(
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Jobs to run at once (each is its own process; mind the memory).")] = 1,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Run the remaining jobs after one fails.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo jobs whose output is already current.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Where to write the report [default: batch-report.json beside JOBS].")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Where to write the report (default: batch-report.json beside JOBS).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report's rows as JSON on stdout.")] = False,
 ) -> None:
     """Convert many models x recipes; skip outputs that are already current; exit 5 if any job failed."""
@@ -398,16 +401,29 @@ def inspect(
 @app.command()
 def verify(
     path: Annotated[Path, typer.Argument(help="A qconvert output folder.")],
+    max_bpw: Annotated[Optional[float], typer.Option(help="Fail (exit 4) if the quantized tensors take more bits per weight than this.")] = None,
+    max_size: Annotated[Optional[str], typer.Option(help="Fail (exit 4) if the weights take more than this, e.g. 100MB.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Re-read an output: checksums, shapes, and that every quantized tensor unpacks."""
-    from qconvert.errors import VerificationError
+    """Re-read an output: checksums, shapes, and that every quantized tensor unpacks; optionally gate its size."""
+    from qconvert.errors import QualityGateError, VerificationError
+    from qconvert.manifest import read_manifest
     from qconvert.verification import verify_output
 
     def action() -> int:
         problems, checked = verify_output(path)
+        totals = read_manifest(path).totals if not problems else {}
+        gate = []
+        if max_bpw is not None and totals and (totals.get("quantized_bits_per_weight") or 0) > max_bpw:
+            gate.append(f"{totals['quantized_bits_per_weight']} bits per quantized weight is above the {max_bpw} allowed")
+        if max_size is not None and totals and totals["stored_bytes"] > parse_size(max_size):
+            gate.append(f"{totals['stored_bytes'] / 1e6:.1f} MB of weights is above the {max_size} allowed")
+        if gate and not problems:
+            if as_json:
+                print(json.dumps({"ok": False, "tensors_checked": checked, "problems": [], "gate": gate, "totals": totals}))
+            raise QualityGateError(f"quality gate failed: {'; '.join(gate)}.")
         if as_json:
-            print(json.dumps({"ok": not problems, "tensors_checked": checked, "problems": problems}))
+            print(json.dumps({"ok": not problems, "tensors_checked": checked, "problems": problems, "gate": gate, "totals": totals}))
         elif problems:
             for problem in problems:
                 stderr.print(f"[red]✗[/] {problem}", highlight=False)
@@ -469,11 +485,12 @@ def eval_command(
     ctx: CtxOption = 512,
     max_tokens: MaxTokensOption = 20480,
     baseline: Annotated[Optional[Path], typer.Option(help="Compare against this model: perplexity change, KL divergence, top-1 agreement.")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder [default: the model's own].")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder (default: the model's own).")] = None,
     decode_tokens: DecodeOption = 32,
     kernels: KernelsOption = True,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Fail (exit 4) if perplexity rises more than this % over --baseline.")] = None,
     max_kld: Annotated[Optional[float], typer.Option(help="Fail (exit 4) if the mean KL divergence from --baseline exceeds this.")] = None,
+    max_ppl: Annotated[Optional[float], typer.Option(help="Fail (exit 4) if perplexity exceeds this.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Perplexity, size, memory and speed of a model; with --baseline, how far it drifted."""
@@ -486,7 +503,7 @@ def eval_command(
             print(json.dumps(result.to_dict(), sort_keys=True))
         else:
             _print_eval(result)
-        check_quality_gate(result, max_ppl_increase, max_kld)
+        check_quality_gate(result, max_ppl_increase, max_kld, max_ppl)
 
     _run(action)
 

@@ -28,3 +28,15 @@ class VerificationError(QConvertError):
     """A qconvert output failed `verify` (exit code 3)."""
 
     exit_code = 3
+
+
+class UnsupportedModelError(SchemeError):
+    """The model's architecture or layout is one qconvert cannot run or convert this way (exit code 7)."""
+
+    exit_code = 7
+
+
+class QualityGateError(QConvertError):
+    """A quality or size limit (eval --max-ppl..., verify --max-bpw) was crossed (exit code 4)."""
+
+    exit_code = 4

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import torch
 
-from qconvert.errors import QConvertError, SourceError
+from qconvert.errors import QConvertError, QualityGateError, SourceError
 from qconvert.manifest import read_manifest
 from qconvert.runtime import LoadedModel, load_for_eval
 
 
-class QualityGateError(QConvertError):
-    """A `--max-ppl-increase` or `--max-kld` limit was crossed (exit code 4)."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -186,14 +182,19 @@ def evaluate(path: Path, text: str, settings: EvalSettings = EvalSettings(), bas
     )
 
 
-def check_quality_gate(result: EvalResult, max_ppl_increase: float | None, max_kld: float | None) -> None:
+def check_quality_gate(result: EvalResult, max_ppl_increase: float | None, max_kld: float | None,
+                       max_ppl: float | None = None) -> None:
     """Raise QualityGateError when a limit is crossed.
 
     Raises:
-        QConvertError: a limit was given without a baseline to measure it against.
+        QConvertError: a relative limit was given without a baseline to measure it against.
     """
+    if max_ppl is not None and result.perplexity > max_ppl:
+        raise QualityGateError(f"quality gate failed: perplexity {result.perplexity:.3f} is above the {max_ppl} allowed.")
     if (max_ppl_increase is not None or max_kld is not None) and not result.baseline:
         raise QConvertError("--max-ppl-increase and --max-kld need --baseline MODEL.")
+    if not result.baseline:
+        return
     change, kld = result.baseline.get("ppl_change_pct"), result.baseline.get("mean_kld")
     if max_ppl_increase is not None and change > max_ppl_increase:
         raise QualityGateError(f"quality gate failed: perplexity rose {change:.2f}% over the baseline, above the {max_ppl_increase}% allowed.")

@@ -3,8 +3,9 @@
 The size is exact (the plan knows every stored tensor's bytes). Memory and time come from a
 simple model of how qconvert runs, with constants measured on a 2-core x86 machine:
 
-- streaming (rtn, clip): the process's baseline (Python, torch) plus a few copies of the largest
-  tensor in flight (reader prefetch, quantizer working set, writer queue);
+- streaming (rtn, clip): the process's baseline (Python, torch) plus two copies of the largest
+  tensor in flight (reader prefetch, writer queue) and the codes of the largest quantized one (the
+  quantizer works on cache-sized row blocks, so its float32 working set is small);
 - calibration (gptq, awq): the baseline with transformers, the activations between blocks
   (samples x seqlen x hidden, float32), one batch's forward intermediates and one block's weights.
 
@@ -21,10 +22,11 @@ from qconvert.planning import ConversionPlan
 from qconvert.settings import Settings
 
 GB = 1e9
-BASE_RSS = 0.30 * GB  # python + torch + safetensors, measured
-CALIBRATION_BASE_RSS = 0.42 * GB  # + transformers and the model skeleton, measured
-IN_FLIGHT_COPIES = 3.0  # largest tensor: prefetched, being quantized (float32 rows), queued for writing
-ACTIVATION_OVERHEAD = 1.35  # allocator slack around the activations, measured on SmolLM2 at 32 and 128 samples
+BASE_RSS = 0.23 * GB  # python + torch + safetensors, measured
+CALIBRATION_BASE_RSS = 0.45 * GB  # + transformers, the model skeleton and the tokenizer, measured
+IN_FLIGHT_COPIES = 2.0  # largest source tensor: one prefetched, one being converted or queued for writing
+CODE_BYTES = 2.0  # per weight of the largest quantized tensor: its codes and their packed copy
+FORWARD_OVERHEAD = 2.0  # a batch's intermediates are allocated and freed in an order that leaves slack; fits SmolLM2 at 128 x 512
 STREAM_BYTES_PER_S = 150e6  # source bytes read, quantized, hashed and written per second (rtn)
 STARTUP_S = 3.0
 CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
@@ -38,7 +40,8 @@ class ResourceError(QConvertError):
 
 @dataclass
 class Prediction:
-    output_bytes: int
+    weights_bytes: int  # the tensors' bytes: exact
+    output_bytes: int  # with headers, manifest, config and tokenizer files: within a few kB
     quantized_bits_per_weight: float | None
     bits_per_weight: float | None
     peak_rss_bytes: int
@@ -61,10 +64,13 @@ class Prediction:
 
 def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, destination: Path) -> Prediction:
     totals = plan.totals()
-    output_bytes = totals["stored_bytes"] + sum(f.stat().st_size for f in checkpoint.auxiliary_files())
+    # Each file's header holds the manifest, roughly its JSON size; sidecars are copied.
+    headers = 400 * len(plan.tensors) + 2 * sum(len(p.specs) for p in plan.tensors) * 120
+    output_bytes = totals["stored_bytes"] + headers + sum(f.stat().st_size for f in checkpoint.auxiliary_files())
     source_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
-    largest = max(info.numel * 4 for info in checkpoint.tensors.values())  # float32 working copy
-    peak = BASE_RSS + IN_FLIGHT_COPIES * largest
+    largest = max(info.nbytes for info in checkpoint.tensors.values())
+    largest_quantized = max(p.record.parameters for p in plan.tensors if p.scheme)
+    peak = BASE_RSS + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
     seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S
     disk = output_bytes
     if plan.calibrated is not None:
@@ -73,7 +79,7 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
         seconds += calibration_seconds
         disk += totals["quantized_bytes"] * 2  # the block store holds codes unpacked (one byte each)
     return Prediction(
-        output_bytes=output_bytes, quantized_bits_per_weight=totals["quantized_bits_per_weight"],
+        weights_bytes=totals["stored_bytes"], output_bytes=output_bytes, quantized_bits_per_weight=totals["quantized_bits_per_weight"],
         bits_per_weight=totals["bits_per_weight"], peak_rss_bytes=int(peak), disk_bytes=int(disk),
         seconds=round(seconds, 1), available_memory_bytes=available_memory(), free_disk_bytes=free_disk(destination))
 
@@ -87,8 +93,8 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
     calibration = settings.calibration
     samples, seqlen, batch = (calibration.samples, calibration.seqlen, calibration.batch_size) if calibration else (128, 512, 4)
     tokens, batch_tokens = samples * seqlen, batch * seqlen
-    activations = tokens * hidden * 4 * ACTIVATION_OVERHEAD
-    forward = batch_tokens * (3 * intermediate + 6 * hidden) * 4 + batch * heads * seqlen**2 * 4
+    activations = tokens * hidden * 4
+    forward = FORWARD_OVERHEAD * (batch_tokens * (3 * intermediate + 6 * hidden) * 4 + batch * heads * seqlen**2 * 4)
     block_parameters = sum(p.record.parameters for p in plan.tensors if p.scheme) / blocks
     weights = block_parameters * 4 * 3  # float32 block, its quantized copy, the solver's working set
     embeddings = max(info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name) \

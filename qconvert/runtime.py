@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from qconvert.errors import SourceError
+from qconvert.errors import SourceError, UnsupportedModelError
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.qlinear import QuantizedLinear
+from qconvert.quantizers.base import dequantize
 
 
 @dataclass
@@ -76,15 +77,17 @@ def build_quantized_model(output: Path, dtype: torch.dtype = torch.float32, use_
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])):
-        raise SourceError(f"{output} is a {', '.join(config.architectures or ['model'])}, not a causal language model; "
+        raise UnsupportedModelError(f"{output} is a {', '.join(config.architectures or ['model'])}, not a causal language model; "
                           "perplexity needs one.")
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     manifest = read_manifest(output)
     kept = {}
     for record, stored in iter_records(output, manifest):
-        if record.action == "quantized":
+        if record.action == "quantized" and _is_linear(model, record.name):
             _swap_in(model, record.name, QuantizedLinear(quantized_tensor(manifest, record, stored), _has_bias(model, record.name), dtype, use_kernels))
+        elif record.action == "quantized":  # e.g. an embedding, looked up rather than multiplied: keep its float values
+            kept[record.name] = dequantize(quantized_tensor(manifest, record, stored), dtype)
         else:
             tensor = stored[record.name]
             kept[record.name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -94,6 +97,13 @@ def build_quantized_model(output: Path, dtype: torch.dtype = torch.float32, use_
     if missing:
         raise SourceError(f"{output} lacks weights for {', '.join(missing[:3])}.")
     return model.eval()
+
+
+def _is_linear(model: torch.nn.Module, tensor_name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(_module_name(tensor_name)), torch.nn.Linear)
+    except AttributeError:
+        return True  # let _swap_in report the missing module
 
 
 def _module_name(tensor_name: str) -> str:

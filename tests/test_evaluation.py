@@ -91,4 +91,4 @@ def test_eval_refuses_an_encoder_clearly(real_models, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     result = CliRunner().invoke(app, ["eval", str(out), "--text", str(text)])
-    assert result.exit_code == 2 and "not a causal language model" in result.output
+    assert result.exit_code == 7 and "not a causal language model" in result.output

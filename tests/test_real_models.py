@@ -5,6 +5,7 @@ own dequantized weights (tight) and with the float model (close).
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from qconvert import Settings, convert
 from qconvert.verification import verify_output
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 torch.set_grad_enabled(False)
 
 
@@ -102,3 +104,39 @@ def test_minilm_embeddings_survive(real_models, tmp_path, bits, group_size, min_
     reference = embed(AutoModel.from_pretrained(source))
     quantized = embed(AutoModel.from_pretrained(result.output))
     assert torch.nn.functional.cosine_similarity(reference, quantized).min() > min_cosine
+
+
+def test_smollm2_mixed_recipe_quantizes_the_tied_embedding_once(smollm2, tmp_path, eval_windows, float_logits):
+    from qconvert.recipes import load_recipe
+    from qconvert.settings import build_settings
+
+    recipe = load_recipe(REPO / "configs" / "mixed-q4km.toml")
+    result = convert(smollm2, tmp_path / "out", build_settings(recipe, {}, {}))
+    by_name = {t.name: t for t in result.manifest.tensors}
+    embedding = by_name["model.embed_tokens.weight"]
+    assert (embedding.action, embedding.bits) == ("quantized", 8) and "lm_head.weight" not in by_name  # tied: one tensor
+    assert by_name["model.layers.3.self_attn.v_proj.weight"].bits == 6 and by_name["model.layers.3.mlp.down_proj.weight"].bits == 5
+    # transformers cannot load quantized embeddings from compressed-tensors, so the output is native
+    assert result.manifest.layout == "native" and verify_output(result.output)[0] == []
+    model = qconvert.load_model(result.output)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    logits = model(eval_windows).logits
+    assert perplexity(logits, eval_windows) < 1.2 * perplexity(float_logits, eval_windows)
+
+
+def test_smollm2_symmetric_mixed_bits_load_in_transformers(smollm2, tmp_path, eval_windows):
+    from transformers import AutoModelForCausalLM
+
+    settings = Settings(bits=4, group_size=64, symmetric=True, rules=load_rules(tmp_path, "[[rules]]\nmatch = 'v_proj'\nbits = 8\n"))
+    result = convert(smollm2, tmp_path / "out", settings)
+    assert result.manifest.layout == "compressed-tensors"
+    theirs = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32)(eval_windows).logits
+    ours = qconvert.load_model(result.output)(eval_windows).logits
+    assert (theirs - ours).abs().max() < 2e-3 * ours.abs().max()
+
+
+def load_rules(tmp_path, text):
+    from qconvert.recipes import load_recipe
+
+    (tmp_path / "r.toml").write_text(text)
+    return load_recipe(tmp_path / "r.toml").rules

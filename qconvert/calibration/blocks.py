@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qconvert.errors import SchemeError
+from qconvert.errors import UnsupportedModelError
 from qconvert.io.loading import Checkpoint
 
 
@@ -53,7 +53,7 @@ class DecoderBlocks:
         self.prefix, self.layers = _decoder_layers(self.model)
         missing = [n for n in self._block_tensor_names(0) if n not in checkpoint.tensors]
         if missing:
-            raise SchemeError(f"{checkpoint.source} does not use transformers' tensor names for "
+            raise UnsupportedModelError(f"{checkpoint.source} does not use transformers' tensor names for "
                               f"{type(self.model).__name__} (no {missing[0]}), so its blocks cannot be run.")
 
     def __len__(self) -> int:
@@ -129,7 +129,7 @@ def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
 
     _quiet_transformers()
     if checkpoint.folder is None or checkpoint.config is None:
-        raise SchemeError(f"calibration runs the model, which needs config.json beside the weights; {checkpoint.source} has none.")
+        raise UnsupportedModelError(f"calibration runs the model, which needs config.json beside the weights; {checkpoint.source} has none.")
     architectures = checkpoint.config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     try:
@@ -142,7 +142,7 @@ def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (ValueError, KeyError, OSError, AttributeError) as exc:
         kind = ", ".join(architectures) or checkpoint.config.get("model_type", "model")
-        raise SchemeError(f"calibration runs the model block by block with transformers, which cannot build "
+        raise UnsupportedModelError(f"calibration runs the model block by block with transformers, which cannot build "
                           f"{checkpoint.source} ({kind}): {str(exc).splitlines()[0]}") from exc
     return model.eval()
 
@@ -153,4 +153,4 @@ def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return name, module
-    raise SchemeError(f"cannot find the {count} decoder blocks of {type(model).__name__}: no list of that many layers.")
+    raise UnsupportedModelError(f"cannot find the {count} decoder blocks of {type(model).__name__}: no list of that many layers.")

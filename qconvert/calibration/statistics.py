@@ -4,7 +4,7 @@ the statistics of the inputs of its linear layers."""
 import torch
 
 from qconvert.calibration.blocks import BlockInputs
-from qconvert.errors import SchemeError
+from qconvert.errors import UnsupportedModelError
 from qconvert.quantizers.base import QuantConfig
 
 
@@ -141,5 +141,5 @@ class _HessianCollector:
 
 def _not_linear(name: str, module) -> Exception:
     kind = type(module).__name__ if module is not None else "no module"
-    return SchemeError(f"{name} belongs to {kind}, not an nn.Linear the calibration pass reaches; "
+    return UnsupportedModelError(f"{name} belongs to {kind}, not an nn.Linear the calibration pass reaches; "
                        "calibrated quantizers handle the linear layers of decoder blocks only.")

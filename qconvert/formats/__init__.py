@@ -22,13 +22,12 @@ def choose_layout(requested: str, quantized: list[tuple[str, tuple[int, ...], ob
     Raises:
         SchemeError: an explicitly requested layout cannot hold one of the tensors.
     """
-    if requested == "auto":
-        ct = CompressedTensorsLayout()
-        fits = all(ct.unsupported_reason(n, s, c) is None for n, s, c in quantized)
-        return ct if fits else NativeLayout()
-    layout = get_layout(requested)
-    for name, shape, config in quantized:
-        reason = layout.unsupported_reason(name, shape, config)
-        if reason:
-            raise SchemeError(f"--layout {requested} cannot store this model: {reason}; use --layout native or auto.")
+    layout = CompressedTensorsLayout() if requested == "auto" else get_layout(requested)
+    reasons = [layout.unsupported_reason(name, shape, config) for name, shape, config in quantized]
+    reasons.append(layout.unsupported_mix_reason([config for _, _, config in quantized]))
+    reason = next((r for r in reasons if r), None)
+    if reason and requested == "auto":
+        return NativeLayout()
+    if reason:
+        raise SchemeError(f"--layout {requested} cannot store this model: {reason}; use --layout native or auto.")
     return layout

@@ -20,6 +20,10 @@ class Layout(ABC):
         """Why this layout cannot store `name` under `config`, or None if it can."""
         return None
 
+    def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:
+        """Why this layout cannot hold these schemes together, or None if it can."""
+        return None
+
     @abstractmethod
     def specs(self, name: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:
         """The stored tensors for weight `name`, known before it is quantized."""

@@ -28,6 +28,7 @@ from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
 
 FORMAT = "pack-quantized"
+EMBEDDING = re.compile(r"(embed|wte|wpe|lm_head)", re.IGNORECASE)
 
 
 def words_per_row(count: int, bits: int) -> int:
@@ -61,10 +62,20 @@ class CompressedTensorsLayout(Layout):
             return "compressed-tensors words are little-endian and this machine is big-endian"
         if not name.endswith(".weight"):
             return f"{name} is not a module's .weight"
+        if EMBEDDING.search(name):
+            return f"{name} is an embedding or output head, which transformers cannot load quantized from compressed-tensors"
         columns = shape[-1]
         if config.group_size and columns % config.group_size:
             return (f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
                     "and compressed-tensors has no partial groups")
+        return None
+
+    def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:
+        schemes = {(c.bits, c.group_size, c.symmetric) for c in configs}
+        if len(schemes) > 1 and any(not c.symmetric for c in configs):
+            # transformers (5.x) dequantizes asymmetric checkpoints while loading, and does so with the
+            # first config group's scheme for every layer; symmetric mixes load through compressed-tensors.
+            return "transformers loads mixed asymmetric compressed-tensors schemes wrongly"
         return None
 
     def specs(self, name: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:

@@ -17,7 +17,7 @@ layout (Llama, Mistral, Qwen2, SmolLM and kin). Other blocks are refused with a 
 
 import torch
 
-from qconvert.errors import SchemeError
+from qconvert.errors import UnsupportedModelError
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize
 from qconvert.quantizers.clip import clip_quantize
 from qconvert.quantizers.registry import register
@@ -96,7 +96,7 @@ def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
     try:
         module = block.module.get_submodule(feeder)
     except AttributeError as exc:
-        raise SchemeError(f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
+        raise UnsupportedModelError(f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
                           "awq supports Llama-style blocks (use gptq or clip for others).") from exc
     weight = module.weight.data
     weight.div_(scales.view(-1, *([1] * (weight.dim() - 1))))

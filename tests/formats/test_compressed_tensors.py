@@ -65,3 +65,19 @@ def test_targets_fold_layer_numbers_only_when_safe():
     modules = ["m.layers.0.q", "m.layers.1.q", "m.layers.0.k"]
     candidates = set(modules) | {"m.layers.1.k"}
     assert module_targets(modules, candidates) == ["m.layers.0.k", r"re:^m\.layers\.\d+\.q$"]
+
+
+def test_auto_layout_keeps_compressed_tensors_only_where_transformers_loads_it():
+    from qconvert.errors import SchemeError
+    from qconvert.formats import choose_layout
+    from qconvert.quantizers import QuantConfig
+
+    q, v = ("model.layers.0.self_attn.q_proj.weight", (64, 64)), ("model.layers.0.self_attn.v_proj.weight", (64, 64))
+    sym4, sym8 = QuantConfig(bits=4, symmetric=True), QuantConfig(bits=8, symmetric=True)
+    asym4, asym8 = QuantConfig(bits=4), QuantConfig(bits=8)
+    assert choose_layout("auto", [(*q, sym4), (*v, sym8)]).name == "compressed-tensors"  # symmetric mixes load
+    assert choose_layout("auto", [(*q, asym4), (*v, asym4)]).name == "compressed-tensors"
+    assert choose_layout("auto", [(*q, asym4), (*v, asym8)]).name == "native"  # transformers dequantizes one scheme
+    assert choose_layout("auto", [(*q, sym4), ("model.embed_tokens.weight", (256, 64), sym8)]).name == "native"
+    with pytest.raises(SchemeError, match="mixed asymmetric"):
+        choose_layout("compressed-tensors", [(*q, asym4), (*v, asym8)])
