@@ -2,7 +2,9 @@
 
 Sensitivity is measured cheaply, one tensor at a time (memory stays at one tensor): the squared
 reconstruction error ||W - Q_b(W)||² of round-to-nearest at every candidate width b, on the
-tensor's own group size and symmetry. The stored bytes of every (tensor, width) pair come from the
+tensor's own group size and symmetry. With calibration text (`--calib`) each column's error is
+weighted by the mean square of the activations it meets, which makes it the layer's output error
+(see `calibration/sensitivity.py`); plain weight error over-protects tensors with large weights. The stored bytes of every (tensor, width) pair come from the
 output layout, so scales and zero points are counted exactly.
 
 Choosing widths is then a multiple-choice knapsack: minimise the summed error subject to the summed
@@ -32,40 +34,56 @@ class _Option:
     error: float
 
 
-def allocate_bits(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings) -> dict[str, int]:
-    """Tensor name -> bits, for every quantized tensor of `plan`, within the budget of `settings`.
+class Sensitivity:
+    """Every quantized tensor's error at every candidate width: measured once, then priced under a layout."""
 
-    Raises:
-        SchemeError: the budget is below every tensor at 2 bits or above every tensor at 8 bits.
-    """
-    quantized = [p for p in plan.tensors if p.scheme]
-    kept_bytes = sum(p.record.stored_bytes for p in plan.tensors if not p.scheme)
-    parameters = sum(p.record.parameters for p in quantized)
-    if settings.target_bpw is not None:
-        budget, wanted = settings.target_bpw * parameters / 8, f"--target-bpw {settings.target_bpw}"
-    else:
-        budget, wanted = settings.target_size - kept_bytes, f"--target-size {settings.target_size / 1e6:.1f} MB"
-    schemes = {p.record.name: p.scheme for p in quantized}
-    options = {name: _options(name, weight, schemes[name].config, plan)
-               for name, weight in checkpoint.iter_tensors(list(schemes), hash_on_the_way=False)}
-    smallest = sum(o[0].bytes for o in options.values())
-    largest = sum(o[-1].bytes for o in options.values())
-    if not smallest <= budget <= largest:
-        raise SchemeError(f"{wanted} is out of reach: the selected tensors take {_bpw(smallest, parameters)} to "
-                          f"{_bpw(largest, parameters)} bits per weight ({(smallest + kept_bytes) / 1e6:.1f} to "
-                          f"{(largest + kept_bytes) / 1e6:.1f} MB in all).")
-    return _choose(options, budget)
+    def __init__(self, checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings) -> None:
+        self.schemes = {p.record.name: p.scheme for p in plan.tensors if p.scheme}
+        self.shapes = {name: tuple(checkpoint.tensors[name].shape) for name in self.schemes}
+        energy = {}
+        if settings.calibration is not None:
+            from qconvert.calibration.sensitivity import input_energy
 
+            energy = input_energy(checkpoint, list(self.schemes), settings.calibration)
+        self.errors = {name: self._errors(name, weight, energy.get(name))
+                       for name, weight in checkpoint.iter_tensors(list(self.schemes), hash_on_the_way=False)}
 
-def _options(name: str, weight, config: QuantConfig, plan: ConversionPlan) -> list[_Option]:
-    """The tensor's candidate widths on its convex hull of (bytes, error), smallest first."""
-    found = []
-    for bits in CANDIDATE_BITS:
-        candidate = QuantConfig(bits=bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=config.scale_dtype)
-        error = float(dequantize(rtn_quantize(name, weight, candidate)).sub_(weight.float()).square_().sum())
-        stored = sum(spec.nbytes for spec in plan.layout.specs(name, tuple(weight.shape), candidate))
-        found.append(_Option(bits, stored, error))
-    return _lower_hull(found)
+    def _candidate(self, name: str, bits: int) -> QuantConfig:
+        config = self.schemes[name].config
+        return QuantConfig(bits=bits, group_size=config.group_size, symmetric=config.symmetric, scale_dtype=config.scale_dtype)
+
+    def _errors(self, name: str, weight, energy) -> dict[int, float]:
+        """Squared error at each width; with `energy` (E[x_j²] per input column) the output error."""
+        errors = {}
+        for bits in CANDIDATE_BITS:
+            squared = dequantize(rtn_quantize(name, weight, self._candidate(name, bits))).sub_(weight.float()).square_()
+            errors[bits] = float(squared.sum(0).mul_(energy).sum() if energy is not None else squared.sum())
+        return errors
+
+    def allocate(self, plan: ConversionPlan, settings: Settings) -> dict[str, int]:
+        """Tensor name -> bits within the budget of `settings`, bytes counted in `plan`'s layout.
+
+        Raises:
+            SchemeError: the budget is below every tensor at 2 bits or above every tensor at 8 bits.
+        """
+        kept_bytes = sum(p.record.stored_bytes for p in plan.tensors if not p.scheme)
+        parameters = sum(p.record.parameters for p in plan.tensors if p.scheme)
+        if settings.target_bpw is not None:
+            budget, wanted = settings.target_bpw * parameters / 8, f"--target-bpw {settings.target_bpw}"
+        else:
+            budget, wanted = settings.target_size - kept_bytes, f"--target-size {settings.target_size / 1e6:.1f} MB"
+        options = {name: _lower_hull([_Option(bits, self._bytes(plan, name, bits), error) for bits, error in errors.items()])
+                   for name, errors in self.errors.items()}
+        smallest = sum(o[0].bytes for o in options.values())
+        largest = sum(o[-1].bytes for o in options.values())
+        if not smallest <= budget <= largest:
+            raise SchemeError(f"{wanted} is out of reach: the selected tensors take {_bpw(smallest, parameters)} to "
+                              f"{_bpw(largest, parameters)} bits per weight ({(smallest + kept_bytes) / 1e6:.1f} to "
+                              f"{(largest + kept_bytes) / 1e6:.1f} MB in all).")
+        return _choose(options, budget)
+
+    def _bytes(self, plan: ConversionPlan, name: str, bits: int) -> int:
+        return sum(spec.nbytes for spec in plan.layout.specs(name, self.shapes[name], self._candidate(name, bits)))
 
 
 def _lower_hull(options: list[_Option]) -> list[_Option]:

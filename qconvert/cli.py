@@ -325,6 +325,35 @@ def batch(
     _run(action)
 
 
+class ExportFormat(str, Enum):
+    gguf = "gguf"
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="A qconvert output folder.")],
+    to: Annotated[ExportFormat, typer.Option("--to", help="Target format.")],
+    destination: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write (default: OUT.gguf beside OUT).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the destination if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout.")] = False,
+) -> None:
+    """Write a qconvert output in another runtime's format, saying which tensors moved exactly."""
+    from qconvert.gguf_export import export_gguf
+
+    def action() -> None:
+        report = export_gguf(output, destination or output.with_suffix(".gguf"), force)
+        if as_json:
+            print(json.dumps(report.to_dict(), sort_keys=True))
+            return
+        stderr.print(f"wrote [bold]{report.destination}[/]: {len(report.exact)} tensors exact, {len(report.repacked)} "
+                     f"repacked on the same grid (offsets rounded to float16), {len(report.requantized)} requantized",
+                     highlight=False)
+        for name in report.requantized:
+            stderr.print(f"  requantized: {name}", highlight=False)
+
+    _run(action)
+
+
 class _Bar:
     """A rich progress bar on stderr, silent when stderr is not a terminal; `report` updates it."""
 

@@ -127,9 +127,16 @@ def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> Conversio
     plan = plan_conversion(checkpoint, settings)
     if settings.target_bpw is None and settings.target_size is None:
         return plan
-    from qconvert.allocation import allocate_bits
+    from qconvert.allocation import Sensitivity
 
-    return plan_conversion(checkpoint, settings, allocate_bits(checkpoint, plan, settings))
+    sensitivity = Sensitivity(checkpoint, plan, settings)
+    # A mix of widths may change the layout (and so the bytes of each width): price it in the new one.
+    for _ in range(3):
+        allocated = plan_conversion(checkpoint, settings, sensitivity.allocate(plan, settings))
+        if allocated.layout.name == plan.layout.name:
+            return allocated
+        plan = allocated
+    return allocated
 
 
 def _calibrate(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, destination: Path,

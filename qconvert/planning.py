@@ -101,7 +101,8 @@ def _quantizers(schemes: set[TensorScheme], settings: Settings) -> dict[TensorSc
     calibrated = sorted({q.name for q in quantizers.values() if q.requires_calibration})
     if len(calibrated) > 1:
         raise SchemeError(f"one conversion can run one calibrated quantizer, not {' and '.join(calibrated)}.")
-    if not calibrated and settings.calibration is not None:
+    budgeted = settings.target_bpw is not None or settings.target_size is not None  # calibration weighs the budget's errors
+    if not calibrated and settings.calibration is not None and not budgeted:
         raise SchemeError(f"quantizer {settings.quantizer!r} uses no calibration data; drop --calib or choose gptq or awq.")
     return quantizers
 

@@ -62,3 +62,24 @@ def test_greedy_on_convex_hulls_matches_brute_force():
 def test_lower_hull_drops_dominated_and_concave_points():
     options = [_Option(2, 100, 10.0), _Option(3, 150, 9.5), _Option(4, 200, 2.0), _Option(5, 250, 2.5)]
     assert [o.bits for o in _lower_hull(options)] == [2, 4]
+
+
+def test_calibration_weighs_the_budget_by_activation_energy(tmp_path, tiny_lm):
+    import torch
+
+    from qconvert.calibration.samples import CalibrationSettings
+    from qconvert.calibration.sensitivity import input_energy
+    from qconvert.io.loading import open_checkpoint
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"Sentence {i} about rivers, foxes and the weather." for i in range(300)))
+    calibration = CalibrationSettings(text=str(text), samples=4, seqlen=64)
+    checkpoint = open_checkpoint(tiny_lm)
+    names = [n for n in checkpoint.tensors if n.endswith("proj.weight")]
+    energy = input_energy(checkpoint, names, calibration)
+    assert set(energy) == set(names)
+    assert all(e.shape == (checkpoint.tensors[n].shape[1],) and (e >= 0).all() and e.sum() > 0 for n, e in energy.items())
+    # q/k/v read the same normalised input: the same energy
+    torch.testing.assert_close(energy["model.layers.0.self_attn.q_proj.weight"], energy["model.layers.0.self_attn.v_proj.weight"])
+    manifest = convert(tiny_lm, tmp_path / "out", Settings(group_size=32, target_bpw=3.5, calibration=calibration)).manifest
+    assert 3.5 * 0.99 <= manifest.totals["quantized_bits_per_weight"] <= 3.5

@@ -1,0 +1,209 @@
+"""Export a qconvert output of a Llama-family model to GGUF, the file llama.cpp and ollama run.
+
+The container, metadata keys, tensor names and block encodings come from the `gguf` library.
+qconvert's grids map onto GGUF block types without requantizing where they coincide:
+
+| qconvert tensor                               | GGUF type | how                                   |
+|-----------------------------------------------|-----------|---------------------------------------|
+| int4, groups of 32, symmetric, float16 scales | Q4_0      | exact: d = scale, q = code            |
+| int8, groups of 32, symmetric, float16 scales | Q8_0      | exact: d = scale, q = code - 128      |
+| int4, groups of 32, asymmetric, float16       | Q4_1      | same grid: d = scale, m = -scale·zero rounded to float16 |
+| any other quantized tensor                    | Q8_0 (≥ 5 bits) or Q4_0 | dequantized, requantized by `gguf` |
+| norms                                         | F32       | as llama.cpp requires                 |
+| other kept tensors                            | F16       |                                       |
+
+llama.cpp's rotary embedding expects q_proj and k_proj rows in its own head order; rows are
+permuted exactly as llama.cpp's converter does (codes and scales move together, so this is lossless).
+The report says which tensors were exact and which were requantized.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qconvert.errors import OutputError, SourceError, UnsupportedModelError
+from qconvert.manifest import read_manifest
+from qconvert.output import iter_records, quantized_tensor
+from qconvert.quantizers.base import QuantizedTensor, dequantize
+
+LLAMA_FAMILY = {"llama", "mistral"}
+
+
+@dataclass
+class ExportReport:
+    destination: Path
+    exact: list[str] = field(default_factory=list)
+    repacked: list[str] = field(default_factory=list)  # same grid, offset rounded to float16 (Q4_1)
+    requantized: list[str] = field(default_factory=list)
+    types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGUF type
+
+    def to_dict(self) -> dict:
+        return {"destination": str(self.destination), "exact": self.exact, "repacked": self.repacked,
+                "requantized": self.requantized, "types": self.types}
+
+
+def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportReport:
+    """Write `output` (a qconvert output folder) as one GGUF file at `destination`.
+
+    Raises:
+        SourceError: `output` is not a qconvert output with config and tokenizer.
+        UnsupportedModelError: the architecture is not Llama-family.
+        OutputError: `destination` exists and `force` is false.
+    """
+    import gguf
+
+    manifest = read_manifest(output)
+    config = _config(output)
+    if config.get("model_type") not in LLAMA_FAMILY:
+        raise UnsupportedModelError(f"GGUF export supports Llama-family models ({', '.join(sorted(LLAMA_FAMILY))}); "
+                                    f"{output} is {config.get('model_type')!r}.")
+    if destination.exists() and not force:
+        raise OutputError(f"{destination} already exists; pass --force to overwrite it.")
+    blocks = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
+    staging = destination.with_name(f".{destination.name}.qconvert-partial")
+    writer = gguf.GGUFWriter(staging, "llama")
+    report = ExportReport(destination)
+    _write_metadata(writer, config, output)
+    for record, stored in iter_records(output, manifest):
+        target = names.get_name(record.name, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            if record.name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise UnsupportedModelError(f"{record.name} has no GGUF name for the llama architecture.")
+        if record.action == "quantized":
+            q = quantized_tensor(manifest, record, stored)
+            q = _llama_rope_order(q, record.name, config)
+            data, qtype, how = _encode(q, gguf)
+            getattr(report, how).append(record.name)
+            writer.add_tensor(target, data, raw_dtype=qtype)
+        else:
+            tensor = _llama_rope_order(stored[record.name], record.name, config)
+            qtype = gguf.GGMLQuantizationType.F32 if tensor.dim() == 1 else gguf.GGMLQuantizationType.F16
+            array = tensor.float().numpy() if qtype == gguf.GGMLQuantizationType.F32 else tensor.to(torch.float16).numpy()
+            report.exact.append(record.name)
+            writer.add_tensor(target, array)
+        report.types[target] = qtype.name
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        staging.replace(destination)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _config(output: Path) -> dict:
+    import json
+
+    path = output / "config.json"
+    if not path.is_file() or not (output / "tokenizer.json").is_file():
+        raise SourceError(f"GGUF export needs config.json and tokenizer.json in {output}.")
+    return json.loads(path.read_text())
+
+
+def _write_metadata(writer, config: dict, output: Path) -> None:
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_name(config.get("_name_or_path") or output.name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads", heads))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    _write_tokenizer(writer, config, output, gguf)
+
+
+def _write_tokenizer(writer, config: dict, output: Path, gguf) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's converter writes it (model "gpt2")."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    vocab = tokenizer.get_vocab()
+    size = max(config["vocab_size"], len(vocab))
+    by_id = {i: token for token, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens)
+    tokens, types = [], []
+    for i in range(size):
+        token = by_id.get(i, f"[PAD{i}]")
+        tokens.append(token)
+        if i not in by_id:
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            types.append(gguf.TokenType.CONTROL if token in special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(output, load_merges=True, n_vocab=size).add_to_gguf(writer)
+
+
+def _llama_rope_order(value, name: str, config: dict):
+    """Rows of q_proj / k_proj (and their scales) in llama.cpp's rotary order."""
+    if not name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        return value
+    heads = config["num_attention_heads"]
+    if name.endswith("k_proj.weight"):
+        heads = config.get("num_key_value_heads", heads)
+    if isinstance(value, QuantizedTensor):
+        order = _permutation(value.shape[0], heads)
+        return QuantizedTensor(codes=value.codes[order], scales=value.scales[order],
+                               zeros=None if value.zeros is None else value.zeros[order], bits=value.bits,
+                               group_size=value.group_size, shape=value.shape, dtype=value.dtype)
+    return value[_permutation(value.shape[0], heads)]
+
+
+def _permutation(rows: int, heads: int) -> torch.Tensor:
+    """llama.cpp's `permute`: within each head, interleave the two halves of the rotary dimensions."""
+    return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(rows)
+
+
+def _encode(q: QuantizedTensor, gguf) -> tuple[np.ndarray, object, str]:
+    """(raw block bytes, GGUF type, "exact" | "repacked" | "requantized")."""
+    T = gguf.GGMLQuantizationType
+    rows, columns = q.shape
+    fp16 = q.scales.dtype == torch.float16
+    if q.group_size == 32 and columns % 32 == 0 and fp16:
+        if q.bits == 4 and q.symmetric:
+            return _blocks_q4(q.scales, None, q.codes), T.Q4_0, "exact"
+        if q.bits == 8 and q.symmetric:
+            return _blocks_q8(q.scales, q.codes), T.Q8_0, "exact"
+        if q.bits == 4:
+            offsets = (-(q.scales.float() * q.zeros.float())).to(torch.float16)
+            return _blocks_q4(q.scales, offsets, q.codes), T.Q4_1, "repacked"
+    qtype = T.Q8_0 if q.bits >= 5 else T.Q4_0
+    return gguf.quants.quantize(dequantize(q).numpy(), qtype), qtype, "requantized"
+
+
+def _blocks_q4(scales: torch.Tensor, offsets: torch.Tensor | None, codes: torch.Tensor) -> np.ndarray:
+    """Q4_0 (d, 16 bytes) or Q4_1 (d, m, 16 bytes) blocks of 32: byte j holds codes j (low) and j+16 (high)."""
+    rows, columns = codes.shape
+    blocks = codes.view(rows, columns // 32, 2, 16)
+    nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).numpy()
+    header = [scales.numpy().view(np.uint8).reshape(rows, -1, 2)]
+    if offsets is not None:
+        header.append(offsets.numpy().view(np.uint8).reshape(rows, -1, 2))
+    return np.concatenate([*header, nibbles], axis=-1).reshape(rows, -1)
+
+
+def _blocks_q8(scales: torch.Tensor, codes: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks of 32: float16 d then 32 signed bytes."""
+    rows, columns = codes.shape
+    signed = (codes.to(torch.int16) - 128).to(torch.int8).view(rows, columns // 32, 32).numpy().view(np.uint8)
+    return np.concatenate([scales.numpy().view(np.uint8).reshape(rows, -1, 2), signed], axis=-1).reshape(rows, -1)
