@@ -46,11 +46,11 @@ class ConversionPlan:
         return manifest.totals
 
 
-def plan_conversion(checkpoint: Checkpoint, settings: Settings, bits: dict[str, int] | None = None) -> ConversionPlan:
+def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str, tuple[int, int]] | None = None) -> ConversionPlan:
     """Decide every tensor: kept or quantized, with which quantizer and grid, stored how.
 
-    `bits` (tensor name -> bits) overrides the bit width of quantized tensors, as chosen by
-    `--target-bpw`.
+    `chosen` (tensor name -> (bits, group size)) overrides the grid of quantized tensors, as chosen
+    for `--target-bpw` / `--target-size`.
 
     Raises:
         SchemeError: nothing to quantize, an impossible scheme, or calibration settings that do
@@ -64,7 +64,9 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, bits: dict[str, 
             if checkpoint.tensors[name].dtype not in FLOAT_DTYPES:
                 raise SchemeError(f"tensor {name} has dtype {checkpoint.tensors[name].dtype}; qconvert quantizes "
                                   "float32, float16 and bfloat16 weights only.")
-            overrides = {**decision.overrides, **({"bits": bits[name]} if bits and name in bits else {})}
+            overrides = dict(decision.overrides)
+            if chosen and name in chosen:
+                overrides["bits"], overrides["group_size"] = chosen[name]
             schemes[name] = settings.scheme(overrides)
     if not schemes:
         raise SchemeError(f"no tensor in {checkpoint.source} is selected for quantization; use --include to pick some.")
@@ -74,8 +76,9 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, bits: dict[str, 
     for name, info in checkpoint.tensors.items():
         decision, scheme = decisions[name], schemes.get(name)
         reason = decision.reason
-        if bits and name in bits:
-            reason += f"; {bits[name]} bits chosen by the size budget"
+        if chosen and name in chosen:
+            bits, group_size = chosen[name]
+            reason += f"; int{bits} {f'g{group_size}' if group_size else 'per-channel'} chosen by the size budget"
         record = TensorRecord(name=name, shape=list(info.shape), source_dtype=DTYPE_NAMES[info.dtype],
                               action="quantized" if scheme else "kept", reason=reason, stored={})
         if scheme:

@@ -45,10 +45,12 @@ def main() -> None:
     parser.add_argument("--setting", action="append", required=True)
     parser.add_argument("--max-tokens", type=int, default=20480)
     parser.add_argument("--keep", type=Path, help="keep the outputs in this folder")
+    parser.add_argument("--float-ppl", type=float, help="the float model's perplexity, if already measured (skips its evaluation)")
     args = parser.parse_args()
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="qconvert-quality-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    base = evaluate(args.source, args.text, args.source, args.max_tokens)
+    base = {"perplexity": args.float_ppl, "bytes_on_disk": sum(f.stat().st_size for f in args.source.glob("*.safetensors"))} \
+        if args.float_ppl else evaluate(args.source, args.text, args.source, args.max_tokens)
     print("| setting | ppl | change vs float | bits/weight (quantized tensors) | file MB | convert s | convert peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
     print(f"| float | {base['perplexity']:.3f} | | 16 | {base['bytes_on_disk'] / 1e6:.1f} | | |", flush=True)

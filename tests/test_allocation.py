@@ -21,7 +21,7 @@ def test_target_bpw_is_met_within_one_percent_and_never_exceeded(tmp_path, tiny_
     achieved = manifest.totals["quantized_bits_per_weight"]
     assert target * 0.99 <= achieved <= target
     assert len({t.bits for t in manifest.tensors if t.action == "quantized"}) >= 1
-    assert all("bits chosen by the size budget" in t.reason for t in manifest.tensors if t.action == "quantized")
+    assert all("chosen by the size budget" in t.reason for t in manifest.tensors if t.action == "quantized")
     assert manifest.settings["target_bpw"] == target
 
 
@@ -44,15 +44,15 @@ def test_an_unreachable_budget_is_refused(tmp_path, tiny_llama):
 def test_greedy_on_convex_hulls_matches_brute_force():
     # Three tensors with convex error curves: the greedy choice must be the best that fits.
     curves = {
-        "a": [_Option(2, 100, 50.0), _Option(3, 150, 20.0), _Option(4, 200, 8.0), _Option(8, 400, 0.1)],
-        "b": [_Option(2, 60, 9.0), _Option(3, 90, 4.0), _Option(4, 120, 2.0), _Option(8, 240, 0.05)],
-        "c": [_Option(2, 300, 400.0), _Option(3, 450, 90.0), _Option(4, 600, 30.0), _Option(8, 1200, 1.0)],
+        "a": [_Option((2, 32), 100, 50.0), _Option((3, 32), 150, 20.0), _Option((4, 32), 200, 8.0), _Option((8, 32), 400, 0.1)],
+        "b": [_Option((2, 32), 60, 9.0), _Option((3, 32), 90, 4.0), _Option((4, 32), 120, 2.0), _Option((8, 32), 240, 0.05)],
+        "c": [_Option((2, 32), 300, 400.0), _Option((3, 32), 450, 90.0), _Option((4, 32), 600, 30.0), _Option((8, 32), 1200, 1.0)],
     }
     hulls = {name: _lower_hull(options) for name, options in curves.items()}
     for budget in (460, 600, 800, 1000, 1300, 1840):
         chosen = _choose(hulls, budget)
-        spent = sum(next(o.bytes for o in curves[n] if o.bits == b) for n, b in chosen.items())
-        error = sum(next(o.error for o in curves[n] if o.bits == b) for n, b in chosen.items())
+        spent = sum(next(o.bytes for o in curves[n] if o.grid == b) for n, b in chosen.items())
+        error = sum(next(o.error for o in curves[n] if o.grid == b) for n, b in chosen.items())
         best = min(sum(o.error for o in combo) for combo in itertools.product(*curves.values())
                    if sum(o.bytes for o in combo) <= budget)
         assert spent <= budget
@@ -60,8 +60,8 @@ def test_greedy_on_convex_hulls_matches_brute_force():
 
 
 def test_lower_hull_drops_dominated_and_concave_points():
-    options = [_Option(2, 100, 10.0), _Option(3, 150, 9.5), _Option(4, 200, 2.0), _Option(5, 250, 2.5)]
-    assert [o.bits for o in _lower_hull(options)] == [2, 4]
+    options = [_Option((2, 32), 100, 10.0), _Option((3, 32), 150, 9.5), _Option((4, 32), 200, 2.0), _Option((5, 32), 250, 2.5)]
+    assert [o.grid[0] for o in _lower_hull(options)] == [2, 4]
 
 
 def test_calibration_weighs_the_budget_by_activation_energy(tmp_path, tiny_lm):
