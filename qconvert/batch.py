@@ -25,6 +25,7 @@ version is skipped; an interrupted batch therefore resumes where it stopped (and
 calibrated job resumes from its last finished block).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -189,11 +190,21 @@ def run_job(job: Job, force: bool) -> JobResult:
     result.exit_code = code
     if code == 0:
         result.status = "converted"
+        result.peak_rss_bytes = _reported_peak(stdout) or peak
         _fill_from_output(result, job.output)
     else:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         result.error = (lines[-1] if lines else f"exit code {code}").removeprefix("error: ")
     return result
+
+
+def _reported_peak(stdout: str) -> int | None:
+    """The job's own peak RSS from its JSON summary: wait4's figure also counts the memory of the
+    process it was forked from, so it is only the fallback."""
+    try:
+        return json.loads(stdout.strip().splitlines()[-1]).get("peak_rss_bytes")
+    except (ValueError, IndexError, AttributeError):
+        return None
 
 
 def _run_measured(command: list[str]) -> tuple[int, str, str, int]:

@@ -169,7 +169,9 @@ def model(
             log.done(result)
         totals = result.manifest.totals
         if as_json:
-            print(json.dumps({"output": str(result.output), "layout": result.manifest.layout,
+            from qconvert.events import peak_rss
+
+            print(json.dumps({"output": str(result.output), "layout": result.manifest.layout, "peak_rss_bytes": peak_rss(),
                               "files": [str(f) for f in result.files], **totals}, sort_keys=True))
         else:
             stderr.print(

@@ -35,6 +35,23 @@ def current_rss() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+def peak_rss() -> int:
+    """This process's own peak resident memory in bytes: VmHWM on Linux, which exec resets (ru_maxrss
+    of a child also counts the memory of the parent it was forked from), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 class EventLog:
     """Writes events to `path`; every method is a no-op when `path` is None."""
 
@@ -83,7 +100,8 @@ class EventLog:
         self.emit("warning", message=message)
 
     def done(self, result) -> None:
-        self.emit("done", output=str(result.output), files=[str(f) for f in result.files], totals=result.manifest.totals)
+        self.emit("done", output=str(result.output), files=[str(f) for f in result.files], totals=result.manifest.totals,
+                  peak_rss_bytes=peak_rss())
 
     def _eta(self, phase: str, done: float, total: float) -> float | None:
         elapsed = time.monotonic() - self.phase_started.setdefault(phase, time.monotonic())
