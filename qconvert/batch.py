@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 from qconvert import __version__
 from qconvert.errors import QConvertError, SchemeError, SourceError
+from qconvert.events import maxrss_bytes
 from qconvert.io.writing import write_json
 from qconvert.manifest import SCHEMA_VERSION, read_manifest
 
@@ -219,8 +220,7 @@ def _run_measured(command: list[str]) -> tuple[int, str, str, int]:
     for reader in readers:
         reader.join()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return process.returncode, output.get("stdout", ""), output.get("stderr", ""), peak
+    return process.returncode, output.get("stdout", ""), output.get("stderr", ""), maxrss_bytes(usage.ru_maxrss)
 
 
 def _fill_from_output(result: JobResult, output: Path) -> None:

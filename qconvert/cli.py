@@ -147,13 +147,11 @@ def model(
     def action() -> None:
         settings = _settings_from_flags(
             recipe, dict(quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric,
-                         scale_dtype=scale_dtype.value if scale_dtype else None, include=tuple(include) if include else None,
-                         exclude=tuple(exclude) if exclude else None, dtype=dtype.value if dtype else None, layout=layout.value,
-                         max_shard_size=parse_size(max_shard_size) if max_shard_size else None, target_bpw=target_bpw,
-                         target_size=parse_size(target_size) if target_size else None,
+                         scale_dtype=scale_dtype.value if scale_dtype else None, include=include, exclude=exclude,
+                         dtype=dtype.value if dtype else None, layout=layout.value, max_shard_size=max_shard_size,
+                         target_bpw=target_bpw, target_size=target_size,
                          options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None),
-            dict(text=str(calib) if calib else None, dataset=calib_dataset, samples=calib_samples, seqlen=calib_seqlen,
-                 seed=seed, batch_size=calib_batch_size))
+            dict(text=calib, dataset=calib_dataset, samples=calib_samples, seqlen=calib_seqlen, seed=seed, batch_size=calib_batch_size))
         with EventLog(events) as log, _progress_bar("converting") as report, _block_progress() as block_report:
             def on_tensor(record, done: int, total: int, count: int) -> None:
                 report(record.name, done, total)
@@ -183,9 +181,17 @@ def model(
 
 
 def _settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
+    """Settings from the recipe and the flags as typer gives them (lists, size strings, paths)."""
     from qconvert.recipes import load_recipe
     from qconvert.settings import build_settings
 
+    flags = dict(flags)
+    for key in ("include", "exclude"):
+        flags[key] = tuple(flags[key]) if flags.get(key) else None
+    for key in ("target_size", "max_shard_size"):
+        flags[key] = parse_size(flags[key]) if flags.get(key) else None
+    text = calibration_flags.get("text")
+    calibration_flags = {**calibration_flags, "text": str(text) if text else None}
     return build_settings(load_recipe(recipe) if recipe else None, flags, calibration_flags)
 
 
@@ -242,9 +248,8 @@ def plan(
     def action() -> None:
         settings = _settings_from_flags(
             recipe, dict(quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric, target_bpw=target_bpw,
-                         target_size=parse_size(target_size) if target_size else None,
-                         include=tuple(include) if include else None, exclude=tuple(exclude) if exclude else None),
-            dict(text=str(calib) if calib else None, samples=calib_samples, seqlen=calib_seqlen))
+                         target_size=target_size, include=include, exclude=exclude),
+            dict(text=calib, samples=calib_samples, seqlen=calib_seqlen))
         _print_plan(source, settings, full, as_json, output, predict_resources=True)
 
     _run(action)

@@ -13,6 +13,9 @@ Each line is flushed as it is written, so a dashboard tailing the file sees prog
 """
 
 import json
+import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -24,15 +27,9 @@ def current_rss() -> int:
     """Resident memory of this process in bytes (Linux /proc; peak RSS elsewhere)."""
     try:
         with open("/proc/self/statm") as handle:
-            import os
-
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak_rss() -> int:
@@ -45,11 +42,12 @@ def peak_rss() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-    import sys
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+
+def maxrss_bytes(ru_maxrss: int) -> int:
+    """ru_maxrss is in kilobytes on Linux and in bytes on macOS."""
+    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
 
 
 class EventLog:

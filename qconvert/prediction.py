@@ -97,8 +97,7 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
     forward = FORWARD_OVERHEAD * (batch_tokens * (3 * intermediate + 6 * hidden) * 4 + batch * heads * seqlen**2 * 4)
     block_parameters = sum(p.record.parameters for p in plan.tensors if p.scheme) / blocks
     weights = block_parameters * 4 * 3  # float32 block, its quantized copy, the solver's working set
-    embeddings = max(info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name) \
-        if any("embed" in n or "wte" in n for n in checkpoint.tensors) else 0
+    embeddings = max((info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name), default=0)
     peak = CALIBRATION_BASE_RSS + activations + max(forward + weights, embeddings)
     # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
     flops = blocks * tokens * (2 * 2 * block_parameters + 2 * (hidden + intermediate) * hidden)

@@ -58,7 +58,7 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, configs: d
         return CalibratedResults(store, len(blocks))
     report("tokenizing calibration text", 0, len(blocks))
     inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
-    _release_freed_memory()  # the tokenizer and the embeddings are gone
+    release_freed_memory()  # the tokenizer and the embeddings are gone
     for index in range(unfinished[-1] + 1):
         module, prefix = blocks.load(index), blocks.block_prefix(index)
         if store.finished(index):
@@ -78,10 +78,10 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, configs: d
             with torch.no_grad():
                 inputs.run(module, keep_outputs=True)
         blocks.unload(index)
-        _release_freed_memory()
+        release_freed_memory()
         report(f"block {index}: done", index + 1, len(blocks))
     del inputs
-    _release_freed_memory()  # before the streaming pass reads the checkpoint again
+    release_freed_memory()  # before the streaming pass reads the checkpoint again
     return CalibratedResults(store, len(blocks))
 
 
@@ -120,7 +120,7 @@ def _apply(module: torch.nn.Module, prefix: str, results: BlockResults) -> None:
         parameter.data = value
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand memory freed by the last block back to the OS (glibc keeps it otherwise, and peak RSS creeps up)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -6,7 +6,7 @@ a time. A weight error ΔW then costs about Σ_j E[x_j²] Σ_i ΔW_ij² in outpu
 import torch
 
 from qconvert.calibration.blocks import DecoderBlocks
-from qconvert.calibration.pipeline import _release_freed_memory
+from qconvert.calibration.pipeline import release_freed_memory
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
 from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.io.loading import Checkpoint
@@ -31,5 +31,5 @@ def input_energy(checkpoint: Checkpoint, names: list[str], settings: Calibration
         with torch.no_grad():
             inputs.run(module, keep_outputs=True)  # the float model's activations: nothing is quantized yet
         blocks.unload(index)
-        _release_freed_memory()
+        release_freed_memory()
     return energy
