@@ -11,6 +11,8 @@ Exit codes (documented in the README):
 import json
 import re
 import sys
+import tempfile
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -37,6 +39,21 @@ def _stdout() -> Console:
     console = Console()
     return console if console.is_terminal else Console(width=200)
 _debug = False
+
+
+class ExportFormat(str, Enum):
+    gguf = "gguf"
+    mlx = "mlx"
+    gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
+
+
+class OutputFormat(str, Enum):
+    qconvert = "qconvert"
+    gguf = "gguf"
+    mlx = "mlx"
+    gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
 
 
 class Layout(str, Enum):
@@ -137,10 +154,11 @@ def model(
     damp: Annotated[Optional[float], typer.Option(help="gptq: dampening, a fraction of the mean Hessian diagonal (default 0.01).", rich_help_panel="Calibration")] = None,
     act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="gptq: quantize columns by decreasing activation energy (default on).", rich_help_panel="Calibration")] = None,
     events: Annotated[Optional[Path], typer.Option(help="Append a JSON-lines stream of progress events (phase, tensor i of N, RSS, ETA, errors) to this file.")] = None,
+    output_format: Annotated[OutputFormat, typer.Option("--format", help="qconvert: safetensors + manifest; gguf, mlx, gptq: that runtime's format (converted, then exported); compressed-tensors: that layout or an error.")] = OutputFormat.qconvert,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists, and start even when the plan predicts too little memory or disk.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
-    """Quantize a checkpoint into a packed safetensors file with a manifest."""
+    """Quantize a checkpoint into a packed safetensors file with a manifest (or another runtime's format)."""
     from qconvert.conversion import convert
     from qconvert.events import EventLog
 
@@ -148,7 +166,8 @@ def model(
         settings = _settings_from_flags(
             recipe, dict(quantizer=quantizer, bits=bits, group_size=group_size, symmetric=symmetric,
                          scale_dtype=scale_dtype.value if scale_dtype else None, include=include, exclude=exclude,
-                         dtype=dtype.value if dtype else None, layout=layout.value, max_shard_size=max_shard_size,
+                         dtype=dtype.value if dtype else None, max_shard_size=max_shard_size,
+                         layout="compressed-tensors" if output_format == OutputFormat.compressed_tensors else layout.value,
                          target_bpw=target_bpw, target_size=target_size,
                          options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None),
             dict(text=calib, dataset=calib_dataset, samples=calib_samples, seqlen=calib_seqlen, seed=seed, batch_size=calib_batch_size))
@@ -162,22 +181,48 @@ def model(
                 log.block(stage, done, total)
 
             log.start(source, settings)
-            result = convert(source, output, settings, force=force, revision=revision, command=["qconvert", *sys.argv[1:]],
-                             progress=on_tensor, calibration_progress=on_block, check_resources=not force)
+            with _exported_as(output_format.value, source, output, settings, force) as (destination, exporter):
+                result = convert(source, destination, settings, force=force, revision=revision,
+                                 command=["qconvert", *sys.argv[1:]], progress=on_tensor, calibration_progress=on_block,
+                                 check_resources=not force)
+                exported = exporter(result.output)
             log.done(result)
         totals = result.manifest.totals
         if as_json:
             from qconvert.events import peak_rss
 
-            print(json.dumps({"output": str(result.output), "layout": result.manifest.layout, "peak_rss_bytes": peak_rss(),
-                              "files": [str(f) for f in result.files], **totals}, sort_keys=True))
+            print(json.dumps({"output": str(exported.destination if exported else result.output), "layout": result.manifest.layout,
+                              "peak_rss_bytes": peak_rss(), "files": [str(f) for f in result.files],
+                              "export": exported.to_dict() if exported else None, **totals}, sort_keys=True))
         else:
             stderr.print(
                 f"wrote [bold]{result.output}[/] ({result.manifest.layout} layout): "
                 f"{totals['stored_bytes'] / 1e6:.1f} MB, {totals['quantized_bits_per_weight']} bits per quantized weight, "
                 f"{totals['bits_per_weight']} overall", highlight=False)
+            if exported:
+                _print_export(exported)
 
     _run(action)
+
+
+@contextmanager
+def _exported_as(output_format: str, source: str, output: Path | None, settings, force: bool):
+    """Yield (where to convert, what to do with the result): for qconvert and compressed-tensors the
+    output itself; for gguf, mlx and gptq a scratch folder beside the final destination, exported
+    from and then removed (the destination appears only once complete)."""
+    from qconvert.conversion import default_output
+    from qconvert.errors import OutputError
+    from qconvert.exporting import default_destination, export
+
+    if output_format in ("qconvert", "compressed-tensors"):
+        yield output, lambda converted: None
+        return
+    final = Path(output) if output else default_destination(default_output(source, settings), output_format)
+    if final.exists() and not force:
+        raise OutputError(f"{final} already exists; pass --force to overwrite it.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.") as scratch:
+        yield Path(scratch) / "qconvert", lambda converted: export(converted, output_format, final, force)
 
 
 def _settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
@@ -332,33 +377,33 @@ def batch(
     _run(action)
 
 
-class ExportFormat(str, Enum):
-    gguf = "gguf"
-
-
 @app.command()
 def export(
     output: Annotated[Path, typer.Argument(metavar="OUT", help="A qconvert output folder.")],
     to: Annotated[ExportFormat, typer.Option("--to", help="Target format.")],
-    destination: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write (default: OUT.gguf beside OUT).")] = None,
+    destination: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write (default: OUT.gguf, or the folder OUT-mlx, OUT-gptq, OUT-compressed-tensors beside OUT).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the destination if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout.")] = False,
 ) -> None:
     """Write a qconvert output in another runtime's format, saying which tensors moved exactly."""
-    from qconvert.gguf_export import export_gguf
+    from qconvert.exporting import export as export_output
 
     def action() -> None:
-        report = export_gguf(output, destination or output.with_suffix(".gguf"), force)
+        report = export_output(output, to.value, destination, force)
         if as_json:
             print(json.dumps(report.to_dict(), sort_keys=True))
-            return
-        stderr.print(f"wrote [bold]{report.destination}[/]: {len(report.exact)} tensors exact, {len(report.repacked)} "
-                     f"repacked on the same grid (offsets rounded to float16), {len(report.requantized)} requantized",
-                     highlight=False)
-        for name in report.requantized:
-            stderr.print(f"  requantized: {name}", highlight=False)
+        else:
+            _print_export(report)
 
     _run(action)
+
+
+def _print_export(report) -> None:
+    stderr.print(f"wrote [bold]{report.destination}[/] ({report.format}): {len(report.exact)} tensors exact, "
+                 f"{len(report.repacked)} repacked on the same grid (offsets rounded to the scales' float type), "
+                 f"{len(report.requantized)} requantized", highlight=False)
+    for name in report.requantized:
+        stderr.print(f"  requantized: {name}", highlight=False)
 
 
 class _Bar:

@@ -17,31 +17,18 @@ permuted exactly as llama.cpp's converter does (codes and scales move together, 
 The report says which tensors were exact and which were requantized.
 """
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qconvert.errors import OutputError, SourceError, UnsupportedModelError
+from qconvert.exporting import ExportReport
 from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 LLAMA_FAMILY = {"llama", "mistral"}
-
-
-@dataclass
-class ExportReport:
-    destination: Path
-    exact: list[str] = field(default_factory=list)
-    repacked: list[str] = field(default_factory=list)  # same grid, offset rounded to float16 (Q4_1)
-    requantized: list[str] = field(default_factory=list)
-    types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> GGUF type
-
-    def to_dict(self) -> dict:
-        return {"destination": str(self.destination), "exact": self.exact, "repacked": self.repacked,
-                "requantized": self.requantized, "types": self.types}
 
 
 def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportReport:
@@ -65,7 +52,7 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
     staging = destination.with_name(f".{destination.name}.qconvert-partial")
     writer = gguf.GGUFWriter(staging, "llama")
-    report = ExportReport(destination)
+    report = ExportReport(destination, "gguf")
     _write_metadata(writer, config, output)
     for record, stored in iter_records(output, manifest):
         target = names.get_name(record.name, try_suffixes=(".weight", ".bias"))

@@ -64,22 +64,45 @@ def test_lower_hull_drops_dominated_and_concave_points():
     assert [o.grid[0] for o in _lower_hull(options)] == [2, 4]
 
 
-def test_calibration_weighs_the_budget_by_activation_energy(tmp_path, tiny_lm):
+def test_block_by_block_fisher_equals_the_whole_model_gradient(tmp_path, tiny_lm):
+    """The streamed Fisher (one block at a time, window by window) is the squared per-window gradient of
+    the whole model's loss, computed here the plain way with transformers."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from qconvert.calibration.samples import CalibrationSettings
-    from qconvert.calibration.sensitivity import input_energy
+    from qconvert.calibration.fisher import loss_fisher
+    from qconvert.calibration.samples import CalibrationSettings, calibration_windows
     from qconvert.io.loading import open_checkpoint
 
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"Sentence {i} about rivers, foxes and the weather." for i in range(300)))
-    calibration = CalibrationSettings(text=str(text), samples=4, seqlen=64)
+    calibration = CalibrationSettings(text=str(text), samples=3, seqlen=48)
     checkpoint = open_checkpoint(tiny_lm)
     names = [n for n in checkpoint.tensors if n.endswith("proj.weight")]
-    energy = input_energy(checkpoint, names, calibration)
-    assert set(energy) == set(names)
-    assert all(e.shape == (checkpoint.tensors[n].shape[1],) and (e >= 0).all() and e.sum() > 0 for n, e in energy.items())
-    # q/k/v read the same normalised input: the same energy
-    torch.testing.assert_close(energy["model.layers.0.self_attn.q_proj.weight"], energy["model.layers.0.self_attn.v_proj.weight"])
+    streamed = dict(loss_fisher(checkpoint, names, calibration))
+    assert set(streamed) == set(names)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    parameters = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(parameters[n]) for n in names}
+    for window in calibration_windows(tiny_lm, calibration):
+        model.zero_grad()
+        model(input_ids=window[None], labels=window[None]).loss.backward()
+        for n in names:
+            expected[n] += parameters[n].grad.square() / 3
+    for n in names:
+        torch.testing.assert_close(streamed[n], expected[n], rtol=1e-3, atol=1e-12)
+    assert all(streamed[n].sum() > 0 for n in names)
+    # the tied embedding is weighed by its use as the output head
+    head = dict(loss_fisher(checkpoint, ["model.embed_tokens.weight"], calibration))["model.embed_tokens.weight"]
+    assert head.shape == checkpoint.tensors["model.embed_tokens.weight"].shape and head.sum() > 0
+
+
+def test_calibration_weighs_the_budget_by_the_loss(tmp_path, tiny_lm):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"Sentence {i} about rivers, foxes and the weather." for i in range(300)))
+    from qconvert.calibration.samples import CalibrationSettings
+
+    calibration = CalibrationSettings(text=str(text), samples=2, seqlen=32)
     manifest = convert(tiny_lm, tmp_path / "out", Settings(group_size=32, target_bpw=3.5, calibration=calibration)).manifest
     assert 3.5 * 0.99 <= manifest.totals["quantized_bits_per_weight"] <= 3.5

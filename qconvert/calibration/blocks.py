@@ -37,6 +37,17 @@ class BlockInputs:
                 hidden.copy_(output[0] if isinstance(output, tuple) else output)
 
 
+class _HandBack(torch.nn.Module):
+    """Stands in for all the blocks: ignores its input and returns the given hidden states."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
+
+
 class DecoderBlocks:
     """Load a model's transformer blocks from `checkpoint` one at a time, in float32.
 
@@ -64,7 +75,7 @@ class DecoderBlocks:
 
     def first_inputs(self, windows: torch.Tensor, batch_size: int) -> BlockInputs:
         """Embed the calibration windows and capture what the model hands its first block."""
-        self._materialize_outside_blocks()
+        self.load_outside_blocks()
         inputs = BlockInputs()
 
         def capture(module, args, kwargs):
@@ -82,7 +93,7 @@ class DecoderBlocks:
                         pass
         finally:
             hook.remove()
-        self._release_outside_blocks()  # the embeddings are no longer needed; blocks are loaded one by one
+        self.release_outside_blocks()  # the embeddings are no longer needed; blocks are loaded one by one
         return inputs
 
     def load(self, index: int) -> torch.nn.Module:
@@ -103,7 +114,27 @@ class DecoderBlocks:
         names = {prefix + name for name, _ in self.layers[index].named_parameters()}
         return [n for n in self.checkpoint.tensors if n in names] + sorted(names - self.checkpoint.tensors.keys())
 
-    def _materialize_outside_blocks(self) -> None:
+    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The language-model loss of `input_ids` given the last block's output `hidden`: the model's own
+        forward (final norm, head, loss) with its blocks replaced by one that hands back `hidden`.
+        Needs the tensors outside the blocks (`load_outside_blocks`).
+
+        Raises:
+            UnsupportedModelError: the model has no language-model head (e.g. an encoder).
+        """
+        if self.model.get_output_embeddings() is None:
+            raise UnsupportedModelError(f"{self.checkpoint.source} ({type(self.model).__name__}) has no language-model "
+                                        "head, so its loss cannot weigh the tensors.")
+        parent_name, _, attribute = self.prefix.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        setattr(parent, attribute, torch.nn.ModuleList([_HandBack(hidden)]))
+        try:
+            return self.model(input_ids=input_ids, labels=input_ids).loss
+        finally:
+            setattr(parent, attribute, self.layers)
+
+    def load_outside_blocks(self) -> None:
+        """Read the tensors outside the blocks (embeddings, final norm, head) in float32."""
         block_names = self.prefix + "."
         wanted = [n for n, p in self.model.named_parameters() if not n.startswith(block_names)]
         present = [n for n in self.checkpoint.tensors if n in set(wanted)]
@@ -111,8 +142,8 @@ class DecoderBlocks:
         self.model.load_state_dict(state, strict=False, assign=True)
         self.model.tie_weights()
 
-
-    def _release_outside_blocks(self) -> None:
+    def release_outside_blocks(self) -> None:
+        """Put the tensors outside the blocks back on the meta device (no memory)."""
         for name, param in list(self.model.named_parameters(remove_duplicate=False)):
             if not name.startswith(self.prefix + "."):
                 module_name, _, attribute = name.rpartition(".")

@@ -1,0 +1,72 @@
+"""Write a qconvert output in another runtime's format: one exporter per format, one report for all.
+
+Every exporter reads the output one tensor at a time, moves codes and scales across unchanged where
+the target's grid is the same one (exact), re-expresses them where only the float encoding of an
+offset changes (repacked), and dequantizes and requantizes otherwise (requantized); the report names
+every tensor in each of the three, so a user knows what, if anything, lost precision on the way.
+"""
+
+import importlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qconvert.errors import SourceError
+from qconvert.manifest import MANIFEST_FILE
+
+FORMATS = ("gguf", "mlx", "gptq", "compressed-tensors")
+
+
+@dataclass
+class ExportReport:
+    destination: Path
+    format: str
+    exact: list[str] = field(default_factory=list)
+    repacked: list[str] = field(default_factory=list)  # same grid; an offset re-expressed in float16
+    requantized: list[str] = field(default_factory=list)
+    types: dict[str, str] = field(default_factory=dict)  # target tensor name -> the target's type for it
+
+    def to_dict(self) -> dict:
+        return {"destination": str(self.destination), "format": self.format, "exact": self.exact,
+                "repacked": self.repacked, "requantized": self.requantized, "types": self.types}
+
+
+def default_destination(output: Path, to: str) -> Path:
+    """OUT.gguf for GGUF (one file), OUT-mlx / OUT-gptq / OUT-compressed-tensors folders otherwise."""
+    return output.with_suffix(".gguf") if to == "gguf" else output.with_name(f"{output.name}-{to}")
+
+
+def export(output: Path, to: str, destination: Path | None = None, force: bool = False) -> ExportReport:
+    """Write `output` (a qconvert output folder) in format `to` at `destination`.
+
+    Raises:
+        SourceError: `output` is not a qconvert output, or lacks a file the format needs.
+        UnsupportedModelError: the format cannot describe this model.
+        OutputError: `destination` exists and `force` is false.
+    """
+    module = importlib.import_module(f"qconvert.{to.replace('-', '_')}_export")  # each pulls in its own libraries
+    exporter = getattr(module, f"export_{to.replace('-', '_')}")
+    return exporter(output, destination or default_destination(output, to), force)
+
+
+def read_config(output: Path, needed_by: str) -> dict:
+    """The output's config.json without its quantization_config (the target format writes its own).
+
+    Raises:
+        SourceError: there is no config.json.
+    """
+    path = output / "config.json"
+    if not path.is_file():
+        raise SourceError(f"{output} has no config.json, which {needed_by} needs.")
+    config = json.loads(path.read_text())
+    config.pop("quantization_config", None)
+    return config
+
+
+def copy_tokenizer_files(output: Path, folder: Path) -> None:
+    """Everything beside the weights that a runtime reads (tokenizer, generation config, chat template)."""
+    for path in output.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and not path.name.startswith(".") \
+                and path.name not in {MANIFEST_FILE, "config.json", "model.safetensors.index.json"}:
+            shutil.copy2(path, folder / path.name)

@@ -1,0 +1,184 @@
+"""Export a qconvert output in the GPTQ checkpoint layout (AutoGPTQ's "gptq" format, version 1), which
+transformers (through optimum/gptqmodel), vLLM and SGLang read.
+
+For a quantized linear `m` with weight (out, in), `bits` ∈ {2, 4, 8} and groups of `g` input columns:
+- `m.qweight` int32 (in·bits/32, out): word [i, j] holds the codes of inputs 32/bits·i ... for output
+  j, the first in the lowest bits (packed down the *input* dimension, unlike qconvert's rows);
+- `m.qzeros` int32 (in/g, out·bits/32): the zero points packed the same way along the *output* dimension;
+- `m.scales` float16 (in/g, out), `m.g_idx` int32 (in,) = i // g (no act-order permutation:
+  qconvert's groups are contiguous);
+- weight[j, i] = scales[g_idx[i], j] · (code[i, j] − (qzeros[g_idx[i], j] + 1)).
+
+The "+ 1" is version 1's convention: AutoGPTQ stored zero − 1, and every v1 reader adds the 1 back.
+Version 2 (GPTQModel's in-memory form, `checkpoint_format: gptq_v2`) stores the zero itself; readers of
+v1 are the widespread ones, so v1 is written. A zero of 0 cannot be stored in v1 (0 − 1 wraps); such a
+group's zero becomes 1 and its codes move up by one, which is exact unless a code was already the
+largest (then that code is clipped, and the tensor is reported as requantized).
+GPTQ holds one grid per model; a tensor on another grid is requantized onto the most common one, and
+quantized non-linear tensors (embeddings) are written dequantized in float16.
+"""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from qconvert.errors import UnsupportedModelError
+from qconvert.exporting import ExportReport, copy_tokenizer_files, read_config
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
+from qconvert.manifest import TensorRecord, read_manifest
+from qconvert.output import iter_records, quantized_tensor
+from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
+from qconvert.quantizers.rtn import rtn_quantize
+
+GPTQ_BITS = (2, 4, 8)  # 3-bit GPTQ packs across words in its own pattern: not written
+WEIGHTS_FILE = "model.safetensors"
+BLOCK = re.compile(r"\.\d+\.")  # the ".3." of model.layers.3.mlp.up_proj
+
+
+def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportReport:
+    """Write `output` as a GPTQ (v1) checkpoint folder at `destination`.
+
+    Raises:
+        SourceError: `output` is not a qconvert output with a config.json.
+        UnsupportedModelError: no quantized linear, or a grid GPTQ cannot hold (3, 5 or 6 bits; per channel).
+        OutputError: `destination` exists and `force` is false.
+    """
+    manifest = read_manifest(output)
+    config = read_config(output, "a GPTQ checkpoint")
+    linears = [r for r in manifest.tensors if r.action == "quantized" and _is_linear(r)]
+    grid = _model_grid(linears)
+    kinds = {_module_kind(r.name) for r in linears}
+    specs = [spec for r in manifest.tensors for spec in _specs(r, grid, kinds)]
+    report = ExportReport(destination, "gptq")
+    with staged_directory(destination, force) as folder:
+        writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
+        try:
+            for record, stored in iter_records(output, manifest):
+                for name, tensor in _gptq_tensors(manifest, record, stored, grid, kinds, report).items():
+                    writer.write(name, tensor)
+            writer.finish({"format": "pt"})
+        finally:
+            writer.close()
+        quantization = _quantize_config(grid, sorted(kinds))
+        config["quantization_config"] = {**quantization, "quant_method": "gptq"}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "quantize_config.json").write_text(json.dumps(quantization, indent=2) + "\n")
+        copy_tokenizer_files(output, folder)
+    return report
+
+
+def _model_grid(linears: list[TensorRecord]) -> tuple[int, int, bool]:
+    """(bits, group size, symmetric) of most of the quantized linears: GPTQ has one per model."""
+    if not linears:
+        raise UnsupportedModelError("GPTQ stores quantized linear layers, and this output has none.")
+    bits, group, symmetric = Counter((r.bits, r.group_size, r.symmetric) for r in linears).most_common(1)[0][0]
+    if bits not in GPTQ_BITS or group == 0:
+        grid = f"{bits}-bit {'per channel' if group == 0 else f'groups of {group}'}"
+        raise UnsupportedModelError(f"GPTQ export takes 2, 4 or 8-bit groups; most of this output is {grid}.")
+    return bits, group, symmetric
+
+
+def _target(record: TensorRecord, kinds: set[str]) -> str:
+    """What the tensor becomes: "skip", "copy" (as stored), "float16" (dequantized) or "gptq"."""
+    if record.name.endswith("rotary_emb.inv_freq"):
+        return "skip"
+    if _is_linear(record) and _module_kind(record.name) in kinds:
+        return "gptq"  # a loader replaces every module of a quantized kind, so all of them need codes
+    return "float16" if record.action == "quantized" else "copy"
+
+
+def _specs(record: TensorRecord, grid: tuple[int, int, bool], kinds: set[str]) -> list[TensorSpec]:
+    target = _target(record, kinds)
+    if target != "gptq":
+        dtype = {"skip": None, "copy": record.source_dtype, "float16": "F16"}[target]
+        return [TensorSpec(record.name, dtype, tuple(record.shape))] if dtype else []
+    (rows, columns), (bits, group, _) = record.shape, grid
+    if columns % (32 // bits) or rows % (32 // bits):
+        raise UnsupportedModelError(f"{record.name} is {rows} x {columns}, which {bits}-bit GPTQ words do not divide.")
+    module, groups, per_word = record.name.removesuffix(".weight"), -(-columns // group), 32 // bits
+    return [TensorSpec(f"{module}.qweight", "I32", (columns // per_word, rows)),
+            TensorSpec(f"{module}.qzeros", "I32", (groups, rows // per_word)),
+            TensorSpec(f"{module}.scales", "F16", (groups, rows)),
+            TensorSpec(f"{module}.g_idx", "I32", (columns,))]
+
+
+def _gptq_tensors(manifest, record: TensorRecord, stored: dict, grid: tuple[int, int, bool], kinds: set[str],
+                  report: ExportReport) -> dict[str, torch.Tensor]:
+    target = _target(record, kinds)
+    if target == "skip":
+        return {}
+    if target == "copy":
+        report.exact.append(record.name)
+        return {record.name: stored[record.name]}
+    q = quantized_tensor(manifest, record, stored) if record.action == "quantized" else stored[record.name]
+    if target == "float16":
+        report.requantized.append(record.name)
+        report.types[record.name] = "float16"
+        return {record.name: dequantize(q, torch.float16)}
+    bits, group, symmetric = grid
+    onto_grid = not isinstance(q, QuantizedTensor) or (q.bits, q.group_size, q.symmetric) != grid \
+        or q.scales.dtype != torch.float16
+    if onto_grid:  # another grid, or a float tensor of a quantized kind
+        config = QuantConfig(bits=bits, group_size=group, symmetric=symmetric, scale_dtype="float16")
+        weight = dequantize(q, torch.float32) if isinstance(q, QuantizedTensor) else q.float()
+        q = rtn_quantize(record.name, weight, config)
+    codes, zeros, clipped = _v1_codes_and_zeros(q)
+    getattr(report, "requantized" if onto_grid or clipped else "exact").append(record.name)
+    module = record.name.removesuffix(".weight")
+    report.types[f"{module}.qweight"] = f"gptq int{bits} g{group}"
+    columns = q.shape[1]
+    return {f"{module}.qweight": pack_int32(codes.t(), bits),  # (in, out): packed down the input dimension
+            f"{module}.qzeros": pack_int32((zeros - 1).t().contiguous(), bits, along_rows=False),
+            f"{module}.scales": q.scales.t().contiguous(),
+            f"{module}.g_idx": torch.arange(columns, dtype=torch.int32) // group}
+
+
+def _v1_codes_and_zeros(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Codes (out, in) and zeros (out, groups) as int32 with every zero ≥ 1, and whether a code was clipped."""
+    codes = q.codes.to(torch.int32)
+    if q.zeros is None:
+        zeros = torch.full(q.scales.shape, 2 ** (q.bits - 1), dtype=torch.int32)
+    else:
+        zeros = q.zeros.to(torch.int32)
+    shift = (zeros == 0).to(torch.int32)  # v1 cannot store a zero of 0: move the group up one code
+    if not shift.any():
+        return codes, zeros, False
+    per_column = shift.repeat_interleave(q.group_size, dim=1)[:, : codes.shape[1]]
+    moved = codes + per_column
+    top = 2 ** q.bits - 1
+    clipped = bool((moved > top).any())
+    return moved.clamp_(max=top), zeros + shift, clipped
+
+
+def pack_int32(values: torch.Tensor, bits: int, along_rows: bool = True) -> torch.Tensor:
+    """Pack 32/bits consecutive values (down the rows, or along each row) into one int32, the first in
+    the lowest bits."""
+    per_word = 32 // bits
+    values = values.to(torch.int64) & (2 ** bits - 1)
+    if not along_rows:
+        return pack_int32(values.t(), bits).t().contiguous()
+    rows, columns = values.shape
+    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, per_word, 1)
+    words = (values.view(rows // per_word, per_word, columns) << shifts).sum(dim=1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
+
+
+def _quantize_config(grid: tuple[int, int, bool], modules: list[str]) -> dict:
+    bits, group, symmetric = grid
+    return {"bits": bits, "group_size": group, "sym": symmetric, "desc_act": False, "static_groups": False,
+            "true_sequential": True, "checkpoint_format": "gptq", "quant_method": "gptq",
+            "modules_in_block_to_quantize": [modules]}
+
+
+def _is_linear(record: TensorRecord) -> bool:
+    """A linear layer's weight inside a numbered block (GPTQ quantizes those, never embeddings or the head)."""
+    return len(record.shape) == 2 and record.name.endswith(".weight") and BLOCK.search(record.name) is not None \
+        and "embed" not in record.name
+
+
+def _module_kind(name: str) -> str:
+    """model.layers.3.self_attn.q_proj.weight -> self_attn.q_proj"""
+    return BLOCK.split(name.removesuffix(".weight"), maxsplit=1)[-1]

@@ -1,0 +1,136 @@
+"""Export a qconvert output in mlx_lm's layout, which `mlx_lm.load` / `mlx_lm.generate` read.
+
+For a quantized module `m` (a Linear or an Embedding) mlx_lm stores three tensors:
+- `m.weight`: uint32 (rows, columns·bits/32), each row a little-endian bit stream of the codes
+  (code j in bits j·bits ... of the stream, words little-endian) — the same stream qconvert's native
+  packing writes, read as 32-bit words;
+- `m.scales` and `m.biases`: (rows, columns/group), with weight = scales · code + biases.
+So qconvert's (code − zero) · scale becomes biases = −scale · zero: exact for symmetric grids (zero is
+a power of two), rounded to the scales' float type for asymmetric ones (reported as repacked).
+config.json gets `quantization` = {"group_size", "bits"} of the most common grid plus one entry per
+module on another grid. MLX takes groups of 32, 64 or 128 that divide the row; a tensor on any other
+grid (per channel, partial groups) is requantized by round-to-nearest on the largest such group.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from qconvert.exporting import ExportReport, copy_tokenizer_files, read_config
+from qconvert.io.loading import DTYPE_NAMES
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
+from qconvert.manifest import TensorRecord, read_manifest
+from qconvert.output import iter_records, quantized_tensor
+from qconvert.packing import pack_codes
+from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
+from qconvert.quantizers.rtn import rtn_quantize
+
+MLX_GROUP_SIZES = (128, 64, 32)
+WEIGHTS_FILE = "model.safetensors"
+
+
+def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportReport:
+    """Write `output` as an mlx_lm model folder at `destination`.
+
+    Raises:
+        SourceError: `output` is not a qconvert output with a config.json.
+        OutputError: `destination` exists and `force` is false.
+    """
+    manifest = read_manifest(output)
+    config = _mlx_config(output)
+    grids = {r.name: mlx_grid(r) for r in manifest.tensors if r.action == "quantized"}
+    specs = [spec for r in manifest.tensors for spec in _specs(r, grids.get(r.name))]
+    report = ExportReport(destination, "mlx")
+    with staged_directory(destination, force) as folder:
+        writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
+        try:
+            for record, stored in iter_records(output, manifest):
+                if record.name in grids:
+                    q = quantized_tensor(manifest, record, stored)
+                    for name, tensor in _mlx_tensors(record.name, q, grids[record.name], report).items():
+                        writer.write(name, tensor)
+                elif not _skipped(record):
+                    writer.write(record.name, stored[record.name])
+                    report.exact.append(record.name)
+            writer.finish({"format": "mlx"})
+        finally:
+            writer.close()
+        config["quantization"] = config["quantization_config"] = _quantization_config(grids)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer_files(output, folder)
+    return report
+
+
+def mlx_grid(record: TensorRecord) -> tuple[int, int] | None:
+    """(bits, group size) mlx_lm will store the tensor with: its own grid where MLX has it, else the
+    largest MLX group dividing the row; None if none does (the tensor is then kept in float)."""
+    columns = record.shape[-1]
+    if record.group_size in MLX_GROUP_SIZES and columns % record.group_size == 0:
+        return record.bits, record.group_size
+    group = next((g for g in MLX_GROUP_SIZES if columns % g == 0), None)
+    return (record.bits, group) if group else None
+
+
+def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpec]:
+    if record.action != "quantized":
+        return [] if _skipped(record) else [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
+    if grid is None:
+        return [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
+    (rows, columns), (bits, group) = record.shape, grid
+    module = record.name.removesuffix(".weight")
+    scale_dtype = DTYPE_NAMES[getattr(torch, record.scale_dtype)]
+    return [TensorSpec(f"{module}.weight", "U32", (rows, columns * bits // 32)),
+            TensorSpec(f"{module}.scales", scale_dtype, (rows, columns // group)),
+            TensorSpec(f"{module}.biases", scale_dtype, (rows, columns // group))]
+
+
+def _mlx_tensors(name: str, q: QuantizedTensor, grid: tuple[int, int] | None, report: ExportReport) -> dict[str, torch.Tensor]:
+    if grid is None:
+        report.requantized.append(name)
+        report.types[name] = "float"
+        return {name: dequantize(q)}
+    bits, group = grid
+    requantize = group != q.group_size
+    if requantize:  # not a grid MLX has: round the float weights again on one it has
+        config = QuantConfig(bits=bits, group_size=group, symmetric=False, scale_dtype=str(q.scales.dtype).removeprefix("torch."))
+        q = rtn_quantize(name, dequantize(q, torch.float32), config)
+    zeros = q.zeros.to(torch.float64) if q.zeros is not None else torch.full_like(q.scales, 2 ** (bits - 1), dtype=torch.float64)
+    exact_biases = -q.scales.to(torch.float64) * zeros
+    biases = exact_biases.to(q.scales.dtype)
+    how = "requantized" if requantize else "exact" if torch.equal(biases.to(torch.float64), exact_biases) else "repacked"
+    getattr(report, how).append(name)
+    module = name.removesuffix(".weight")
+    report.types[f"{module}.weight"] = f"mlx q{bits} g{group}"
+    words = pack_codes(q.codes, bits).view(torch.int32).view(torch.uint32)  # little-endian machines only, as MLX itself
+    return {f"{module}.weight": words, f"{module}.scales": q.scales, f"{module}.biases": biases}
+
+
+def _quantization_config(grids: dict[str, tuple[int, int] | None]) -> dict:
+    """The most common grid as the default, and every module on another grid by name."""
+    counts = Counter(g for g in grids.values() if g)
+    if not counts:
+        return {}
+    bits, group = counts.most_common(1)[0][0]
+    config: dict = {"group_size": group, "bits": bits}
+    for name, grid in sorted(grids.items()):
+        if grid and grid != (bits, group):
+            config[name.removesuffix(".weight")] = {"group_size": grid[1], "bits": grid[0]}
+    return config
+
+
+def _skipped(record: TensorRecord) -> bool:
+    return record.name.endswith("rotary_emb.inv_freq")  # recomputed by every runtime
+
+
+def _mlx_config(output: Path) -> dict:
+    config = read_config(output, "an MLX model")
+    # transformers 5 moved rope_theta (and rope_scaling) under rope_parameters; mlx_lm reads the old
+    # keys and silently falls back to theta 10000, which garbles every position past the first.
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", rope)
+    return config
