@@ -515,6 +515,39 @@ def verify(
     _run(action)
 
 
+class Runtime(str, Enum):
+    transformers = "transformers"
+    llama_cpp = "llama.cpp"
+    mlx = "mlx"
+    vllm = "vllm"
+
+
+@app.command()
+def check(
+    path: Annotated[Path, typer.Argument(help="A model folder (any format qconvert writes) or a .gguf file.")],
+    runtime: Annotated[Runtime, typer.Option("--runtime", help="The runtime that is to load it.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Check, from headers alone, that a runtime would load the model: config, tensor names, dtypes, shapes
+    and schemes its loaders and kernels accept. Exit 3, with every problem and its tensor, if not."""
+    from qconvert.compatibility import check as check_runtime
+    from qconvert.errors import VerificationError
+
+    def action() -> int:
+        found, problems = check_runtime(path, runtime.value)
+        if as_json:
+            print(json.dumps({"ok": not problems, "format": found, "runtime": runtime.value,
+                              "problems": [p.to_dict() for p in problems]}, sort_keys=True))
+        elif problems:
+            for problem in problems:
+                stderr.print(f"[red]✗[/] {problem.tensor + ': ' if problem.tensor else ''}{problem.message}", highlight=False)
+        else:
+            stderr.print(f"[green]✓[/] {path} ({found}) has what {runtime.value} needs", highlight=False)
+        return VerificationError.exit_code if problems else 0
+
+    _run(action)
+
+
 @app.command()
 def quantizers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
