@@ -188,12 +188,15 @@ def model(
                 exported = exporter(result.output)
             log.done(result)
         totals = result.manifest.totals
+        warnings = _requantized_warning(result.manifest)
+        for warning in warnings:
+            stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if as_json:
             from qconvert.events import peak_rss
 
             print(json.dumps({"output": str(exported.destination if exported else result.output), "layout": result.manifest.layout,
                               "peak_rss_bytes": peak_rss(), "files": [str(f) for f in result.files],
-                              "export": exported.to_dict() if exported else None, **totals}, sort_keys=True))
+                              "export": exported.to_dict() if exported else None, "warnings": warnings, **totals}, sort_keys=True))
         else:
             stderr.print(
                 f"wrote [bold]{result.output}[/] ({result.manifest.layout} layout): "
@@ -203,6 +206,18 @@ def model(
                 _print_export(exported)
 
     _run(action)
+
+
+def _requantized_warning(manifest) -> list[str]:
+    """One sentence when weights of an already-quantized source could not move exactly."""
+    from qconvert.conversion import REQUANTIZED
+
+    redone = [t for t in manifest.tensors if REQUANTIZED in t.reason]
+    if not redone:
+        return []
+    source = redone[0].reason.split(REQUANTIZED)[1].strip()
+    return [f"{len(redone)} weights were {REQUANTIZED} {source} (its grid is not the one asked for), so they are not "
+            f"an exact copy; ask for the source's own grid to repack them losslessly."]
 
 
 @contextmanager

@@ -16,7 +16,6 @@ The rules are the runtimes' documented ones, as of the versions the tests load w
 """
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import SourceError
+from qconvert.formats.compressed_tensors import schemes_from_config
 from qconvert.manifest import MANIFEST_FILE
 
 RUNTIMES = ("transformers", "llama.cpp", "mlx", "vllm")
@@ -81,7 +81,7 @@ def _check_compressed_tensors(path: Path, runtime: str) -> list[Problem]:
     config, tensors = _config(path), _headers(path)
     problems = []
     quantized = {name.removesuffix(".weight_packed") for name in tensors if name.endswith(".weight_packed")}
-    schemes = _compressed_tensors_schemes(config, quantized)
+    schemes = schemes_from_config(config.get("quantization_config") or {}, quantized)
     for module in sorted(quantized):
         if schemes[module] is None:
             problems.append(Problem(module, "stored packed, but no config group of quantization_config targets it"))
@@ -102,23 +102,6 @@ def _check_compressed_tensors(path: Path, runtime: str) -> list[Problem]:
     if runtime == "vllm":
         problems += _fused_problems(schemes)
     return problems
-
-
-def _compressed_tensors_schemes(config: dict, modules: set[str]) -> dict[str, tuple | None]:
-    """module -> (bits, group size or 0, symmetric) of the first config group targeting it, or None."""
-    rules = []
-    for group in ((config.get("quantization_config") or {}).get("config_groups") or {}).values():
-        weights = group.get("weights") or {}
-        scheme = (weights.get("num_bits"), weights.get("group_size") or 0, weights.get("symmetric", True))
-        rules += [(target, scheme) for target in group.get("targets", [])]
-
-    def scheme_of(module: str) -> tuple | None:
-        for target, scheme in rules:
-            if (target.startswith("re:") and re.match(target[3:], module)) or target in ("Linear", module):
-                return scheme
-        return None
-
-    return {module: scheme_of(module) for module in modules}
 
 
 def _check_gptq(path: Path, runtime: str) -> list[Problem]:

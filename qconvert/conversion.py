@@ -4,6 +4,7 @@ Memory stays near the largest single tensor: each one is read, quantized, packed
 and dropped before the next is read.
 """
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -24,10 +25,12 @@ from qconvert.io.writing import (
 )
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
 from qconvert.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
-from qconvert.quantizers.base import relative_error
+from qconvert.io.quantized_sources import QuantizedCheckpoint
+from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
 from qconvert.settings import Settings, settings_dict
 
 # Called after each source tensor with (its manifest record, source bytes done, source bytes in all, tensors in all).
+REQUANTIZED = "dequantized and quantized again from its"  # in a record's reason: not an exact move
 ProgressCallback = Callable[[TensorRecord, int, int, int], None]
 
 
@@ -104,7 +107,9 @@ def convert(
     )
     with staged_directory(destination, force) as staging:
         calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
-        writers = _open_writers(staging, file_names, shards, manifest)
+        # the reasons of weights read from a quantized source grow by one clause while converting
+        extra = 160 * len(checkpoint.modules) if isinstance(checkpoint, QuantizedCheckpoint) else 0
+        writers = _open_writers(staging, file_names, shards, manifest, extra)
         try:
             _stream(checkpoint, plan, settings, writers, progress, calibrated)
         except BaseException:
@@ -161,11 +166,12 @@ def _stored_record(planned: list[PlannedTensor], stored_name: str) -> StoredReco
     raise AssertionError(stored_name)
 
 
-def _open_writers(staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest) -> list[SafetensorsStreamWriter]:
+def _open_writers(staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest,
+                  extra: int = 0) -> list[SafetensorsStreamWriter]:
     manifest.compute_totals()
     placeholder = {"format": "pt", METADATA_KEY: manifest.to_json()}
     # Totals and checksums change length a little once known; reserve generously.
-    reserve = len(json.dumps(placeholder)) + 16 * len(manifest.tensors) + 1024
+    reserve = len(json.dumps(placeholder)) + 16 * len(manifest.tensors) + 1024 + extra
     return [SafetensorsStreamWriter(staging / name, shard, reserve) for name, shard in zip(file_names, shards)]
 
 
@@ -179,7 +185,7 @@ def _stream(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, wr
     background = BackgroundWorker()
     try:
         for p, (name, tensor) in zip(plan.tensors, prefetched(checkpoint.iter_tensors(names))):
-            stored = _convert_one(p, tensor, plan, settings, calibrated)
+            stored = _convert_one(p, tensor, plan, settings, calibrated, checkpoint)
             background.submit(lambda stored=stored, record=p.record: _write_all(stored, record, writer_of))
             done += checkpoint.tensors[name].nbytes
             if progress:
@@ -189,10 +195,13 @@ def _stream(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, wr
 
 
 def _convert_one(p: PlannedTensor, tensor: torch.Tensor, plan: ConversionPlan, settings: Settings,
-                 calibrated: CalibratedResults | None) -> dict[str, torch.Tensor]:
+                 calibrated: CalibratedResults | None, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The stored tensors for one source tensor; fills in its record's error."""
     record, name = p.record, p.record.name
     result, error = calibrated.result(name) if calibrated is not None and name in calibrated else (None, None)
+    if record.action == "quantized" and result is None and isinstance(checkpoint, QuantizedCheckpoint) \
+            and name in checkpoint.modules:
+        result = _from_quantized_source(checkpoint, name, p.scheme.config, record)
     if record.action == "quantized":
         q = result if result is not None else plan.quantizer_of(p).quantize(name, tensor, None)
         record.relative_mse = error if error is not None else relative_error(tensor, q)
@@ -200,6 +209,24 @@ def _convert_one(p: PlannedTensor, tensor: torch.Tensor, plan: ConversionPlan, s
     if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
         tensor, record.reason = result, f"{record.reason}; rescaled by {plan.calibrated.name}"
     return {name: tensor.to(kept_dtype(tensor.dtype, settings))}
+
+
+def _from_quantized_source(checkpoint: QuantizedCheckpoint, name: str, config: QuantConfig,
+                           record: TensorRecord) -> QuantizedTensor | None:
+    """The source's own codes and scales when they are on the requested grid (repacked exactly), else
+    None, and the record says the weight was dequantized and quantized again."""
+    source = checkpoint.quantized(name)
+    described = checkpoint.describe(name)
+    columns = source.shape[1] if source is not None else checkpoint.tensors[name].shape[1]
+    same = source is not None and source.bits == config.bits and source.group_size == config.group_size_for(columns) \
+        and source.scales.dtype == SCALE_DTYPES[config.scale_dtype] and (source.zeros is None or not config.symmetric)
+    if not same:
+        record.reason += f"; {REQUANTIZED} {described} source"
+        return None
+    record.reason += f"; codes and scales repacked exactly from the {described} source"
+    if source.zeros is None and not config.symmetric:  # a symmetric grid is an asymmetric one with centred zeros
+        source = dataclasses.replace(source, zeros=torch.full(source.scales.shape, 2 ** (source.bits - 1), dtype=torch.uint8))
+    return dataclasses.replace(source, dtype=checkpoint.tensors[name].dtype)
 
 
 def _write_all(stored: dict[str, torch.Tensor], record: TensorRecord, writer_of: dict) -> None:

@@ -162,3 +162,21 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
         else:
             targets.extend(sorted(members))
     return targets
+
+
+def schemes_from_config(quantization_config: dict, modules: set[str]) -> dict[str, tuple | None]:
+    """module -> (bits, group size or 0, symmetric) of the first config group targeting it (a module
+    name, a "re:" pattern or the class name Linear), or None: how readers resolve `targets`."""
+    rules = []
+    for group in (quantization_config.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        scheme = (weights.get("num_bits"), weights.get("group_size") or 0, weights.get("symmetric", True))
+        rules += [(target, scheme) for target in group.get("targets", [])]
+
+    def scheme_of(module: str) -> tuple | None:
+        for target, scheme in rules:
+            if (target.startswith("re:") and re.match(target[3:], module)) or target in ("Linear", module):
+                return scheme
+        return None
+
+    return {module: scheme_of(module) for module in modules}

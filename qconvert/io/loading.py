@@ -167,7 +167,9 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
             tensors.setdefault(info.name, info)
     if not tensors:
         raise SourceError(f"{source} holds no tensors.")
-    return Checkpoint(str(source), folder, files, tensors, hub_id=hub_id, revision=revision)
+    from qconvert.io.quantized_sources import open_quantized
+
+    return open_quantized(Checkpoint(str(source), folder, files, tensors, hub_id=hub_id, revision=revision))
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 23) -> str:
