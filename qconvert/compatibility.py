@@ -231,4 +231,6 @@ def _config(path: Path) -> dict:
 def _headers(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     from qconvert.io.loading import open_checkpoint
 
-    return {name: (info.dtype, tuple(info.shape)) for name, info in open_checkpoint(path).tensors.items()}
+    checkpoint = open_checkpoint(path)
+    stored = getattr(checkpoint, "stored", None) or checkpoint  # the stored tensors, not a quantized source's weights
+    return {name: (info.dtype, tuple(info.shape)) for name, info in stored.tensors.items()}

@@ -135,10 +135,26 @@ def _write_tokenizer(writer, config: dict, output: Path, gguf) -> None:
         else:
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(_pre_tokenizer(output / "tokenizer.json"))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(output, load_merges=True, n_vocab=size).add_to_gguf(writer)
+
+
+def _pre_tokenizer(tokenizer_file: Path) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer split. Its "default" splits punctuation and
+    digit runs its own way, so a file that says "default" for a GPT-2-style tokenizer is scored on
+    different tokens than transformers sees (SmolLM2: llama-perplexity 24.9 instead of 18.x for Q4_0)."""
+    import json
+
+    pre = json.loads(tokenizer_file.read_text()).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex")) for p in parts]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"  # the GPT-2 split regex, as ByteLevel(use_regex) applies it
+    if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"  # every digit alone, then the GPT-2 regex
+    return "default"
 
 
 def _llama_rope_order(value, name: str, config: dict):
