@@ -77,6 +77,7 @@ def _forward_saving_inputs(blocks: DecoderBlocks, inputs, scratch: Path) -> list
     return saved
 
 
+@torch.enable_grad()  # whatever the caller's grad mode: this is backpropagation
 def _head(blocks: DecoderBlocks, outputs: list[torch.Tensor], windows: torch.Tensor,
           names: list[str]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The loss's gradient with respect to the last block's outputs, per window, and the Fisher of any
@@ -94,6 +95,7 @@ def _head(blocks: DecoderBlocks, outputs: list[torch.Tensor], windows: torch.Ten
     return gradients, fisher
 
 
+@torch.enable_grad()
 def _backward_through_block(blocks: DecoderBlocks, index: int, inputs: list[torch.Tensor], kwargs: list[dict],
                             gradients: list[torch.Tensor], names: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The Fisher of the block's named weights, and the loss's gradient with respect to its inputs."""
