@@ -51,8 +51,8 @@ def _check_quantized(manifest, record, stored) -> list[str]:
     if list(weight.shape) != record.shape:
         problems.append(f"{record.name}: unpacks to {list(weight.shape)}, manifest says {record.shape}")
     scales = q.scales.float()
-    if not (torch.isfinite(scales).all() and (scales > 0).all()):
-        problems.append(f"{record.name}: has non-positive or non-finite scales")
+    if not (torch.isfinite(scales).all() and (scales != 0).all()):  # symmetric scales carry a sign
+        problems.append(f"{record.name}: has zero or non-finite scales")
     return problems
 
 
