@@ -27,7 +27,7 @@ from pathlib import Path
 GRIDS = {"Q4_0": ["--bits", "4", "--group-size", "32", "--symmetric"],
          "Q4_1": ["--bits", "4", "--group-size", "32", "--asymmetric"],
          "Q8_0": ["--bits", "8", "--group-size", "32", "--symmetric"]}
-EMBEDDINGS_Q8_0 = '[[rules]]\nmatch = "embed_tokens"\nbits = 8\ngroup_size = 32\nsymmetric = true\n'
+EMBEDDINGS_Q8_0 = '[[rules]]\nmatch = "embed_tokens"\nquantizer = "rtn"\nbits = 8\ngroup_size = 32\nsymmetric = true\n'
 
 
 def run(command: list, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"], choices=sorted(GRIDS))
     parser.add_argument("--quantizers", nargs="+", default=["rtn", "clip"], help="qconvert quantizers to export with")
     parser.add_argument("--calib", type=Path, help="calibration text, for gptq/awq among --quantizers")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens for gptq/awq")
     parser.add_argument("--chunks", type=int, default=40, help="512-token chunks llama-perplexity scores")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--keep", type=Path, help="keep the GGUF files in this folder")
@@ -83,7 +84,7 @@ def main() -> None:
         rows.append((f"llama-quantize {gguf_type}", reference, seconds))
         for quantizer in args.quantizers:
             ours = scratch / f"qconvert-{quantizer}-{gguf_type}.gguf"
-            calibration = ["--calib", args.calib] if quantizer in ("gptq", "awq") else []
+            calibration = ["--calib", args.calib, "--calib-samples", args.calib_samples] if quantizer in ("gptq", "awq") else []
             _, seconds = run([sys.executable, "-m", "qconvert.cli", "model", args.source, "-o", ours, "--force", "--format", "gguf",
                               "-q", quantizer, *GRIDS[gguf_type], "--recipe", recipe, *calibration])
             rows.append((f"qconvert {quantizer} → {gguf_type}", ours, seconds))
