@@ -520,11 +520,8 @@ def verify(
             raise QualityGateError(f"quality gate failed: {'; '.join(gate)}.")
         if as_json:
             print(json.dumps({"ok": not problems, "tensors_checked": checked, "problems": problems, "gate": gate, "totals": totals}))
-        elif problems:
-            for problem in problems:
-                stderr.print(f"[red]✗[/] {problem}", highlight=False)
         else:
-            stderr.print(f"[green]✓[/] {path}: {checked} tensors verified", highlight=False)
+            _print_problems(problems, f"{path}: {checked} tensors verified")
         return VerificationError.exit_code if problems else 0
 
     _run(action)
@@ -553,14 +550,20 @@ def check(
         if as_json:
             print(json.dumps({"ok": not problems, "format": found, "runtime": runtime.value,
                               "problems": [p.to_dict() for p in problems]}, sort_keys=True))
-        elif problems:
-            for problem in problems:
-                stderr.print(f"[red]✗[/] {problem.tensor + ': ' if problem.tensor else ''}{problem.message}", highlight=False)
         else:
-            stderr.print(f"[green]✓[/] {path} ({found}) has what {runtime.value} needs", highlight=False)
+            _print_problems([f"{p.tensor + ': ' if p.tensor else ''}{p.message}" for p in problems],
+                            f"{path} ({found}) has what {runtime.value} needs")
         return VerificationError.exit_code if problems else 0
 
     _run(action)
+
+
+def _print_problems(problems: list[str], all_good: str) -> None:
+    """One ✗ line per problem on stderr, or one ✓ line when there are none."""
+    for problem in problems:
+        stderr.print(f"[red]✗[/] {problem}", highlight=False)
+    if not problems:
+        stderr.print(f"[green]✓[/] {all_good}", highlight=False)
 
 
 @app.command()

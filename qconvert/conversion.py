@@ -217,7 +217,7 @@ def _from_quantized_source(checkpoint: QuantizedCheckpoint, name: str, config: Q
     None, and the record says the weight was dequantized and quantized again."""
     source = checkpoint.quantized(name)
     described = checkpoint.describe(name)
-    columns = source.shape[1] if source is not None else checkpoint.tensors[name].shape[1]
+    columns = checkpoint.tensors[name].shape[1]
     same = source is not None and source.bits == config.bits and source.group_size == config.group_size_for(columns) \
         and source.scales.dtype == SCALE_DTYPES[config.scale_dtype] and (source.zeros is None or not config.symmetric)
     if not same:

@@ -35,14 +35,20 @@ def current_rss() -> int:
 def peak_rss() -> int:
     """This process's own peak resident memory in bytes: VmHWM on Linux, which exec resets (ru_maxrss
     of a child also counts the memory of the parent it was forked from), else ru_maxrss."""
+    high_water = proc_kilobytes("/proc/self/status", "VmHWM")
+    return high_water if high_water is not None else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def proc_kilobytes(path: str, key: str) -> int | None:
+    """The "key: N kB" line of a /proc file, in bytes; None off Linux."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return None
 
 
 def maxrss_bytes(ru_maxrss: int) -> int:

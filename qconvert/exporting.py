@@ -16,6 +16,12 @@ from qconvert.errors import SourceError
 from qconvert.manifest import MANIFEST_FILE
 
 FORMATS = ("gguf", "mlx", "gptq", "compressed-tensors")
+WEIGHTS_FILE = "model.safetensors"
+
+
+def recomputed_by_runtimes(name: str) -> bool:
+    """Buffers every runtime rebuilds itself, which no export writes."""
+    return name.endswith("rotary_emb.inv_freq")
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from qconvert.errors import OutputError, SourceError, UnsupportedModelError
-from qconvert.exporting import ExportReport
+from qconvert.exporting import ExportReport, recomputed_by_runtimes
 from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers.base import QuantizedTensor, dequantize
@@ -57,7 +57,7 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
     for record, stored in iter_records(output, manifest):
         target = names.get_name(record.name, try_suffixes=(".weight", ".bias"))
         if target is None:
-            if record.name.endswith("rotary_emb.inv_freq"):
+            if recomputed_by_runtimes(record.name):
                 continue
             raise UnsupportedModelError(f"{record.name} has no GGUF name for the llama architecture.")
         if record.action == "quantized":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import UnsupportedModelError
-from qconvert.exporting import ExportReport, copy_tokenizer_files, read_config
+from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config, recomputed_by_runtimes
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
@@ -34,7 +34,6 @@ from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
 from qconvert.quantizers.rtn import rtn_quantize
 
 GPTQ_BITS = (2, 4, 8)  # 3-bit GPTQ packs across words in its own pattern: not written
-WEIGHTS_FILE = "model.safetensors"
 BLOCK = re.compile(r"\.\d+\.")  # the ".3." of model.layers.3.mlp.up_proj
 
 
@@ -83,7 +82,7 @@ def _model_grid(linears: list[TensorRecord]) -> tuple[int, int, bool]:
 
 def _target(record: TensorRecord, kinds: set[str]) -> str:
     """What the tensor becomes: "skip", "copy" (as stored), "float16" (dequantized) or "gptq"."""
-    if record.name.endswith("rotary_emb.inv_freq"):
+    if recomputed_by_runtimes(record.name):
         return "skip"
     if _is_linear(record) and _module_kind(record.name) in kinds:
         return "gptq"  # a loader replaces every module of a quantized kind, so all of them need codes

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qconvert.exporting import ExportReport, copy_tokenizer_files, read_config
+from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config, recomputed_by_runtimes
 from qconvert.io.loading import DTYPE_NAMES
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import TensorRecord, read_manifest
@@ -28,7 +28,6 @@ from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
 from qconvert.quantizers.rtn import rtn_quantize
 
 MLX_GROUP_SIZES = (128, 64, 32)
-WEIGHTS_FILE = "model.safetensors"
 
 
 def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportReport:
@@ -51,7 +50,7 @@ def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportRe
                     q = quantized_tensor(manifest, record, stored)
                     for name, tensor in _mlx_tensors(record.name, q, grids[record.name], report).items():
                         writer.write(name, tensor)
-                elif not _skipped(record):
+                elif not recomputed_by_runtimes(record.name):
                     writer.write(record.name, stored[record.name])
                     report.exact.append(record.name)
             writer.finish({"format": "mlx"})
@@ -75,7 +74,7 @@ def mlx_grid(record: TensorRecord) -> tuple[int, int] | None:
 
 def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpec]:
     if record.action != "quantized":
-        return [] if _skipped(record) else [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
+        return [] if recomputed_by_runtimes(record.name) else [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
     if grid is None:
         return [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
     (rows, columns), (bits, group) = record.shape, grid
@@ -118,10 +117,6 @@ def _quantization_config(grids: dict[str, tuple[int, int] | None]) -> dict:
         if grid and grid != (bits, group):
             config[name.removesuffix(".weight")] = {"group_size": grid[1], "bits": grid[0]}
     return config
-
-
-def _skipped(record: TensorRecord) -> bool:
-    return record.name.endswith("rotary_emb.inv_freq")  # recomputed by every runtime
 
 
 def _mlx_config(output: Path) -> dict:

@@ -106,14 +106,9 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
 
 def available_memory() -> int | None:
     """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None off Linux."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from qconvert.events import proc_kilobytes
+
+    return proc_kilobytes("/proc/meminfo", "MemAvailable")
 
 
 def free_disk(destination: Path) -> int | None:

@@ -23,7 +23,7 @@ IDS = [1, 504, 3458, 282, 253, 1345, 30, 378, 314, 260, 3465, 2114, 288, 822, 26
 
 @pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (3, 64, False), (8, 64, False), (2, 32, True)])
 def test_mlx_dequantizes_every_tensor_as_qconvert_does(tmp_path, tiny_lm, bits, group, symmetric):
-    mx = pytest.importorskip("mlx.core")
+    import mlx.core as mx  # a test dependency (qconvert[mlx]): never skipped
     out = convert(tiny_lm, tmp_path / "out", Settings(bits=bits, group_size=group, symmetric=symmetric)).output
     report = export(out, "mlx")
     stored = mx.load(str(report.destination / "model.safetensors"))
@@ -44,7 +44,6 @@ def test_mlx_dequantizes_every_tensor_as_qconvert_does(tmp_path, tiny_lm, bits, 
 
 
 def test_mlx_requantizes_grids_it_lacks_and_says_so(tmp_path, tiny_lm):
-    pytest.importorskip("mlx.core")
     out = convert(tiny_lm, tmp_path / "out", Settings(bits=4, group_size=16)).output  # MLX has no groups of 16
     result = runner.invoke(app, ["export", str(out), "--to", "mlx", "--json"])
     assert result.exit_code == 0, result.output
@@ -55,7 +54,6 @@ def test_mlx_requantizes_grids_it_lacks_and_says_so(tmp_path, tiny_lm):
 def test_mlx_lm_runs_the_export_of_smollm2_like_qconvert(tmp_path, real_models):
     """The real client: mlx_lm.load builds the model from the exported folder, and its logits match
     qconvert's dequantized model (MLX computes in the checkpoint's bfloat16)."""
-    pytest.importorskip("mlx_lm")
     import mlx.core as mx
     from mlx_lm import load
 

@@ -16,6 +16,7 @@ them instead of quantizing again. The formats, as their projects document them:
   qconvert writes them (`formats/compressed_tensors.py`), schemes from `config_groups`.
 """
 
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from qconvert.errors import SourceError
 from qconvert.io.loading import Checkpoint, TensorInfo
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
+RECENT = 4  # decoded modules kept: the prefetch depth plus the one being converted, and a spare
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's packing: bits 4i of a word hold column AWQ_ORDER[i]
 
 
@@ -49,6 +51,8 @@ class QuantizedCheckpoint(Checkpoint):
     modules: dict[str, _Module] = field(default_factory=dict)  # logical weight name -> its parts
     checkpoint_format: str = "gptq"
     float_dtype: torch.dtype = torch.float16
+    _recent: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def iter_tensors(self, names: list[str], hash_on_the_way: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
@@ -59,17 +63,26 @@ class QuantizedCheckpoint(Checkpoint):
 
     def quantized(self, name: str) -> QuantizedTensor | None:
         """The exact codes and scales behind a logical weight, or None (kept tensor, or act-order GPTQ)."""
-        module = self.modules.get(name)
-        if module is None:
-            return None
-        parts = dict(self.stored.iter_tensors(list(module.parts.values()), hash_on_the_way=False))
-        return _DECODERS[self.method](self, module, {role: parts[n] for role, n in module.parts.items()})[0]
+        return self._decoded(name)[0] if name in self.modules else None
 
     def float_weight(self, name: str) -> torch.Tensor:
+        q, weight = self._decoded(name)
+        return weight if q is None else dequantize(q, self.float_dtype)
+
+    def _decoded(self, name: str) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
+        """Read and decode a module's parts once: a conversion asks for its float weight (on the prefetch
+        thread, up to two tensors ahead) and then for its codes, so the last few stay at hand."""
+        with self._lock:
+            if name in self._recent:
+                return self._recent[name]
         module = self.modules[name]
         parts = dict(self.stored.iter_tensors(list(module.parts.values()), hash_on_the_way=False))
-        q, weight = _DECODERS[self.method](self, module, {role: parts[n] for role, n in module.parts.items()})
-        return weight if q is None else dequantize(q, self.float_dtype)
+        decoded = _DECODERS[self.method](self, module, {role: parts[n] for role, n in module.parts.items()})
+        with self._lock:
+            self._recent[name] = decoded
+            while len(self._recent) > RECENT:
+                del self._recent[next(iter(self._recent))]
+        return decoded
 
     def describe(self, name: str) -> str:
         m = self.modules[name]
@@ -92,9 +105,10 @@ def open_quantized(raw: Checkpoint) -> Checkpoint:
     modules = _MODULES[method](raw, quantization)
     dtype = _float_dtype(raw)
     consumed = {n for m in modules.values() for n in m.parts.values()}
+    weight_at = {next(iter(m.parts.values())): weight for weight, m in modules.items()}
     tensors = {}
     for name, info in raw.tensors.items():  # file order; a module's weight where its first part was
-        module = next((w for w, m in modules.items() if name == next(iter(m.parts.values()))), None)
+        module = weight_at.get(name)
         if module is not None:
             tensors[module] = TensorInfo(module, dtype, modules[module].shape, info.file)
         elif name not in consumed:
