@@ -8,10 +8,12 @@ Exit codes (documented in the README):
   130 interrupted
 """
 
+import errno
 import json
 import re
+import signal
 import sys
-import tempfile
+import traceback
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -21,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
@@ -31,13 +34,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-stderr = Console(stderr=True)
+# markup=False everywhere: paths, tensor names and messages are printed as they are ("qconvert[hf]"
+# must not lose its brackets); styles come only from `_say`'s Text.
+stderr = Console(stderr=True, markup=False, highlight=False)
 
 
 def _stdout() -> Console:
     # Tables piped to a file or a CI log should not wrap at 80 columns.
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
+    console = Console(markup=False, highlight=False)
+    return console if console.is_terminal else Console(width=200, markup=False, highlight=False)
+
+
+def _say(label: str, style: str, text: str, console: Console | None = None) -> None:
+    """One line: a styled label, then `text` exactly as given."""
+    (console or stderr).print(Text.assemble((label, style), " ", text), soft_wrap=True)
 _debug = False
 
 
@@ -73,20 +83,59 @@ class ScaleDtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what CI runners and `timeout` send), handled exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def _run(action: Callable[[], int | None]) -> None:
-    """Run a command body; a user error becomes one line on stderr and its exit code."""
+    """Run a command body; a user error, an OS error or an interruption becomes one line on stderr and its
+    exit code. Anything else is a bug in qconvert: its traceback is kept, with a request to report it."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = action()
     except QConvertError as exc:
         if _debug:
             raise
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _say("error:", "bold red", str(exc))
         raise typer.Exit(code=exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("interrupted; nothing was written.")
-        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt as exc:
+        kept = getattr(exc, "qconvert_note", None)
+        stderr.print(f"{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; nothing was published."
+                     + (f" {kept}" if kept else ""))
+        raise typer.Exit(code=143 if isinstance(exc, _Terminated) else 130) from None
+    except OSError as exc:
+        if _debug:
+            raise
+        code = 6 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+        _say("error:", "bold red", _os_error_sentence(exc))
+        raise typer.Exit(code=code) from None
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise  # usage errors: typer prints them itself (exit 2)
+    except Exception:
+        traceback.print_exc()
+        _say("error:", "bold red", f"this is a bug in qconvert {__version__}; please report it with the traceback above.")
+        raise typer.Exit(code=1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code:
         raise typer.Exit(code=code)
+
+
+def _os_error_sentence(exc: OSError) -> str:
+    """One sentence for an OS error: what failed, on which path, and what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    advice = {errno.ENOSPC: "free some space or write the output elsewhere with -o",
+              errno.EDQUOT: "free some space or write the output elsewhere with -o",
+              errno.EACCES: "check the permissions, or write the output elsewhere with -o",
+              errno.EPERM: "check the permissions, or write the output elsewhere with -o",
+              errno.EROFS: "write the output elsewhere with -o",
+              errno.ENOENT: "check that the path exists and was not moved away while qconvert ran"}.get(exc.errno, "")
+    return f"{reason}{':' if where else ''}{where}; nothing was published" + (f" ({advice})." if advice else ".")
 
 
 def parse_size(text: str) -> int:
@@ -100,16 +149,20 @@ def parse_size(text: str) -> int:
     return int(number * scale)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     global _debug
     _debug = debug
     if version:
-        _stdout().print(f"qconvert {__version__}")
+        print(f"qconvert {__version__}")
         raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
+        raise typer.Exit(code=2)
 
 
 RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults.")]
@@ -156,6 +209,7 @@ def model(
     events: Annotated[Optional[Path], typer.Option(help="Append a JSON-lines stream of progress events (phase, tensor i of N, RSS, ETA, errors) to this file.")] = None,
     output_format: Annotated[OutputFormat, typer.Option("--format", help="qconvert: safetensors + manifest; gguf, mlx, gptq: that runtime's format (converted, then exported); compressed-tensors: that layout or an error.")] = OutputFormat.qconvert,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists, and start even when the plan predicts too little memory or disk.")] = False,
+    check_runtime: Annotated[bool, typer.Option("--check/--no-check", help="Before publishing a compressed-tensors output, run transformers' own loading of it on the meta device and refuse it if any weight would be missing or ignored.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest (or another runtime's format)."""
@@ -184,22 +238,26 @@ def model(
             with _exported_as(output_format.value, source, output, settings, force) as (destination, exporter):
                 result = convert(source, destination, settings, force=force, revision=revision,
                                  command=["qconvert", *sys.argv[1:]], progress=on_tensor, calibration_progress=on_block,
-                                 check_resources=not force)
+                                 check_resources=not force, check_runtime=check_runtime)
                 exported = exporter(result.output)
             log.done(result)
         totals = result.manifest.totals
         warnings = _requantized_warning(result.manifest)
+        if result.runtime_check and not result.runtime_check["ok"]:
+            warnings.append(f"transformers would not load this output correctly ({result.runtime_check['note']}): "
+                            + "; ".join(f"{p['tensor'] or ''} {p['message']}".strip() for p in result.runtime_check["problems"][:3]))
         for warning in warnings:
-            stderr.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            _say("warning:", "yellow", warning)
         if as_json:
             from qconvert.events import peak_rss
 
             print(json.dumps({"output": str(exported.destination if exported else result.output), "layout": result.manifest.layout,
                               "peak_rss_bytes": peak_rss(), "files": [str(f) for f in result.files],
-                              "export": exported.to_dict() if exported else None, "warnings": warnings, **totals}, sort_keys=True))
+                              "export": exported.to_dict() if exported else None, "warnings": warnings,
+                              "runtime_check": result.runtime_check, **totals}, sort_keys=True))
         else:
             stderr.print(
-                f"wrote [bold]{result.output}[/] ({result.manifest.layout} layout): "
+                f"wrote {result.output} ({result.manifest.layout} layout): "
                 f"{totals['stored_bytes'] / 1e6:.1f} MB, {totals['quantized_bits_per_weight']} bits per quantized weight, "
                 f"{totals['bits_per_weight']} overall", highlight=False)
             if exported:
@@ -223,21 +281,34 @@ def _requantized_warning(manifest) -> list[str]:
 @contextmanager
 def _exported_as(output_format: str, source: str, output: Path | None, settings, force: bool):
     """Yield (where to convert, what to do with the result): for qconvert and compressed-tensors the
-    output itself; for gguf, mlx and gptq a scratch folder beside the final destination, exported
-    from and then removed (the destination appears only once complete)."""
+    output itself; for gguf, mlx and gptq a scratch folder `.<final>.qconvert-scratch` beside the final
+    destination, exported from and then removed (the destination appears only once complete).
+
+    The scratch folder's name is fixed, so a rerun of an interrupted calibrated conversion finds its
+    calibration store there and resumes; the final destination's lock is held throughout, so no other
+    run uses it meanwhile. It is removed on success and on error, and kept after an interruption only
+    when it holds finished calibration blocks (the interruption's note says where)."""
     from qconvert.conversion import default_output
-    from qconvert.errors import OutputError
     from qconvert.exporting import default_destination, export
+    from qconvert.io.writing import check_destination, output_lock, remove_path
 
     if output_format in ("qconvert", "compressed-tensors"):
         yield output, lambda converted: None
         return
     final = Path(output) if output else default_destination(default_output(source, settings), output_format)
-    if final.exists() and not force:
-        raise OutputError(f"{final} already exists; pass --force to overwrite it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.") as scratch:
-        yield Path(scratch) / "qconvert", lambda converted: export(converted, output_format, final, force)
+    check_destination(final, force, [Path(source)] if Path(source).exists() else [])
+    scratch = final.with_name(f".{final.name}.qconvert-scratch")
+    with output_lock(final):
+        try:
+            yield scratch / "qconvert", lambda converted: export(converted, output_format, final, force)
+        except KeyboardInterrupt:
+            if not any(scratch.glob(".*.qconvert-calibration/block-*.safetensors")):
+                remove_path(scratch)
+            raise
+        except BaseException:
+            remove_path(scratch)
+            raise
+        remove_path(scratch)
 
 
 def _settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
@@ -277,7 +348,7 @@ def recipe_check(
             if as_json:
                 print(json.dumps(summary, sort_keys=True))
             else:
-                stderr.print(f"[green]✓[/] {file}: valid; {len(recipe.rules)} rules, defaults {recipe.defaults}", highlight=False)
+                _say("✓", "green", f"{file}: valid; {len(recipe.rules)} rules, defaults {recipe.defaults}")
             return
         _print_plan(model_source, _settings_from_flags(file, {}, {}), full, as_json)
 
@@ -347,7 +418,7 @@ def _print_plan(source: str, settings, full: bool, as_json: bool, output: Path |
                   f"{_gb(prediction.available_memory_bytes)}), disk {prediction.disk_bytes / 1e9:.2f} GB (free "
                   f"{_gb(prediction.free_disk_bytes)}), about {prediction.seconds:.0f} s.", highlight=False)
         for problem in prediction.problems():
-            out.print(f"[red]✗[/] {problem}", highlight=False)
+            _say("✗", "red", problem, out)
 
 
 def _gb(value: int | None) -> str:
@@ -414,7 +485,7 @@ def export(
 
 
 def _print_export(report) -> None:
-    stderr.print(f"wrote [bold]{report.destination}[/] ({report.format}): {len(report.exact)} tensors exact, "
+    stderr.print(f"wrote {report.destination} ({report.format}): {len(report.exact)} tensors exact, "
                  f"{len(report.repacked)} repacked on the same grid (offsets rounded to the scales' float type), "
                  f"{len(report.requantized)} requantized", highlight=False)
     for name in report.requantized:
@@ -538,15 +609,17 @@ class Runtime(str, Enum):
 def check(
     path: Annotated[Path, typer.Argument(help="A model folder (any format qconvert writes) or a .gguf file.")],
     runtime: Annotated[Runtime, typer.Option("--runtime", help="The runtime that is to load it.")],
+    forward: Annotated[bool, typer.Option("--forward", help="Also load the weights in the runtime and compare its logits on a few tokens with qconvert's dequantized model.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Check, from headers alone, that a runtime would load the model: config, tensor names, dtypes, shapes
-    and schemes its loaders and kernels accept. Exit 3, with every problem and its tensor, if not."""
+    """Check that a runtime would load the model: config, tensor names, dtypes, shapes and schemes its
+    loaders and kernels accept, and for transformers its own loading path run on the meta device (every
+    weight it would leave missing or ignore). Exit 3, with every problem and its tensor, if not."""
     from qconvert.compatibility import check as check_runtime
     from qconvert.errors import VerificationError
 
     def action() -> int:
-        found, problems = check_runtime(path, runtime.value)
+        found, problems = check_runtime(path, runtime.value, forward=forward)
         if as_json:
             print(json.dumps({"ok": not problems, "format": found, "runtime": runtime.value,
                               "problems": [p.to_dict() for p in problems]}, sort_keys=True))
@@ -561,9 +634,9 @@ def check(
 def _print_problems(problems: list[str], all_good: str) -> None:
     """One ✗ line per problem on stderr, or one ✓ line when there are none."""
     for problem in problems:
-        stderr.print(f"[red]✗[/] {problem}", highlight=False)
+        _say("✗", "red", problem)
     if not problems:
-        stderr.print(f"[green]✓[/] {all_good}", highlight=False)
+        _say("✓", "green", all_good)
 
 
 @app.command()
@@ -587,7 +660,7 @@ def quantizers(
             return
         table = Table("name", "class", "needs calibration", "description")
         for r in rows:
-            table.add_row(r["name"], r["class"] or "[red]failed to load[/]", "" if r["error"] else ("yes" if r["calibration"] else "no"),
+            table.add_row(r["name"], r["class"] or Text("failed to load", style="red"), "" if r["error"] else ("yes" if r["calibration"] else "no"),
                           r["error"] or r["description"])
         _stdout().print(table)
 
@@ -653,7 +726,7 @@ def _print_eval(result) -> None:
              ("prefill", f"{result.prefill_tokens_per_s:.1f} tokens/s"), ("decode", f"{result.decode_ms_per_token:.1f} ms/token")]
     for key, value in rows:
         table.add_row(key, value)
-    Console(stderr=True, width=None if stderr.is_terminal else 160).print(table)
+    Console(stderr=True, width=None if stderr.is_terminal else 160, markup=False).print(table)
 
 
 @app.command()

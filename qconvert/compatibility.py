@@ -2,6 +2,13 @@
 headers alone: the config's schema, tensor names, dtypes and shapes, and the quantization schemes the
 runtime's loaders and kernels accept. Each problem names the tensor it concerns.
 
+For transformers, headers are not the last word: `loading_problems` builds the model from the
+output's config on the meta device and runs transformers' own loading path (its key renames,
+converters and quantizer integration) with `output_loading_info`, so every tensor it would leave
+missing (initialised at random), ignore, or fail to convert is a problem; `forward_problems` loads the
+weights for real and compares the runtime's logits on a few tokens with qconvert's own dequantized
+model.
+
 The rules are the runtimes' documented ones, as of the versions the tests load with:
 - transformers: float checkpoints; compressed-tensors (linear layers only, every quantized module
   with weight_packed / weight_scale / weight_shape, zero points for asymmetric groups); GPTQ
@@ -25,6 +32,7 @@ import torch
 from qconvert.errors import SourceError
 from qconvert.formats.compressed_tensors import schemes_from_config
 from qconvert.manifest import MANIFEST_FILE
+from qconvert.runtime import quiet_libraries
 
 RUNTIMES = ("transformers", "llama.cpp", "mlx", "vllm")
 FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
@@ -63,8 +71,12 @@ def detect_format(path: Path) -> str:
     return "float"
 
 
-def check(path: Path, runtime: str) -> tuple[str, list[Problem]]:
-    """(the format found, every problem `runtime` would have loading it); no problems: it loads."""
+def check(path: Path, runtime: str, forward: bool = False) -> tuple[str, list[Problem]]:
+    """(the format found, every problem `runtime` would have loading it); no problems: it loads.
+
+    With `forward`, also run a few tokens through the runtime and compare its logits with qconvert's
+    dequantized model of the same files (`forward_problems`).
+    """
     found = detect_format(path)
     accepted = {"transformers": {"float", "compressed-tensors", "gptq", "gguf"}, "llama.cpp": {"gguf"},
                 "mlx": {"float", "mlx"}, "vllm": {"float", "compressed-tensors", "gptq"}}[runtime]
@@ -74,7 +86,101 @@ def check(path: Path, runtime: str) -> tuple[str, list[Problem]]:
                                      f"`qconvert export {path} --to {advice}` writes one it does.")]
     checks = {"gguf": _check_gguf, "mlx": _check_mlx, "gptq": _check_gptq,
               "compressed-tensors": _check_compressed_tensors, "float": lambda p, r: []}
-    return found, checks[found](path, runtime)
+    problems = checks[found](path, runtime)
+    if runtime == "transformers" and found != "gguf" and not problems:
+        problems = loading_problems(path)
+    if forward and not problems:
+        problems = forward_problems(path, runtime, found)
+    return found, problems
+
+
+def _transformers_load(path: Path, **kwargs):
+    """transformers' AutoModelForCausalLM (or AutoModel) loading of `path`, with its loading report."""
+    import transformers
+
+    from qconvert.runtime import _quiet_transformers
+
+    _quiet_transformers()
+    config = _config(path)
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in config.get("architectures") or [])
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model_class = getattr(transformers, (config.get("architectures") or [""])[0], None) or auto
+    return model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+
+
+def loading_problems(path: Path) -> list[Problem]:
+    """Every tensor transformers would leave missing, ignore, mismatch or fail to convert when loading
+    `path`, found by running its loading path with every parameter on the meta device (no data read)."""
+    try:
+        with quiet_libraries():
+            _, info = _transformers_load(path, device_map="meta", ignore_mismatched_sizes=True)
+    except Exception as exc:  # anything transformers raises means it does not load
+        return [Problem(None, _cannot_load(exc))]
+    return _loading_info_problems(info)
+
+
+def _cannot_load(exc: Exception) -> str:
+    from importlib.metadata import PackageNotFoundError
+
+    if isinstance(exc, (ImportError, PackageNotFoundError)):
+        return f"transformers cannot load it on this machine: a package it needs for this format is not installed ({_first_line(exc)})"
+    return f"transformers cannot load it: {_first_line(exc)}"
+
+
+def _loading_info_problems(info: dict) -> list[Problem]:
+    why = {"missing_keys": "missing: transformers would initialise it at random",
+           "unexpected_keys": "unexpected: transformers would ignore it",
+           "mismatched_keys": "has a shape the model does not expect: transformers would initialise it at random"}
+    problems = [Problem(str(key[0] if isinstance(key, tuple) else key), message)
+                for field, message in why.items() for key in sorted(info.get(field) or [], key=str)]
+    problems += [Problem(None, f"transformers reported: {_first_line(m)}") for m in info.get("error_msgs") or []]
+    return problems
+
+
+FORWARD_TOKENS = 16
+FORWARD_TOLERANCE = 1e-2  # largest logit difference allowed, relative to the largest logit
+
+
+def forward_problems(path: Path, runtime: str, found: str) -> list[Problem]:
+    """Run FORWARD_TOKENS tokens through `runtime`'s own loading of `path` and through qconvert's
+    dequantized model of the same files (float32), and fail when their logits differ by more than
+    FORWARD_TOLERANCE of the largest logit."""
+    import torch
+
+    if runtime != "transformers" or found not in ("compressed-tensors", "float"):
+        return [Problem(None, f"check --forward runs transformers on qconvert outputs and float checkpoints; "
+                              f"not {runtime} on {found}")]
+    from qconvert.output import load_model
+
+    try:
+        with quiet_libraries():
+            model, info = _transformers_load(path, dtype=torch.float32)
+    except Exception as exc:
+        return [Problem(None, _cannot_load(exc))]
+    problems = _loading_info_problems(info)
+    if problems:
+        return problems
+    with quiet_libraries():
+        reference = load_model(path) if found == "compressed-tensors" else _transformers_load(path, dtype=torch.float32)[0]
+    vocabulary = getattr(model.config, "vocab_size", None) or 100
+    ids = torch.arange(1, FORWARD_TOKENS + 1).remainder(vocabulary).view(1, -1)
+    with torch.no_grad(), quiet_libraries():
+        ours, theirs = _first_output(reference.eval()(ids)), _first_output(model.eval()(ids))
+    difference = float((ours - theirs).abs().max())
+    scale = float(ours.abs().max()) or 1.0
+    if not difference <= FORWARD_TOLERANCE * scale:
+        return [Problem(None, f"transformers' logits differ from qconvert's dequantized model by up to {difference:.4g} "
+                              f"(largest logit {scale:.4g}; allowed {FORWARD_TOLERANCE:g} of it)")]
+    return []
+
+
+def _first_output(output):
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _first_line(exc: BaseException | str) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_compressed_tensors(path: Path, runtime: str) -> list[Problem]:
@@ -225,7 +331,13 @@ def _gguf_string(field) -> str | None:
 
 
 def _config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object of settings.")
+    return config
 
 
 def _headers(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

@@ -5,23 +5,26 @@ and dropped before the next is read.
 """
 
 import dataclasses
+import importlib.util
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from qconvert import __version__
 from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, calibrate
 from qconvert.calibration.store import BlockStore, calibration_folder
-from qconvert.errors import OutputError, SchemeError
+from qconvert.errors import SchemeError, VerificationError
 from qconvert.formats.base import Layout
 from qconvert.io.loading import Checkpoint, open_checkpoint
 from qconvert.io.threads import BackgroundWorker, prefetched
 from qconvert.io.writing import (
-    SafetensorsStreamWriter, TensorSpec, shard_file_names, split_into_shards, staged_directory, write_json,
+    SafetensorsStreamWriter, TensorSpec, check_destination, output_lock, remove_path, shard_file_names,
+    split_into_shards, staged_directory, write_json,
 )
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
 from qconvert.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
@@ -39,6 +42,7 @@ class ConversionResult:
     output: Path
     manifest: Manifest
     files: list[Path] = field(default_factory=list)
+    runtime_check: dict | None = None  # transformers' loading of the output, when it was checked
 
 
 def default_output(source: str, settings: Settings) -> Path:
@@ -61,6 +65,7 @@ def convert(
     progress: ProgressCallback | None = None,
     calibration_progress: BlockProgress | None = None,
     check_resources: bool = False,
+    check_runtime: bool = True,
 ) -> ConversionResult:
     """Quantize the checkpoint at `source` into a qconvert output folder.
 
@@ -74,19 +79,23 @@ def convert(
         progress: called after every tensor.
         calibration_progress: called at every stage of every block, for calibrated quantizers.
         check_resources: refuse to start when the predicted memory or disk exceeds what is free.
+        check_runtime: before publishing a compressed-tensors output, run transformers' loading of it on
+            the meta device and refuse it if any weight would be missing or ignored.
 
     Returns:
         The output folder, its manifest and the files written.
 
     Raises:
-        QConvertError: bad source, settings or output; nothing is left at `output`.
+        QConvertError: bad source, settings or output; nothing is left at `output`, and the source is
+            never written: an `output` that is, contains or lies inside the source is refused.
+        VerificationError: with `check_runtime`, transformers would load the output wrongly.
     """
     settings = settings or Settings()
     checkpoint = open_checkpoint(source, revision)
     destination = Path(output) if output else default_output(str(source), settings)
+    protected = source_paths(checkpoint)
+    check_destination(destination, force, protected)
     plan = planned_with_budget(checkpoint, settings)
-    if destination.exists() and not force:
-        raise OutputError(f"{destination} already exists; pass --force to overwrite it.")
     if check_resources:
         from qconvert.prediction import check_resources as check, predict
 
@@ -105,26 +114,81 @@ def convert(
         tensors=[p.record for p in planned],
         command=command,
     )
-    with staged_directory(destination, force) as staging:
-        calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
-        # the reasons of weights read from a quantized source grow by one clause while converting
-        extra = 160 * len(checkpoint.modules) if isinstance(checkpoint, QuantizedCheckpoint) else 0
-        writers = _open_writers(staging, file_names, shards, manifest, extra)
-        try:
-            _stream(checkpoint, plan, settings, writers, progress, calibrated)
-        except BaseException:
+    with output_lock(destination), _calibration_kept_only_when_interrupted(destination):
+        with staged_directory(destination, force, protected) as staging:
+            calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
+            # the reasons of weights read from a quantized source grow by one clause while converting
+            extra = 160 * len(checkpoint.modules) if isinstance(checkpoint, QuantizedCheckpoint) else 0
+            writers = _open_writers(staging, file_names, shards, manifest, extra)
+            try:
+                _stream(checkpoint, plan, settings, writers, progress, calibrated)
+            except BaseException:
+                for writer in writers:
+                    writer.close()
+                raise
+            manifest.source = _describe_source(checkpoint)  # the weights were hashed while being read
+            manifest.compute_totals()
+            metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
             for writer in writers:
-                writer.close()
-            raise
-        manifest.source = _describe_source(checkpoint)  # the weights were hashed while being read
-        manifest.compute_totals()
-        metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
-        for writer in writers:
-            writer.finish(metadata)
-        _write_sidecars(staging, checkpoint, manifest, layout, file_names, shards)
-    if calibrated is not None:
-        calibrated.store.remove()
-    return ConversionResult(destination, manifest, [destination / n for n in file_names])
+                writer.finish(metadata)
+            _write_sidecars(staging, checkpoint, manifest, layout, file_names, shards)
+            runtime_check = _runtime_check(staging, layout, checkpoint.folder) if check_runtime else None
+        remove_path(calibration_folder(destination))
+    return ConversionResult(destination, manifest, [destination / n for n in file_names], runtime_check)
+
+
+def source_paths(checkpoint: Checkpoint) -> list[Path]:
+    """What an output must never replace or lie inside: the source folder (or file) and its weight files."""
+    return [checkpoint.folder or checkpoint.files[0], *checkpoint.files]
+
+
+@contextmanager
+def _calibration_kept_only_when_interrupted(destination: Path) -> Iterator[None]:
+    """On an error, remove the calibration store; on an interruption keep it only when at least one block
+    is finished (a rerun resumes from it), and say so on the exception for the command line to print."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        store = calibration_folder(destination)
+        finished = len(list(store.glob("block-*.safetensors"))) if store.is_dir() else 0
+        if finished:
+            exc.qconvert_note = (f"The calibration of {finished} finished blocks is kept in {store}: the same command "
+                                 f"resumes from there; delete that folder to discard it.")
+        else:
+            remove_path(store)
+        raise
+    except BaseException:
+        remove_path(calibration_folder(destination))
+        raise
+
+
+def _runtime_check(staging: Path, layout: Layout, source_folder: Path | None) -> dict | None:
+    """transformers' own loading of the output, on the meta device (`compatibility.loading_problems`), for
+    a compressed-tensors output; None when transformers is not installed or the layout is qconvert's own.
+    Problems the float source has too are reported (ok: false), not raised.
+
+    Raises:
+        VerificationError: transformers would leave a weight missing, ignore one, or fail to convert one,
+            and loads the source correctly.
+    """
+    if layout.name != "compressed-tensors" or importlib.util.find_spec("transformers") is None \
+            or not (staging / "config.json").is_file():
+        return None
+    from qconvert.compatibility import loading_problems
+
+    problems = loading_problems(staging)
+    if not problems:
+        return {"runtime": "transformers", "ok": True, "problems": []}
+    listed = [p.to_dict() for p in problems]
+    if source_folder is not None and (source_folder / "config.json").is_file() and loading_problems(source_folder):
+        # the float source does not load in transformers either (e.g. a config that does not match its
+        # weights): the output inherits that, qconvert did not cause it
+        return {"runtime": "transformers", "ok": False, "problems": listed,
+                "note": "the source checkpoint does not load in transformers either"}
+    summary = "; ".join(f"{p.tensor + ': ' if p.tensor else ''}{p.message}" for p in problems[:5])
+    raise VerificationError(f"transformers would not load this output correctly, so it was not published: {summary}"
+                            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. This is a bug in "
+                            "qconvert; please report it. --layout native writes an output qconvert.load reads.")
 
 
 def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> ConversionPlan:

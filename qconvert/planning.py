@@ -57,7 +57,9 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
             not fit the quantizers.
     """
     rules = command_line_rules(settings.include, settings.exclude, settings.rules)
-    decisions = {name: decide(info, rules) for name, info in checkpoint.tensors.items()}
+    skeleton = checkpoint.skeleton()
+    decisions = {name: decide(info, rules, skeleton.role(name) if skeleton else None)
+                 for name, info in checkpoint.tensors.items()}
     schemes = {}
     for name, decision in decisions.items():
         if decision.quantize:
@@ -69,7 +71,7 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
                 overrides["bits"], overrides["group_size"] = chosen[name]
             schemes[name] = settings.scheme(overrides)
     if not schemes:
-        raise SchemeError(f"no tensor in {checkpoint.source} is selected for quantization; use --include to pick some.")
+        raise _nothing_selected(checkpoint, skeleton)
     quantizers = _quantizers(set(schemes.values()), settings)
     layout = choose_layout(settings.layout, [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()])
     planned = []
@@ -93,6 +95,23 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
         record.stored = {s.name: StoredRecord(s.dtype, list(s.shape), s.nbytes, "0" * 64) for s in specs}
         planned.append(PlannedTensor(record, specs, scheme))
     return ConversionPlan(planned, layout, quantizers)
+
+
+def _nothing_selected(checkpoint: Checkpoint, skeleton) -> SchemeError:
+    """Why nothing was selected, and the way out if there is one."""
+    from qconvert.errors import UnsupportedModelError
+    from qconvert.selection import IN_BLOCK
+    from qconvert.skeleton import QUANTIZABLE
+
+    if skeleton is not None:
+        roles = sorted({skeleton.role(n) for n, info in checkpoint.tensors.items()
+                        if len(info.shape) == 2 and IN_BLOCK.search(n)} - set(QUANTIZABLE))
+        if roles and not any(skeleton.role(n) in QUANTIZABLE for n in checkpoint.tensors if IN_BLOCK.search(n)):
+            return UnsupportedModelError(
+                f"no tensor in {checkpoint.source} can be quantized: transformers builds its block weights as "
+                f"{', '.join(roles)}, not linear layers, and a runtime would load random weights in place of a "
+                f"quantized one ({skeleton.model_class}).")
+    return SchemeError(f"no tensor in {checkpoint.source} is selected for quantization; use --include to pick some.")
 
 
 def _quantizers(schemes: set[TensorScheme], settings: Settings) -> dict[TensorScheme, Quantizer]:

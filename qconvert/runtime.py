@@ -1,8 +1,13 @@
 """Build runnable transformers models for evaluation: float checkpoints, GGUF files, and qconvert
 outputs whose linear layers stay quantized in memory (`QuantizedLinear`)."""
 
+import io
+import os
+import sys
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -48,6 +53,35 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # its loading bars would interleave with ours on stderr
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """transformers' and compressed-tensors' own reports and progress bars off while qconvert drives them:
+    qconvert says what matters once, in its own words."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    _quiet_transformers()
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)
+    library_logger = logging.getLogger("compressed_tensors")
+    library_level = library_logger.level
+    library_logger.setLevel(logging.ERROR)
+    # Progress bars the libraries draw whatever they are told (some hold on to the stream they first saw),
+    # so stderr is silenced at the file descriptor as well as in Python.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, redirect_stderr(io.StringIO()):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        hf_logging.set_verbosity(previous)
+        library_logger.setLevel(library_level)
 
 
 def _from_pretrained(folder: Path, dtype: torch.dtype, **kwargs) -> torch.nn.Module:

@@ -4,6 +4,12 @@ Rules come from --exclude (keep in float), a recipe's [[rules]] and --include, i
 first whose regex matches a tensor's name decides it. A tensor no rule matches falls to the default:
 2-D float weights of linear layers inside the transformer blocks are quantized, everything else
 (embeddings, norms, biases, the output head) is kept.
+
+"Linear layer" means what the runtime builds, not what the name suggests: where transformers can
+build the model, each tensor's role comes from its module in that model (`skeleton.py`), so a
+GPT-2 Conv1D or an MoE router stored as a plain parameter stays in float, and no rule can make it
+quantized (a layout could not hold it, and the runtime would load random weights in its place).
+Without a config (a lone weights file) or an architecture transformers knows, names decide.
 """
 
 import re
@@ -13,6 +19,7 @@ from typing import Any, Sequence
 from qconvert.errors import SchemeError
 from qconvert.io.loading import TensorInfo
 from qconvert.recipes import Rule
+from qconvert.skeleton import EMBEDDING, EXPERTS, LINEAR, QUANTIZABLE, UNUSED
 
 # A transformer block's tensors carry its index: model.layers.3., encoder.layer.0., h.11., blocks.2.
 IN_BLOCK = re.compile(r"(^|\.)\d+\.")
@@ -40,24 +47,42 @@ def _compile(pattern: str, option: str) -> re.Pattern:
         raise SchemeError(f"{option} {pattern!r} is not a valid regular expression: {exc}.") from exc
 
 
-def decide(info: TensorInfo, rules: Sequence[Rule]) -> Decision:
-    """Decide for one tensor: the first matching rule, else the default rule."""
-    is_float_matrix = len(info.shape) == 2 and info.dtype.is_floating_point
+def decide(info: TensorInfo, rules: Sequence[Rule], role: str | None = None) -> Decision:
+    """Decide for one tensor: the first matching rule, else the default rule.
+
+    `role` is the tensor's role in the model the runtime builds (`skeleton.py`), or None when
+    unknown (then names decide).
+    """
+    is_float_matrix = len(info.shape) == 2 and info.dtype.is_floating_point and info.numel > 0
     for rule in rules:
         if rule.pattern.search(info.name):
             if rule.keep:
                 verb = "excluded by" if rule.label.startswith("--") else "kept in float by"
                 return Decision(False, f"{verb} {rule.label}")
             if not is_float_matrix:
-                return Decision(False, f"matches {rule.label} but is not a 2-D float matrix")
+                return Decision(False, f"matches {rule.label} but is not a non-empty 2-D float matrix")
+            if role is not None and role not in QUANTIZABLE:
+                return Decision(False, f"matches {rule.label} but {_role_reason(role)}")
             verb = "included by" if rule.label.startswith("--") else "quantized by"
             return Decision(True, f"{verb} {rule.label}", dict(rule.overrides))
     if len(info.shape) != 2:
         return Decision(False, f"{len(info.shape)}-D tensor (norm, bias or buffer)")
     if not info.dtype.is_floating_point:
         return Decision(False, f"{info.dtype} tensor, not a float weight")
+    if info.numel == 0:
+        return Decision(False, "empty tensor (a dimension of size 0)")
+    if role is not None and role not in (LINEAR, EXPERTS):
+        return Decision(False, "embedding" if role == EMBEDDING else _role_reason(role))
     if NOT_LINEAR.search(info.name):
         return Decision(False, "embedding, norm or output head")
     if not IN_BLOCK.search(info.name) or not info.name.endswith(".weight"):
         return Decision(False, "outside the transformer blocks")
+    if role == EXPERTS:
+        return Decision(True, "an expert's linear weight inside a transformer block")
     return Decision(True, "linear weight inside a transformer block")
+
+
+def _role_reason(role: str) -> str:
+    if role == UNUSED:
+        return "the model transformers builds has no parameter for it"
+    return f"transformers builds it as a {role}, not a linear layer, so no layout can hold it quantized"

@@ -111,7 +111,8 @@ def test_internal_errors_exit_1_with_traceback(tiny_checkpoint, monkeypatch):
 
     monkeypatch.setattr(qconvert.conversion, "convert", bug)
     result = run("model", tiny_checkpoint)
-    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "RuntimeError: a bug" in result.output and "please report it" in result.output
 
 
 def test_single_file_source(tmp_path):

@@ -25,11 +25,24 @@ def int4_output(tmp_path_factory, tiny_lm):
 
 
 @pytest.mark.parametrize("target, runtime", [(None, "transformers"), (None, "vllm"), ("mlx", "mlx"), ("gptq", "vllm"),
-                                             ("gptq", "transformers"), ("gguf", "llama.cpp"), ("gguf", "transformers")])
+                                             ("gguf", "llama.cpp"), ("gguf", "transformers")])
 def test_every_export_passes_the_check_of_the_runtime_it_is_for(int4_output, tmp_path, target, runtime):
     path = export(int4_output, target, tmp_path / f"out.{target}").destination if target else int4_output
     code, report = _check(path, runtime)
     assert code == 0 and report["ok"] and report["problems"] == [], report
+
+
+def test_gptq_in_transformers_needs_its_backend_and_check_says_so(int4_output, tmp_path):
+    # transformers loads GPTQ through optimum/gptqmodel, whose PyPI builds need CUDA: not installed here, so
+    # transformers cannot load it on this machine, and check must not claim otherwise.
+    import importlib.util
+
+    path = export(int4_output, "gptq", tmp_path / "out.gptq").destination
+    code, report = _check(path, "transformers")
+    if importlib.util.find_spec("optimum") is None and importlib.util.find_spec("gptqmodel") is None:
+        assert code == 3 and "not installed" in report["problems"][0]["message"], report
+    else:
+        assert code == 0, report
 
 
 def test_a_format_the_runtime_does_not_read_is_one_problem_with_the_way_out(int4_output, tiny_lm):

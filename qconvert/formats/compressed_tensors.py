@@ -46,7 +46,9 @@ def pack_to_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_from_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    packed = words.contiguous().view(torch.uint8)[:, : -(-count * bits // 8)]
+    # Through a flat copy: a (n, 1) transpose counts as contiguous yet keeps a stride that forbids the view.
+    rows = words.shape[0]
+    packed = words.reshape(-1).clone().view(torch.uint8).view(rows, -1)[:, : -(-count * bits // 8)]
     return unpack_codes(packed.contiguous(), bits, count)
 
 

@@ -72,6 +72,7 @@ class Checkpoint:
     hub_id: str | None = None
     revision: str | None = None
     _digests: dict[Path, str] = field(default_factory=dict, repr=False)
+    _skeleton: list = field(default_factory=list, repr=False)  # [Skeleton | None] once built
 
     @property
     def config(self) -> dict | None:
@@ -79,9 +80,20 @@ class Checkpoint:
         if path is None or not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise SourceError(f"{path} holds a JSON {type(config).__name__}, not the object of settings a config must be.")
+        return config
+
+    def skeleton(self):
+        """The model transformers builds from the config, with each tensor's role (`skeleton.py`), or None."""
+        if not self._skeleton:
+            from qconvert.skeleton import build_skeleton
+
+            self._skeleton.append(build_skeleton(self.folder, self.config, list(self.tensors)))
+        return self._skeleton[0]
 
     def auxiliary_files(self) -> list[Path]:
         """Config, tokenizer and generation files to copy beside the converted weights."""

@@ -7,14 +7,19 @@ reserves room for the metadata, which is patched in at the end and padded with s
 whitespace, allowed by the format) so the data never moves. Files are readable by `safe_open`.
 """
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import struct
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -117,41 +122,153 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-@contextmanager
-def staged_directory(destination: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty staging folder beside `destination`; on success it replaces `destination`.
+def check_destination(destination: Path, force: bool, protected: Iterable[Path] = ()) -> None:
+    """Refuse to write `destination` when it exists (without `force`), or when it is, contains or lies
+    inside a `protected` path (the source): a converter must never destroy its input.
 
-    On failure or interruption the staging folder is removed, so nothing half-written ever sits
-    where a finished output belongs.
+    The destination's own last component is not resolved: a link there is replaced, never followed.
 
     Raises:
-        OutputError: `destination` exists and `force` is false, or it cannot be created.
+        OutputError: as above.
     """
-    if destination.exists() and not force:
-        raise OutputError(f"{destination} already exists; pass --force to overwrite it.")
-    staging = destination.with_name(f".{destination.name}.qconvert-partial")
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {staging}: {exc.strerror}.") from exc
-    try:
+    where = _unfollowed(destination)
+    for path in protected:
+        source = Path(path).resolve()
+        if where == source or where in source.parents or source in where.parents:
+            relation = "is" if where == source else "contains" if where in source.parents else "lies inside"
+            raise OutputError(f"the output {destination} {relation} the source {path}; choose an output outside it.")
+    if os.path.lexists(destination) and not force:
+        kind = " (a symbolic link; --force replaces the link, not what it points to)" if destination.is_symlink() else ""
+        raise OutputError(f"{destination} already exists; pass --force to overwrite it{kind}.")
+
+
+def _unfollowed(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    return path.parent.resolve() / path.name
+
+
+@contextmanager
+def staged_output(destination: Path, force: bool, protected: Iterable[Path] = (), folder: bool = True) -> Iterator[Path]:
+    """Yield a staging path beside `destination` (an empty folder, or a file name when `folder` is
+    false); on success it replaces `destination` in one atomic rename.
+
+    The run holds `destination`'s lock throughout (`output_lock`), so two runs never share a staging
+    path; a staging path left by a killed run is cleared first. On failure or interruption the staging
+    path is removed, so nothing half-written ever sits where a finished output belongs.
+
+    Raises:
+        OutputError: see `check_destination`; another run holds the lock; the staging path cannot be made.
+    """
+    check_destination(destination, force, protected)
+    with output_lock(destination):
+        staging = destination.with_name(f".{destination.name}.qconvert-partial")
+        remove_path(staging)
+        try:
+            if folder:
+                staging.mkdir(parents=True)
+            else:
+                staging.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {staging}: {exc.strerror}.") from exc
+        try:
+            yield staging
+            check_destination(destination, force, protected)  # it may have appeared meanwhile
+            publish(staging, destination)
+        except BaseException:
+            remove_path(staging)
+            raise
+
+
+@contextmanager
+def staged_directory(destination: Path, force: bool, protected: Iterable[Path] = ()) -> Iterator[Path]:
+    """`staged_output` for a folder."""
+    with staged_output(destination, force, protected) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _replace(staging, destination)
 
 
-def _replace(staging: Path, destination: Path) -> None:
-    if not destination.exists():
-        staging.rename(destination)
+def remove_path(path: Path) -> None:
+    """Remove a file, folder or link at `path` (a link itself, never what it points to); absent is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def publish(staging: Path, destination: Path) -> None:
+    """Move `staging` to `destination` atomically: a plain rename when nothing is there, else an atomic
+    exchange of the two (Linux renameat2), after which the old output is removed from the staging name.
+    Where the exchange is unavailable, the old output is renamed aside first (a moment without it)."""
+    if not os.path.lexists(destination):
+        os.rename(staging, destination)
+        return
+    if _exchange(staging, destination):
+        remove_path(staging)  # now the old output
         return
     retired = destination.with_name(f".{destination.name}.qconvert-old")
-    shutil.rmtree(retired, ignore_errors=True)
-    destination.rename(retired)
-    staging.rename(destination)
-    if retired.is_dir():
-        shutil.rmtree(retired)
-    else:
-        retired.unlink()
+    remove_path(retired)
+    os.rename(destination, retired)
+    os.rename(staging, destination)
+    remove_path(retired)
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the system lacks it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # a filesystem or kernel without the exchange
+    raise OSError(error, os.strerror(error), str(b))
+
+
+@contextmanager
+def output_lock(destination: Path) -> Iterator[None]:
+    """Hold an exclusive lock on writing `destination` (a `.<name>.qconvert-lock` file beside it, removed
+    on release), so two runs writing the same output never mix their files.
+
+    Raises:
+        OutputError: another run holds it.
+    """
+    path = destination.with_name(f".{destination.name}.qconvert-lock")
+    key = _unfollowed(path)
+    if key in _HELD:  # this process holds it already (an export inside a conversion's run)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another qconvert run is writing {destination}; wait for it to finish "
+                              "or choose another output.") from None
+        try:  # the holder before us may have removed the file between our open and our lock: retry on the new one
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+_HELD: set[Path] = set()

@@ -1,0 +1,99 @@
+"""What the runtime builds for each checkpoint tensor: the module it lands in, found by building the model.
+
+Names lie: GPT-2 stores its projections for `Conv1D` modules (weights transposed), transformers 5
+builds MoE routers as plain parameters of a router module, and renames keys of nested language
+models while loading. So qconvert asks transformers itself: it builds the checkpoint's model class
+from its config with every parameter on the meta device (no memory), maps each checkpoint key to
+the parameter it loads into with transformers' own key renames and converters
+(`transformers.core_model_loading.rename_source_key`), and reads the module type there.
+
+Roles:
+- "linear": the weight of an `nn.Linear` (quantizable in every layout);
+- "experts": one expert's linear weight that transformers stacks into a fused experts parameter
+  while loading (`MergeModulelist`), which its compressed-tensors loader also handles;
+- "embedding": the weight of an `nn.Embedding`;
+- anything else: a description such as "Conv1D weight" or "Qwen3MoeTopKRouter weight", or
+  "unused" for a key the model has no parameter for.
+"""
+
+from dataclasses import dataclass
+
+LINEAR, EXPERTS, EMBEDDING, UNUSED = "linear", "experts", "embedding", "unused"
+QUANTIZABLE = (LINEAR, EXPERTS, EMBEDDING)
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The checkpoint's model as transformers builds it: `roles` maps checkpoint tensor names to roles;
+    `model_class` names the class built."""
+
+    model_class: str
+    roles: dict[str, str]
+
+    def role(self, name: str) -> str:
+        return self.roles.get(name, UNUSED)
+
+
+def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | None:
+    """The roles of `names` in the model transformers builds from `folder`'s config.json, or None when
+    there is no config, transformers is not installed, or it cannot build the architecture (the caller
+    then decides by name, and says so)."""
+    if folder is None or not isinstance(config, dict):
+        return None
+    try:
+        model = _meta_model(folder, config)
+    except Exception:  # any failure to build means: no skeleton, decide by name
+        return None
+    if model is None:
+        return None
+    return Skeleton(type(model).__name__, _roles(model, names))
+
+
+def _meta_model(folder, config: dict):
+    import torch
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError:
+        return None
+    from qconvert.runtime import quiet_libraries
+
+    architectures = config.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    with quiet_libraries():
+        hf_config = transformers.AutoConfig.from_pretrained(folder)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    with init_empty_weights(include_buffers=False), quiet_libraries():
+        if model_class is not None:
+            return model_class._from_config(hf_config, dtype=torch.float32)
+        return transformers.AutoModel.from_config(hf_config, dtype=torch.float32)
+
+
+def _roles(model, names: list[str]) -> dict[str, str]:
+    import torch
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    merges = {p for c in converters if any(isinstance(op, MergeModulelist) for op in c.operations) for p in c.source_patterns}
+    meta_state = model.state_dict(keep_vars=True)
+    modules = dict(model.named_modules())
+    roles = {}
+    for name in names:
+        target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta_state)
+        module_name, _, attribute = target.rpartition(".")
+        module = modules.get(module_name)
+        if pattern is not None:
+            roles[name] = EXPERTS if pattern in merges else f"converted by transformers while loading ({pattern})"
+        elif target not in meta_state or module is None:
+            roles[name] = UNUSED
+        elif isinstance(module, torch.nn.Linear) and attribute == "weight":
+            roles[name] = LINEAR
+        elif isinstance(module, torch.nn.Embedding) and attribute == "weight":
+            roles[name] = EMBEDDING
+        else:
+            roles[name] = f"{type(module).__name__} {attribute}"
+    return roles
