@@ -487,9 +487,12 @@ def export(
 def _print_export(report) -> None:
     stderr.print(f"wrote {report.destination} ({report.format}): {len(report.exact)} tensors exact, "
                  f"{len(report.repacked)} repacked on the same grid (offsets rounded to the scales' float type), "
-                 f"{len(report.requantized)} requantized", highlight=False)
+                 f"{len(report.requantized)} requantized, {len(report.dequantized)} written as float (no block of the "
+                 "format fits their rows)")
     for name in report.requantized:
-        stderr.print(f"  requantized: {name}", highlight=False)
+        stderr.print(f"  requantized: {name}")
+    for name in report.dequantized:
+        stderr.print(f"  as float: {name}")
 
 
 class _Bar:

@@ -38,7 +38,7 @@ def export_compressed_tensors(output: Path, destination: Path, force: bool = Fal
     relaid.compute_totals()
     specs = [TensorSpec(name, s.dtype, tuple(s.shape)) for r in records for name, s in r.stored.items()]
     report = ExportReport(destination, "compressed-tensors")
-    with staged_directory(destination, force) as folder:
+    with staged_directory(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=len(json.dumps(relaid.to_json())) + 80 * len(specs) + 1024)
         try:
             for (record, stored), new in zip(iter_records(output, manifest), records):

@@ -30,6 +30,7 @@ from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecor
 from qconvert.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
 from qconvert.io.quantized_sources import QuantizedCheckpoint
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
+from qconvert.quantizers.rtn import ScaleRangeError
 from qconvert.settings import Settings, settings_dict
 
 # Called after each source tensor with (its manifest record, source bytes done, source bytes in all, tensors in all).
@@ -267,12 +268,30 @@ def _convert_one(p: PlannedTensor, tensor: torch.Tensor, plan: ConversionPlan, s
             and name in checkpoint.modules:
         result = _from_quantized_source(checkpoint, name, p.scheme.config, record)
     if record.action == "quantized":
-        q = result if result is not None else plan.quantizer_of(p).quantize(name, tensor, None)
+        try:
+            q = result if result is not None else plan.quantizer_of(p).quantize(name, tensor, None)
+        except ScaleRangeError as exc:
+            raise SchemeError(f"tensor {name} {exc}") from exc
         record.relative_mse = error if error is not None else relative_error(tensor, q)
         return plan.layout.encode(name, q)
     if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
         tensor, record.reason = result, f"{record.reason}; rescaled by {plan.calibrated.name}"
-    return {name: tensor.to(kept_dtype(tensor.dtype, settings))}
+    return {name: _cast_kept(name, tensor, kept_dtype(tensor.dtype, settings))}
+
+
+def _cast_kept(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, refusing a cast that turns finite values into infinities.
+
+    Raises:
+        SchemeError: some value lies outside `dtype`'s range.
+    """
+    cast = tensor.to(dtype)
+    if dtype != tensor.dtype and cast.is_floating_point() and not bool(torch.isfinite(cast).all()) \
+            and bool(torch.isfinite(tensor).all()):
+        largest = tensor.abs().max().item()
+        raise SchemeError(f"tensor {name} holds values up to {largest:.3g}, beyond {str(dtype).removeprefix('torch.')}'s "
+                          f"largest {torch.finfo(dtype).max:.3g}; drop --dtype or choose a wider one (bfloat16, float32).")
+    return cast
 
 
 def _from_quantized_source(checkpoint: QuantizedCheckpoint, name: str, config: QuantConfig,

@@ -2,8 +2,10 @@
 
 Every exporter reads the output one tensor at a time, moves codes and scales across unchanged where
 the target's grid is the same one (exact), re-expresses them where only the float encoding of an
-offset changes (repacked), and dequantizes and requantizes otherwise (requantized); the report names
-every tensor in each of the three, so a user knows what, if anything, lost precision on the way.
+offset changes (repacked), dequantizes and requantizes onto a grid the target has otherwise
+(requantized), and writes the dequantized float weights where no grid of the target fits the tensor's
+rows (dequantized: bigger, never wrong); the report names every tensor in each of the four, so a user
+knows what, if anything, changed on the way.
 """
 
 import importlib
@@ -31,11 +33,13 @@ class ExportReport:
     exact: list[str] = field(default_factory=list)
     repacked: list[str] = field(default_factory=list)  # same grid; an offset re-expressed in float16
     requantized: list[str] = field(default_factory=list)
+    dequantized: list[str] = field(default_factory=list)  # written as float: no block of the format fits its rows
     types: dict[str, str] = field(default_factory=dict)  # target tensor name -> the target's type for it
 
     def to_dict(self) -> dict:
         return {"destination": str(self.destination), "format": self.format, "exact": self.exact,
-                "repacked": self.repacked, "requantized": self.requantized, "types": self.types}
+                "repacked": self.repacked, "requantized": self.requantized, "dequantized": self.dequantized,
+                "types": self.types}
 
 
 def default_destination(output: Path, to: str) -> Path:

@@ -9,11 +9,13 @@ qconvert's grids map onto GGUF block types without requantizing where they coinc
 | int8, groups of 32, symmetric, float16 scales | Q8_0      | exact: d = scale, q = code - 128      |
 | int4, groups of 32, asymmetric, float16       | Q4_1      | same grid: d = scale, m = -scale·zero rounded to float16 |
 | any other quantized tensor                    | Q8_0 (≥ 5 bits) or Q4_0 | dequantized, requantized by `gguf` |
+| a quantized tensor whose rows are not a multiple of 32 | F16 | dequantized: no GGUF block fits |
 | norms                                         | F32       | as llama.cpp requires                 |
 | other kept tensors                            | F16       |                                       |
 
-llama.cpp's rotary embedding expects q_proj and k_proj rows in its own head order; rows are
-permuted exactly as llama.cpp's converter does (codes and scales move together, so this is lossless).
+llama.cpp's rotary embedding expects q_proj and k_proj rows (and their biases) in its own head order;
+rows are permuted exactly as llama.cpp's converter does (codes and scales move together, so this is
+lossless).
 The report says which tensors were exact and which were requantized.
 """
 
@@ -22,13 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qconvert.errors import OutputError, SourceError, UnsupportedModelError
+from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.io.writing import staged_output
 from qconvert.exporting import ExportReport, recomputed_by_runtimes
 from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 LLAMA_FAMILY = {"llama", "mistral"}
+BLOCK = 32  # weights per block of every GGUF type qconvert writes (Q4_0, Q4_1, Q8_0)
+ROTARY_TENSORS = tuple(f"self_attn.{p}_proj.{kind}" for p in "qk" for kind in ("weight", "bias"))
 
 
 def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportReport:
@@ -46,13 +51,13 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
     if config.get("model_type") not in LLAMA_FAMILY:
         raise UnsupportedModelError(f"GGUF export supports Llama-family models ({', '.join(sorted(LLAMA_FAMILY))}); "
                                     f"{output} is {config.get('model_type')!r}.")
-    if destination.exists() and not force:
-        raise OutputError(f"{destination} already exists; pass --force to overwrite it.")
-    blocks = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks)
-    staging = destination.with_name(f".{destination.name}.qconvert-partial")
+    with staged_output(destination, force, [output], folder=False) as staging:
+        return _write_gguf(output, manifest, config, staging, ExportReport(destination, "gguf"), gguf)
+
+
+def _write_gguf(output: Path, manifest, config: dict, staging: Path, report: ExportReport, gguf) -> ExportReport:
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     writer = gguf.GGUFWriter(staging, "llama")
-    report = ExportReport(destination, "gguf")
     _write_metadata(writer, config, output)
     for record, stored in iter_records(output, manifest):
         target = names.get_name(record.name, try_suffixes=(".weight", ".bias"))
@@ -60,7 +65,12 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
             if recomputed_by_runtimes(record.name):
                 continue
             raise UnsupportedModelError(f"{record.name} has no GGUF name for the llama architecture.")
-        if record.action == "quantized":
+        if record.action == "quantized" and record.shape[-1] % BLOCK:  # no GGUF block fits these rows
+            tensor = _llama_rope_order(dequantize(quantized_tensor(manifest, record, stored), torch.float16), record.name, config)
+            qtype = gguf.GGMLQuantizationType.F16
+            report.dequantized.append(record.name)
+            writer.add_tensor(target, tensor.numpy())
+        elif record.action == "quantized":
             q = quantized_tensor(manifest, record, stored)
             q = _llama_rope_order(q, record.name, config)
             data, qtype, how = _encode(q, gguf)
@@ -73,15 +83,10 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
             report.exact.append(record.name)
             writer.add_tensor(target, array)
         report.types[target] = qtype.name
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        staging.replace(destination)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return report
 
 
@@ -158,11 +163,12 @@ def _pre_tokenizer(tokenizer_file: Path) -> str:
 
 
 def _llama_rope_order(value, name: str, config: dict):
-    """Rows of q_proj / k_proj (and their scales) in llama.cpp's rotary order."""
-    if not name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+    """Rows of q_proj / k_proj (and their scales, and their biases) in llama.cpp's rotary order, as its
+    converter permutes them: a bias left in the original order would meet the wrong rows."""
+    if not name.endswith(ROTARY_TENSORS):
         return value
     heads = config["num_attention_heads"]
-    if name.endswith("k_proj.weight"):
+    if ".k_proj." in name:
         heads = config.get("num_key_value_heads", heads)
     if isinstance(value, QuantizedTensor):
         order = _permutation(value.shape[0], heads)

@@ -52,7 +52,7 @@ def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportR
     kinds = {_module_kind(r.name) for r in linears}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grid, kinds)]
     report = ExportReport(destination, "gptq")
-    with staged_directory(destination, force) as folder:
+    with staged_directory(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
         try:
             for record, stored in iter_records(output, manifest):

@@ -42,7 +42,7 @@ def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportRe
     grids = {r.name: mlx_grid(r) for r in manifest.tensors if r.action == "quantized"}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grids.get(r.name))]
     report = ExportReport(destination, "mlx")
-    with staged_directory(destination, force) as folder:
+    with staged_directory(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
         try:
             for record, stored in iter_records(output, manifest):
@@ -86,10 +86,10 @@ def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpe
 
 
 def _mlx_tensors(name: str, q: QuantizedTensor, grid: tuple[int, int] | None, report: ExportReport) -> dict[str, torch.Tensor]:
-    if grid is None:
-        report.requantized.append(name)
+    if grid is None:  # no MLX group divides the row: the float values, in the source dtype the specs promise
+        report.dequantized.append(name)
         report.types[name] = "float"
-        return {name: dequantize(q)}
+        return {name: dequantize(q, q.dtype)}
     bits, group = grid
     requantize = group != q.group_size
     if requantize:  # not a grid MLX has: round the float weights again on one it has

@@ -22,6 +22,7 @@ from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
+from qconvert.quantizers.rtn import ScaleRangeError
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize, relative_error
 
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
@@ -98,7 +99,13 @@ def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, i
 
 def _quantize_block(quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str],
                     checkpoint: Checkpoint) -> BlockResults:
-    results = quantizer.quantize_block(block)
+    for name in names:  # before any search mixes the tensors: name the one at fault
+        if not torch.isfinite(block.weight(name)).all():
+            raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
+    try:
+        results = quantizer.quantize_block(block)
+    except ScaleRangeError as exc:
+        raise SchemeError(f"a tensor of block {block.prefix.rstrip('.')} ({', '.join(names)}) {exc}") from exc
     missing = [n for n in names if n not in results]
     if missing:
         raise SchemeError(f"quantizer {quantizer.name} returned no result for {missing[0]} (no calibration input reached it).")

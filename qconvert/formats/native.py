@@ -55,6 +55,8 @@ class NativeLayout(Layout):
         )
 
     def quantization_config(self, records: list[TensorRecord]) -> dict:
-        # transformers does not know this method, so it refuses the folder with a clear message
-        # instead of loading random weights; `qconvert.load` reads it.
-        return {"quant_method": "qconvert", "layout": self.name}
+        # No quant_method on purpose: transformers skips a method it does not know and loads the folder
+        # with every quantized weight initialised at random, but refuses a quantization_config without
+        # one. `qconvert.load` / `qconvert.load_model` read this layout; `qconvert export` converts it.
+        return {"format": "qconvert", "layout": self.name,
+                "note": "qconvert's native layout: load it with qconvert.load_model, or convert it with qconvert export"}

@@ -172,11 +172,15 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
             raise SourceError(f"{source} does not exist.")
         hub_id = str(source)
         path, revision = _resolve_hub_id(hub_id, revision)
-    folder, files = _weight_files(path)
+    folder, files, weight_map = _weight_files(path)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for info in _read_headers(file):
             tensors.setdefault(info.name, info)
+    for name, file in (weight_map or {}).items():  # the index is what runtimes trust: it must be true
+        if name not in tensors or tensors[name].file != file:
+            raise SourceError(f"the shard index of {path} says tensor {name} is in {file.name}, but that file does not "
+                              "hold it; the checkpoint is incomplete or its index is stale.")
     if not tensors:
         raise SourceError(f"{source} holds no tensors.")
     from qconvert.io.quantized_sources import open_quantized
@@ -210,34 +214,46 @@ def _resolve_hub_id(hub_id: str, revision: str | None) -> tuple[Path, str]:
     return folder, folder.name  # cache snapshots are named by commit hash
 
 
-def _weight_files(path: Path) -> tuple[Path | None, list[Path]]:
+def _weight_files(path: Path) -> tuple[Path | None, list[Path], dict[str, Path] | None]:
+    """(folder, weight files, the index's tensor -> file map when there is an index)."""
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise SourceError(f"{path} is not a .safetensors or .bin weights file.")
-        return None, [path]
+        return None, [path], None
     for index_name, single in [("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")]:
         index = path / index_name
         if index.is_file():
-            return path, _files_from_index(index)
+            weight_map = _read_index(index)
+            return path, list(dict.fromkeys(weight_map.values())), weight_map
         if (path / single).is_file():
-            return path, [path / single]
+            return path, [path / single], None
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if shards:
-        return path, shards
+        return path, shards, None
     raise SourceError(f"no weights found in {path}: expected model.safetensors, sharded safetensors or pytorch_model.bin.")
 
 
-def _files_from_index(index: Path) -> list[Path]:
+def _read_index(index: Path) -> dict[str, Path]:
+    """The index's tensor -> shard file map, every shard checked to exist inside the checkpoint folder:
+    an index can name any path, and qconvert opens nothing outside the folder because an index says so."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise SourceError(f"{index} is not a valid shard index: {exc}") from exc
-    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise SourceError(f"{index} names shard files that are missing: {', '.join(missing)}.")
-    return files
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SourceError(f"{index} is not a valid shard index: its weight_map must map tensor names to file names.")
+    folder = index.parent.resolve()
+    files: dict[str, Path] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        file = index.parent / name
+        if Path(name).is_absolute() or folder not in file.resolve().parents:
+            raise SourceError(f"{index} names the shard {name!r}, which lies outside {index.parent}; "
+                              "qconvert reads shards only from the checkpoint's own folder.")
+        if not file.is_file():
+            raise SourceError(f"{index} names shard files that are missing: {name}.")
+        files[name] = file
+    return {tensor: files[name] for tensor, name in weight_map.items()}
 
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
@@ -282,7 +298,10 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
             if dtype is None:
                 raise SourceError(f"tensor {name} in {file} has dtype {entry['dtype']}, which qconvert cannot read.")
             begin, end = entry["data_offsets"]
-            info = TensorInfo(name, dtype, tuple(int(d) for d in entry["shape"]), file, offset=8 + length + begin)
+            shape = tuple(entry["shape"])
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise corrupt(f"tensor {name} has shape {list(shape)}")
+            info = TensorInfo(name, dtype, shape, file, offset=8 + length + begin)
             if begin != expected or end - begin != info.nbytes:
                 raise corrupt(f"tensor {name} has inconsistent data offsets")
             infos.append(info)

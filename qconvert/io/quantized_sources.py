@@ -16,6 +16,7 @@ them instead of quantizing again. The formats, as their projects document them:
   qconvert writes them (`formats/compressed_tensors.py`), schemes from `config_groups`.
 """
 
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -95,7 +96,7 @@ def open_quantized(raw: Checkpoint) -> Checkpoint:
     Raises:
         SourceError: a quantization method or variant qconvert cannot read.
     """
-    quantization = (raw.config or {}).get("quantization_config") or {}
+    quantization = quantization_settings(raw)
     method = quantization.get("quant_method")
     if method is None or not any(n.endswith(_MARKERS.get(method, ("\0",))) for n in raw.tensors):
         return raw  # e.g. a float checkpoint, or a qconvert native output (read by qconvert.load)
@@ -116,6 +117,43 @@ def open_quantized(raw: Checkpoint) -> Checkpoint:
     return QuantizedCheckpoint(raw.source, raw.folder, raw.files, tensors, raw.hub_id, raw.revision,
                                method=method, stored=raw, modules=modules,
                                checkpoint_format=quantization.get("checkpoint_format", "gptq"), float_dtype=dtype)
+
+
+# Where quantization tools write their settings besides config.json, and the method each file implies.
+SETTINGS_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+SETTINGS_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "w_bit", "q_group_size", "version")
+
+
+def quantization_settings(raw: Checkpoint) -> dict:
+    """A quantized checkpoint's settings, from config.json's quantization_config and from the files GPTQ
+    and AWQ tools write beside it (quantize_config.json, quant_config.json), merged.
+
+    Raises:
+        SourceError: two of them contradict each other on a setting that changes how weights decode.
+    """
+    sources: list[tuple[str, dict]] = []
+    in_config = (raw.config or {}).get("quantization_config")
+    if isinstance(in_config, dict) and in_config:
+        sources.append(("config.json", in_config))
+    for file_name, method in SETTINGS_FILES.items():
+        path = raw.folder / file_name if raw.folder else None
+        if path is not None and path.is_file():
+            try:
+                settings = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise SourceError(f"{path} is not valid JSON: {exc}") from exc
+            if isinstance(settings, dict):
+                sources.append((file_name, {"quant_method": method, **settings}))
+    merged: dict = {}
+    origin: dict[str, str] = {}
+    for where, settings in sources:
+        for key, value in settings.items():
+            if key in merged and key in (*SETTINGS_KEYS, "quant_method") and merged[key] != value:
+                raise SourceError(f"{raw.source}: {origin[key]} says {key} = {merged[key]!r} but {where} says {value!r}; "
+                                  "fix the one that is wrong before converting.")
+            if key not in merged:
+                merged[key], origin[key] = value, where
+    return merged
 
 
 def _float_dtype(raw: Checkpoint) -> torch.dtype:
@@ -188,6 +226,12 @@ def _decode_gptq(checkpoint: QuantizedCheckpoint, module: _Module, parts: dict) 
     zeros = _unpack_words(parts["qzeros"], bits)[:, :rows].t()  # (out, groups)
     if checkpoint.checkpoint_format != "gptq_v2":
         zeros = (zeros + 1) & (2 ** bits - 1)  # v1 stores zero - 1
+    if module.symmetric and not bool((zeros == 2 ** (bits - 1)).all()):
+        found = sorted(set(zeros.unique().tolist()))[:4]
+        raise SourceError(f"{next(iter(module.parts.values()))}: a symmetric {bits}-bit GPTQ checkpoint in the "
+                          f"{checkpoint.checkpoint_format} convention must decode every zero point to {2 ** (bits - 1)}, "
+                          f"but these decode to {found}: its checkpoint_format (v1 stores zero - 1, gptq_v2 the zero "
+                          "itself) or sym setting is wrong.")
     scales = parts["scales"].t().contiguous()
     group = module.group_size or columns
     g_idx = parts.get("g_idx")

@@ -12,7 +12,9 @@ down's input is act(gate) * up). o_proj's input comes out of attention, where gr
 forbid an exact fold, so it is quantized without scales, as AutoAWQ does for such models.
 
 Folding needs to know which operation feeds which linears; `FOLDS` names them for the Llama block
-layout (Llama, Mistral, Qwen2, SmolLM and kin). Other blocks are refused with a clear message.
+layout (Llama, Mistral, Qwen2, Gemma, SmolLM and kin). Other blocks are refused with a clear message.
+A norm's fold respects how it applies its weight (`norm_offset`): Gemma's RMSNorm multiplies by
+1 + w, so w becomes (1 + w) / s - 1; a norm that does neither is refused.
 """
 
 import torch
@@ -38,14 +40,15 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: tor
     return float((delta @ hessian).mul_(delta).sum())
 
 
-def search_scales(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, grid: int = GRID) -> torch.Tensor:
+def search_scales(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, grid: int = GRID,
+                  name: str = "weight") -> torch.Tensor:
     """Per input channel scales s = rms(x)^α, α chosen to minimise the output error of rtn(W·s)/s."""
     rms = torch.diagonal(hessian).div(2).clamp(min=0).sqrt()
     best, best_error = torch.ones_like(rms), float("inf")
     for step in range(grid):
         scales = rms.pow(step / grid).clamp(min=1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()  # centre the range so scales stay near 1
-        approximation = dequantize(rtn_quantize("awq", weight * scales, config)) / scales
+        approximation = dequantize(rtn_quantize(name, weight * scales, config)) / scales
         error = output_error(weight, approximation, hessian)
         if error < best_error:
             best, best_error = scales, error
@@ -78,7 +81,7 @@ class AWQQuantizer(CalibratedQuantizer):
             if not all(n in block.linears for n in names):
                 continue  # not all selected: leave this group unscaled
             weight = torch.cat([block.weight(n) for n in names])
-            scales = search_scales(weight, hessians[names[0]], block.configs[names[0]], self.settings["grid"])
+            scales = search_scales(weight, hessians[names[0]], block.configs[names[0]], self.settings["grid"], names[0])
             replaced.update(_fold(block, feeder, scales))
             hessian = hessians[names[0]] / scales.outer(scales)  # inputs are now x / s
             for name in names:
@@ -91,6 +94,32 @@ def _column_importance(block, name: str, hessians: dict[str, torch.Tensor]) -> t
     return torch.diagonal(hessians[name]).clamp(min=0) + 1e-12
 
 
+def norm_offset(module: torch.nn.Module, name: str) -> float:
+    """How a norm applies its weight, found by running it: 0 when it multiplies by `w` (LayerNorm,
+    Llama's RMSNorm), 1 when by `1 + w` (Gemma's RMSNorm).
+
+    Raises:
+        UnsupportedModelError: the module applies its weight some other way, so no fold is known exact.
+    """
+    import copy
+
+    probe = copy.deepcopy(module).float()
+    x = torch.randn(3, probe.weight.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if getattr(probe, "bias", None) is not None:
+            probe.bias.zero_()
+        probe.weight.zero_()
+        at_zero = probe(x)
+        probe.weight.fill_(1.0)
+        at_one = probe(x)
+    if at_zero.abs().max() <= 1e-6 * at_one.abs().max():
+        return 0.0
+    if torch.allclose(at_one, 2 * at_zero, rtol=1e-4, atol=1e-6):
+        return 1.0
+    raise UnsupportedModelError(f"awq folds its scales into {name}, a {type(module).__name__} that applies its weight "
+                                "neither as w nor as 1 + w, so no exact fold is known; use gptq or clip for this model.")
+
+
 def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
     """Divide the output channels of `feeder` by `scales`; return its changed kept tensors (norms)."""
     try:
@@ -99,7 +128,9 @@ def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
         raise UnsupportedModelError(f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
                           "awq supports Llama-style blocks (use gptq or clip for others).") from exc
     weight = module.weight.data
-    weight.div_(scales.view(-1, *([1] * (weight.dim() - 1))))
+    offset = 0.0 if isinstance(module, torch.nn.Linear) else norm_offset(module, f"{block.prefix}{feeder}")
+    # A norm that multiplies by (offset + w) folds 1/s as (offset + w) / s - offset.
+    weight.add_(offset).div_(scales.view(-1, *([1] * (weight.dim() - 1)))).sub_(offset)
     if getattr(module, "bias", None) is not None:
         module.bias.data.div_(scales)
     if isinstance(module, torch.nn.Linear):

@@ -98,8 +98,8 @@ def relative_error(weight: torch.Tensor, q: QuantizedTensor) -> float:
     error = norm = 0.0
     for start in range(0, rows, step):
         block = slice(start, start + step)
-        w = weight[block].float()
-        error += (dequantize(q, rows=block).sub_(w)).square_().sum().item()
+        w = weight[block].double()  # float32 squares of large weights overflow
+        error += (dequantize(q, rows=block).double().sub_(w)).square_().sum().item()
         norm += w.square().sum().item()
     return float(f"{error / norm:.6g}") if norm else 0.0
 

@@ -62,7 +62,7 @@ def _search_block(name: str, weight: torch.Tensor, config: QuantConfig, column_i
     best_error = torch.full_like(low, float("inf"))
     best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
     for ratio in RATIOS:
-        scale, zero = grid_for_range(low * ratio, high * ratio, config)
+        scale, zero = grid_for_range(low * ratio, high * ratio, config, strict=ratio == 1.0)  # the full range must fit
         error = _error(groups, codes_on_grid(groups, scale, zero, config), scale, zero, importance)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
@@ -71,7 +71,8 @@ def _search_block(name: str, weight: torch.Tensor, config: QuantConfig, column_i
     # Weighted least-squares scale for these codes: s = Σ i·w·(q-z) / Σ i·(q-z)².
     centred = codes - best_zero.unsqueeze(-1)
     weighted = centred * importance
-    refit = stored_scales((groups * weighted).sum(-1) / (centred * weighted).sum(-1).clamp(min=1e-12), config.scale_dtype).float()
+    refit = stored_scales((groups * weighted).sum(-1) / (centred * weighted).sum(-1).clamp(min=1e-12), config.scale_dtype,
+                           strict=False).float()
     refit = torch.where(refit > 0, refit, best_scale)
     refit_codes = codes_on_grid(groups, refit, best_zero, config)
     better = (_error(groups, refit_codes, refit, best_zero, importance) < best_error).unsqueeze(-1)

@@ -32,12 +32,45 @@ def group_view(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return w.view(rows, -1, group_size)
 
 
-def stored_scales(scales: torch.Tensor, scale_dtype: str) -> torch.Tensor:
-    """Round scales to their stored dtype, keeping their sign and a nonzero, finite magnitude there."""
+SCALE_TOLERANCE = 0.01  # largest relative change rounding a scale to its stored dtype may make
+
+
+class ScaleRangeError(SchemeError):
+    """Scales outside what their stored dtype represents (the tensor's name is added by the caller)."""
+
+
+def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -> torch.Tensor:
+    """Round scales to their stored dtype, keeping their sign.
+
+    A scale of zero (a group of zeros, whose codes all sit on the zero point) is stored as the dtype's
+    smallest normal value. Any other scale must survive the rounding within SCALE_TOLERANCE: one that
+    would overflow to infinity or flush towards zero (weights far larger or smaller than float16
+    reaches) is refused, never clamped silently.
+
+    A search weighing candidate scales passes `strict=False`: a candidate out of range is clamped, and
+    its error, measured on the clamped scale, rules it out.
+
+    Raises:
+        ScaleRangeError: (strict) some scale does not fit `scale_dtype`.
+    """
     dtype = SCALE_DTYPES[scale_dtype]
     info = torch.finfo(dtype)
-    magnitude = scales.abs().clamp(min=info.tiny, max=info.max)
-    return torch.where(scales < 0, -magnitude, magnitude).to(dtype)
+    if not strict:
+        magnitude = scales.abs().nan_to_num(nan=info.tiny).clamp(min=info.tiny, max=info.max)
+        return torch.where(scales < 0, -magnitude, magnitude).to(dtype)
+    magnitude = scales.abs()
+    stored = magnitude.to(dtype)
+    nonzero = magnitude > 0
+    drift = (stored.float() - magnitude).abs() > SCALE_TOLERANCE * magnitude
+    if not torch.isfinite(magnitude).all() or bool((nonzero & drift).any()):
+        low, high = magnitude[nonzero].min().item(), magnitude[nonzero].max().item()
+        other = "bfloat16" if scale_dtype == "float16" else None
+        advice = (f"pass --scale-dtype {other} (a recipe rule can give it to this tensor alone)" if other and high < 3e38
+                  else "its values are too large to quantize; keep it in float with --exclude")
+        raise ScaleRangeError(f"needs scales from {low:.3g} to {high:.3g}, which {scale_dtype} cannot hold "
+                              f"(normal range {info.tiny:.3g} to {info.max:.3g}); {advice}.")
+    stored = torch.where(nonzero, stored, torch.full_like(stored, info.tiny))
+    return torch.where(scales < 0, -stored, stored)
 
 
 def symmetric_scales(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,14 +80,14 @@ def symmetric_scales(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.
     return extreme / -(2 ** (bits - 1))
 
 
-def grid_for_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_for_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) as float32 for ranges [low, high] that include 0; scales are rounded to their stored
     dtype first, so codes are computed against the scale the file will hold. Symmetric zero is 2**(bits-1)."""
     if config.symmetric:
-        scale = stored_scales(symmetric_scales(low, high, config.bits), config.scale_dtype).float()
+        scale = stored_scales(symmetric_scales(low, high, config.bits), config.scale_dtype, strict).float()
         return scale, torch.full_like(scale, 2 ** (config.bits - 1))
     top = 2**config.bits - 1
-    scale = stored_scales((high - low) / top, config.scale_dtype).float()
+    scale = stored_scales((high - low) / top, config.scale_dtype, strict).float()
     return scale, (-low / scale).round_().clamp_(0, top)
 
 
