@@ -577,12 +577,11 @@ def verify(
 ) -> None:
     """Re-read an output: checksums, shapes, and that every quantized tensor unpacks; optionally gate its size."""
     from qconvert.errors import QualityGateError, VerificationError
-    from qconvert.manifest import read_manifest
-    from qconvert.verification import verify_output
+    from qconvert.verification import measured_totals, verify_output
 
     def action() -> int:
         problems, checked = verify_output(path)
-        totals = read_manifest(path).totals if not problems else {}
+        totals = measured_totals(path) if not problems else {}  # from the files, not the manifest's say-so
         gate = []
         if max_bpw is not None and totals and (totals.get("quantized_bits_per_weight") or 0) > max_bpw:
             gate.append(f"{totals['quantized_bits_per_weight']} bits per quantized weight is above the {max_bpw} allowed")

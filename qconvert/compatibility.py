@@ -116,7 +116,23 @@ def loading_problems(path: Path) -> list[Problem]:
             _, info = _transformers_load(path, device_map="meta", ignore_mismatched_sizes=True)
     except Exception as exc:  # anything transformers raises means it does not load
         return [Problem(None, _cannot_load(exc))]
+    info["mismatched_keys"] = {m for m in info.get("mismatched_keys") or [] if not _shape_recorded(path, m)}
     return _loading_info_problems(info)
+
+
+def _shape_recorded(path: Path, mismatch: tuple) -> bool:
+    """Whether a mismatch on the meta device is only that: a compressed-tensors weight dequantized while
+    loading takes its shape from the values of `weight_shape`, which the meta device does not read. True
+    when those values (read here) are the shape the model expects."""
+    from safetensors import safe_open
+
+    key, _, expected = mismatch
+    name = f"{str(key).removesuffix('.weight')}.weight_shape"
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            if name in handle.keys():
+                return tuple(handle.get_tensor(name).tolist()) == tuple(expected)
+    return False
 
 
 def _cannot_load(exc: Exception) -> str:

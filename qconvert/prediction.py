@@ -23,6 +23,7 @@ from qconvert.settings import Settings
 
 GB = 1e9
 BASE_RSS = 0.23 * GB  # python + torch + safetensors, measured
+SKELETON_RSS = 0.19 * GB  # transformers imported and the meta-device model built to read each tensor's module, measured
 CALIBRATION_BASE_RSS = 0.45 * GB  # + transformers, the model skeleton and the tokenizer, measured
 IN_FLIGHT_COPIES = 2.0  # largest source tensor: one prefetched, one being converted or queued for writing
 CODE_BYTES = 2.0  # per weight of the largest quantized tensor: its codes and their packed copy
@@ -70,7 +71,8 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
     source_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
     largest = max(info.nbytes for info in checkpoint.tensors.values())
     largest_quantized = max(p.record.parameters for p in plan.tensors if p.scheme)
-    peak = BASE_RSS + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
+    skeleton = SKELETON_RSS if checkpoint.skeleton() is not None else 0  # transformers was imported to build it
+    peak = BASE_RSS + skeleton + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
     seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S
     disk = output_bytes
     if plan.calibrated is not None:

@@ -89,8 +89,9 @@ def _from_pretrained(folder: Path, dtype: torch.dtype, **kwargs) -> torch.nn.Mod
 
     _quiet_transformers()
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-    except (OSError, ValueError, KeyError) as exc:
+        with quiet_libraries():
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    except Exception as exc:  # whatever transformers raises (an unsafe pickle, a bad config...) means: cannot load
         raise SourceError(f"transformers cannot load {folder} as a causal language model: {str(exc).splitlines()[0]}") from exc
 
 
