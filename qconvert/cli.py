@@ -36,7 +36,7 @@ app = typer.Typer(
 )
 # markup=False everywhere: paths, tensor names and messages are printed as they are ("qconvert[hf]"
 # must not lose its brackets); styles come only from `_say`'s Text.
-stderr = Console(stderr=True, markup=False, highlight=False)
+stderr = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)  # a path is never broken across lines
 
 
 def _stdout() -> Console:

@@ -33,6 +33,7 @@ from qconvert.errors import SourceError
 from qconvert.formats.compressed_tensors import schemes_from_config
 from qconvert.manifest import MANIFEST_FILE
 from qconvert.runtime import quiet_libraries
+from qconvert.skeleton import build_skeleton
 
 RUNTIMES = ("transformers", "llama.cpp", "mlx", "vllm")
 FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
@@ -116,23 +117,30 @@ def loading_problems(path: Path) -> list[Problem]:
             _, info = _transformers_load(path, device_map="meta", ignore_mismatched_sizes=True)
     except Exception as exc:  # anything transformers raises means it does not load
         return [Problem(None, _cannot_load(exc))]
-    info["mismatched_keys"] = {m for m in info.get("mismatched_keys") or [] if not _shape_recorded(path, m)}
+    if info.get("mismatched_keys"):
+        shapes = _recorded_shapes(path)
+        info["mismatched_keys"] = {m for m in info["mismatched_keys"] if not _shape_recorded(path, m, shapes)}
     return _loading_info_problems(info)
 
 
-def _shape_recorded(path: Path, mismatch: tuple) -> bool:
+def _shape_recorded(path: Path, mismatch: tuple, shapes: dict) -> bool:
     """Whether a mismatch on the meta device is only that: a compressed-tensors weight dequantized while
     loading takes its shape from the values of `weight_shape`, which the meta device does not read. True
-    when those values (read here) are the shape the model expects."""
+    when those values (`shapes`, by runtime name) are the shape the model expects."""
+    key, _, expected = mismatch
+    return shapes.get(f"{str(key).removesuffix('.weight')}.weight_shape") == tuple(expected)
+
+
+def _recorded_shapes(path: Path) -> dict[str, tuple]:
+    """Every `weight_shape` value in the files, by the name transformers loads it as."""
     from safetensors import safe_open
 
-    key, _, expected = mismatch
-    name = f"{str(key).removesuffix('.weight')}.weight_shape"
+    values = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, framework="pt") as handle:
-            if name in handle.keys():
-                return tuple(handle.get_tensor(name).tolist()) == tuple(expected)
-    return False
+            values.update({k: tuple(handle.get_tensor(k).tolist()) for k in handle.keys() if k.endswith(".weight_shape")})
+    skeleton = build_skeleton(path, _config(path), list(values)) if values else None
+    return {(skeleton.runtime_name(k) if skeleton else k): v for k, v in values.items()}
 
 
 def _cannot_load(exc: Exception) -> str:
@@ -203,7 +211,8 @@ def _check_compressed_tensors(path: Path, runtime: str) -> list[Problem]:
     config, tensors = _config(path), _headers(path)
     problems = []
     quantized = {name.removesuffix(".weight_packed") for name in tensors if name.endswith(".weight_packed")}
-    schemes = schemes_from_config(config.get("quantization_config") or {}, quantized)
+    skeleton = build_skeleton(path, config, [f"{m}.weight" for m in quantized])
+    schemes = schemes_from_config(config.get("quantization_config") or {}, quantized, skeleton.runtime_name if skeleton else None)
     for module in sorted(quantized):
         if schemes[module] is None:
             problems.append(Problem(module, "stored packed, but no config group of quantization_config targets it"))

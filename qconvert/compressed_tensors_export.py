@@ -14,6 +14,7 @@ from qconvert.errors import SchemeError, UnsupportedModelError
 from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config
 from qconvert.formats import choose_layout
 from qconvert.formats.base import record_config
+from qconvert.skeleton import build_skeleton
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
@@ -50,7 +51,8 @@ def export_compressed_tensors(output: Path, destination: Path, force: bool = Fal
             writer.finish({"format": "pt", METADATA_KEY: relaid.to_json()})
         finally:
             writer.close()
-        config["quantization_config"] = layout.quantization_config(records)
+        skeleton = build_skeleton(output, config, [r.name for r in records])
+        config["quantization_config"] = layout.quantization_config(records, skeleton.runtime_name if skeleton else None)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / MANIFEST_FILE).write_text(relaid.to_json() + "\n")
         copy_tokenizer_files(output, folder)

@@ -340,5 +340,6 @@ def _write_sidecars(staging: Path, checkpoint: Checkpoint, manifest: Manifest, l
             shutil.copy2(path, staging / path.name)
     config = checkpoint.config
     if config is not None:
-        config["quantization_config"] = layout.quantization_config(manifest.tensors)
+        skeleton = checkpoint.skeleton()
+        config["quantization_config"] = layout.quantization_config(manifest.tensors, skeleton.runtime_name if skeleton else None)
         write_json(staging / "config.json", config)

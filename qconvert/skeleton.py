@@ -16,7 +16,8 @@ Roles:
   "unused" for a key the model has no parameter for.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 LINEAR, EXPERTS, EMBEDDING, UNUSED = "linear", "experts", "embedding", "unused"
 QUANTIZABLE = (LINEAR, EXPERTS, EMBEDDING)
@@ -24,14 +25,21 @@ QUANTIZABLE = (LINEAR, EXPERTS, EMBEDDING)
 
 @dataclass(frozen=True)
 class Skeleton:
-    """The checkpoint's model as transformers builds it: `roles` maps checkpoint tensor names to roles;
-    `model_class` names the class built."""
+    """The checkpoint's model as transformers builds it: `roles` maps checkpoint tensor names to roles,
+    `runtime_names` to the parameter names transformers loads them as (they differ where it renames
+    keys, as for nested language models); `model_class` names the class built."""
 
     model_class: str
     roles: dict[str, str]
+    runtime_names: dict[str, str]
+    _rename: Callable[[str], str] = field(repr=False, compare=False, default=lambda key: key)
 
     def role(self, name: str) -> str:
         return self.roles.get(name, UNUSED)
+
+    def runtime_name(self, key: str) -> str:
+        """The name transformers gives checkpoint key `key` (any key, e.g. a packed part) while loading."""
+        return self.runtime_names.get(key) or self._rename(key)[0]
 
 
 def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | None:
@@ -46,7 +54,9 @@ def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | 
         return None
     if model is None:
         return None
-    return Skeleton(type(model).__name__, _roles(model, names))
+    rename = _renamer(model)
+    roles, runtime_names = _roles(model, names, rename)
+    return Skeleton(type(model).__name__, roles, runtime_names, rename)
 
 
 def _meta_model(folder, config: dict):
@@ -70,25 +80,41 @@ def _meta_model(folder, config: dict):
         return transformers.AutoModel.from_config(hf_config, dtype=torch.float32)
 
 
-def _roles(model, names: list[str]) -> dict[str, str]:
-    import torch
+def _renamer(model) -> Callable[[str], tuple[str, str | None]]:
+    """transformers' own key renaming for `model`: checkpoint key -> (parameter name, converter pattern)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    merges = {p for c in converters if any(isinstance(op, MergeModulelist) for op in c.operations) for p in c.source_patterns}
-    meta_state = model.state_dict(keep_vars=True)
+    known = dict.fromkeys(model.state_dict(keep_vars=True), True)  # names only: no tensor is kept
+    prefix = model.base_model_prefix
+
+    def rename(key: str) -> tuple[str, str | None]:
+        return rename_source_key(key, renamings, converters, prefix, known)
+
+    rename.converters = converters
+    rename.known = known
+    return rename
+
+
+def _roles(model, names: list[str], rename) -> tuple[dict[str, str], dict[str, str]]:
+    import torch
+    from transformers.core_model_loading import MergeModulelist
+
+    merges = {p for c in rename.converters if any(isinstance(op, MergeModulelist) for op in c.operations)
+              for p in c.source_patterns}
     modules = dict(model.named_modules())
-    roles = {}
+    roles, runtime_names = {}, {}
     for name in names:
-        target, pattern = rename_source_key(name, renamings, converters, model.base_model_prefix, meta_state)
+        target, pattern = rename(name)
+        runtime_names[name] = target
         module_name, _, attribute = target.rpartition(".")
         module = modules.get(module_name)
         if pattern is not None:
             roles[name] = EXPERTS if pattern in merges else f"converted by transformers while loading ({pattern})"
-        elif target not in meta_state or module is None:
+        elif target not in rename.known or module is None:
             roles[name] = UNUSED
         elif isinstance(module, torch.nn.Linear) and attribute == "weight":
             roles[name] = LINEAR
@@ -96,4 +122,4 @@ def _roles(model, names: list[str]) -> dict[str, str]:
             roles[name] = EMBEDDING
         else:
             roles[name] = f"{type(module).__name__} {attribute}"
-    return roles
+    return roles, runtime_names

@@ -37,8 +37,9 @@ class Layout(ABC):
         """Rebuild the QuantizedTensor from its stored tensors."""
 
     @abstractmethod
-    def quantization_config(self, records: list[TensorRecord]) -> dict:
-        """The `quantization_config` entry for config.json."""
+    def quantization_config(self, records: list[TensorRecord], runtime_name=None) -> dict:
+        """The `quantization_config` entry for config.json; `runtime_name` maps a checkpoint key to the
+        name the runtime loads it as (`Skeleton.runtime_name`), where a layout names modules."""
 
 
 def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> TensorSpec:

@@ -117,12 +117,16 @@ class CompressedTensorsLayout(Layout):
             dtype=source_dtype(record),
         )
 
-    def quantization_config(self, records: list[TensorRecord]) -> dict:
+    def quantization_config(self, records: list[TensorRecord], runtime_name=None) -> dict:
+        # Targets name modules as the runtime builds them: transformers renames some checkpoint keys while
+        # loading (a VLM's language_model.model.layers... becomes model.language_model.layers...), and
+        # compressed-tensors matches targets against the renamed model.
+        rename = runtime_name or (lambda key: key)
         schemes: dict[tuple, list[str]] = defaultdict(list)
         for r in records:
             if r.action == "quantized":
-                schemes[(r.bits, r.group_size, r.symmetric)].append(module_name(r.name))
-        linear_like = {module_name(r.name) for r in records if r.name.endswith(".weight") and len(r.shape) == 2}
+                schemes[(r.bits, r.group_size, r.symmetric)].append(module_name(rename(r.name)))
+        linear_like = {module_name(rename(r.name)) for r in records if r.name.endswith(".weight") and len(r.shape) == 2}
         groups = {}
         for i, ((bits, group_size, symmetric), modules) in enumerate(sorted(schemes.items())):
             groups[f"group_{i}"] = {
@@ -166,9 +170,10 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
     return targets
 
 
-def schemes_from_config(quantization_config: dict, modules: set[str]) -> dict[str, tuple | None]:
+def schemes_from_config(quantization_config: dict, modules: set[str], runtime_name=None) -> dict[str, tuple | None]:
     """module -> (bits, group size or 0, symmetric) of the first config group targeting it (a module
-    name, a "re:" pattern or the class name Linear), or None: how readers resolve `targets`."""
+    name, a "re:" pattern or the class name Linear), or None: how readers resolve `targets`. Targets
+    are matched against each module's name as stored and as the runtime renames it (`runtime_name`)."""
     rules = []
     for group in (quantization_config.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
@@ -176,9 +181,11 @@ def schemes_from_config(quantization_config: dict, modules: set[str]) -> dict[st
         rules += [(target, scheme) for target in group.get("targets", [])]
 
     def scheme_of(module: str) -> tuple | None:
+        names = {module, module_name(runtime_name(module + ".weight"))} if runtime_name else {module}
         for target, scheme in rules:
-            if (target.startswith("re:") and re.match(target[3:], module)) or target in ("Linear", module):
-                return scheme
+            for name in names:
+                if (target.startswith("re:") and re.match(target[3:], name)) or target in ("Linear", name):
+                    return scheme
         return None
 
     return {module: scheme_of(module) for module in modules}

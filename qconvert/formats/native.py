@@ -54,7 +54,7 @@ class NativeLayout(Layout):
             dtype=source_dtype(record),
         )
 
-    def quantization_config(self, records: list[TensorRecord]) -> dict:
+    def quantization_config(self, records: list[TensorRecord], runtime_name=None) -> dict:
         # No quant_method on purpose: transformers skips a method it does not know and loads the folder
         # with every quantized weight initialised at random, but refuses a quantization_config without
         # one. `qconvert.load` / `qconvert.load_model` read this layout; `qconvert export` converts it.

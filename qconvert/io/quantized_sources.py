@@ -195,7 +195,8 @@ def _compressed_tensors_modules(raw: Checkpoint, quantization: dict) -> dict[str
     from qconvert.formats.compressed_tensors import schemes_from_config
 
     prefixes = [n.removesuffix("weight_packed") for n in raw.tensors if n.endswith(".weight_packed")]
-    schemes = schemes_from_config(quantization, {p.rstrip(".") for p in prefixes})
+    skeleton = raw.skeleton()
+    schemes = schemes_from_config(quantization, {p.rstrip(".") for p in prefixes}, skeleton.runtime_name if skeleton else None)
     shapes = dict(raw.iter_tensors([p + "weight_shape" for p in prefixes], hash_on_the_way=False))
     modules = {}
     for prefix in prefixes:

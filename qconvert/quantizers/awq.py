@@ -112,9 +112,12 @@ def norm_offset(module: torch.nn.Module, name: str) -> float:
         at_zero = probe(x)
         probe.weight.fill_(1.0)
         at_one = probe(x)
-    if at_zero.abs().max() <= 1e-6 * at_one.abs().max():
+        probe.weight.fill_(2.0)
+        at_two = probe(x)
+    # (offset + w) · n(x) is linear in w: zero at w = -offset, and twice as far from it at 2 as at 1 (for offset 0).
+    if at_zero.abs().max() <= 1e-6 * at_one.abs().max() and torch.allclose(at_two, 2 * at_one, rtol=1e-4, atol=1e-6):
         return 0.0
-    if torch.allclose(at_one, 2 * at_zero, rtol=1e-4, atol=1e-6):
+    if torch.allclose(at_one, 2 * at_zero, rtol=1e-4, atol=1e-6) and torch.allclose(at_two, 3 * at_zero, rtol=1e-4, atol=1e-6):
         return 1.0
     raise UnsupportedModelError(f"awq folds its scales into {name}, a {type(module).__name__} that applies its weight "
                                 "neither as w nor as 1 + w, so no exact fold is known; use gptq or clip for this model.")
