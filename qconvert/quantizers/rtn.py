@@ -32,7 +32,7 @@ def group_view(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return w.view(rows, -1, group_size)
 
 
-SCALE_TOLERANCE = 0.01  # largest relative change rounding a scale to its stored dtype may make
+SCALE_TOLERANCE = 0.05  # largest relative change rounding a scale up to its stored dtype may make
 
 
 class ScaleRangeError(SchemeError):
@@ -42,10 +42,11 @@ class ScaleRangeError(SchemeError):
 def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -> torch.Tensor:
     """Round scales to their stored dtype, keeping their sign.
 
-    A scale of zero (a group of zeros, whose codes all sit on the zero point) is stored as the dtype's
-    smallest normal value. Any other scale must survive the rounding within SCALE_TOLERANCE: one that
-    would overflow to infinity or flush towards zero (weights far larger or smaller than float16
-    reaches) is refused, never clamped silently.
+    Below the dtype's smallest normal value magnitudes round up, so the group's extremes still reach the
+    grid (codes are computed against the stored scale); above it they round to nearest. A scale of zero (a group of zeros, whose codes all sit on the zero point)
+    is stored as the dtype's smallest normal value. Any other scale must survive the rounding within
+    SCALE_TOLERANCE: one that would overflow to infinity or lose its precision among float16's
+    subnormals (weights far larger or smaller than float16 reaches) is refused, never clamped silently.
 
     A search weighing candidate scales passes `strict=False`: a candidate out of range is clamped, and
     its error, measured on the clamped scale, rules it out.
@@ -60,6 +61,9 @@ def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -
         return torch.where(scales < 0, -magnitude, magnitude).to(dtype)
     magnitude = scales.abs()
     stored = magnitude.to(dtype)
+    # Among the subnormals rounding is coarse: round up there, so the group's extremes still reach the grid.
+    coarse = (stored.float() < magnitude) & (magnitude < info.tiny)
+    stored = torch.where(coarse, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
     nonzero = magnitude > 0
     drift = (stored.float() - magnitude).abs() > SCALE_TOLERANCE * magnitude
     if not torch.isfinite(magnitude).all() or bool((nonzero & drift).any()):

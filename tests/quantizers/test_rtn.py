@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from qconvert.errors import SchemeError
 from qconvert.packing import SUPPORTED_BITS
 from qconvert.quantizers import QuantConfig, dequantize, get
+from qconvert.quantizers.rtn import ScaleRangeError
 
 
 @st.composite
@@ -26,7 +27,16 @@ def scale_per_weight(q):
 @given(weights_and_config())
 def test_rtn_error_is_within_half_a_step(case):
     weight, config = case
-    q = get("rtn")(config).quantize("w", weight)
+    try:
+        q = get("rtn")(config).quantize("w", weight)
+    except ScaleRangeError:
+        # refused, never clamped: only where a group's step falls among float16's subnormals (below its
+        # smallest normal, 6.1e-5, precision thins out to steps of 6e-8)
+        from qconvert.quantizers.rtn import group_view
+
+        smallest = group_view(weight, config).abs().amax(-1).min().item() / (2 ** config.bits - 1)
+        assert config.scale_dtype == "float16" and smallest < 2.5e-5
+        return
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < 2**config.bits
     assert q.scales.shape == (weight.shape[0], config.groups_for(weight.shape[1]))
     error = (weight - dequantize(q)).abs()
