@@ -243,7 +243,7 @@ def model(
             log.done(result)
         totals = result.manifest.totals
         warnings = _requantized_warning(result.manifest)
-        if result.runtime_check and not result.runtime_check["ok"]:
+        if result.runtime_check and result.runtime_check["ok"] is False:
             warnings.append(f"transformers would not load this output correctly ({result.runtime_check['note']}): "
                             + "; ".join(f"{p['tensor'] or ''} {p['message']}".strip() for p in result.runtime_check["problems"][:3]))
         for warning in warnings:

@@ -162,18 +162,124 @@ def _loading_info_problems(info: dict) -> list[Problem]:
 
 
 FORWARD_TOKENS = 16
-FORWARD_TOLERANCE = 1e-2  # largest logit difference allowed, relative to the largest logit
+# Largest logit difference allowed, relative to the largest logit: transformers computes in float32 as
+# qconvert does; MLX computes in the checkpoint's 16-bit dtype.
+FORWARD_TOLERANCE = {"transformers": 1e-2, "mlx": 1e-3}
+# A runtime computing in 16 bits may differ from float32 by its own rounding: up to this many times what
+# the same model run wholly in bfloat16 (a cruder rounding than MLX's, which keeps norms and softmax in
+# float32) differs by, on top of FORWARD_TOLERANCE.
+ROUNDING_ALLOWANCE = 1.0
 
 
 def forward_problems(path: Path, runtime: str, found: str) -> list[Problem]:
     """Run FORWARD_TOKENS tokens through `runtime`'s own loading of `path` and through qconvert's
     dequantized model of the same files (float32), and fail when their logits differ by more than
-    FORWARD_TOLERANCE of the largest logit."""
+    FORWARD_TOLERANCE of the largest logit.
+
+    transformers runs qconvert outputs (compressed-tensors) and float checkpoints, against
+    `qconvert.load_model`; mlx_lm runs MLX exports, against a transformers model holding qconvert's own
+    reading of the MLX files (weight = scales · code + biases)."""
+    if runtime == "mlx" and found == "mlx":
+        return _mlx_forward_problems(path)
+    if runtime != "transformers" or found not in ("compressed-tensors", "float"):
+        return [Problem(None, f"check --forward runs transformers on qconvert outputs and float checkpoints and mlx_lm "
+                              f"on MLX exports; not {runtime} on {found}")]
+    return _transformers_forward_problems(path, found)
+
+
+def _compare(ours, theirs, runtime: str, rounding: float = 0.0) -> list[Problem]:
+    """Problems if `theirs` differs from `ours` by more than FORWARD_TOLERANCE of the largest logit plus
+    ROUNDING_ALLOWANCE times `rounding` (how far 16-bit arithmetic alone moves these logits)."""
+    difference = float((ours - theirs).abs().max())
+    scale = float(ours.abs().max()) or 1.0
+    allowed = FORWARD_TOLERANCE[runtime] * scale + ROUNDING_ALLOWANCE * rounding
+    if not difference <= allowed:
+        return [Problem(None, f"{runtime}'s logits differ from qconvert's dequantized model by up to {difference:.4g} "
+                              f"(largest logit {scale:.4g}; allowed {allowed:.4g}, of which {ROUNDING_ALLOWANCE * rounding:.4g} "
+                              "for 16-bit arithmetic)")]
+    return []
+
+
+def _token_ids(vocabulary: int | None):
     import torch
 
-    if runtime != "transformers" or found not in ("compressed-tensors", "float"):
-        return [Problem(None, f"check --forward runs transformers on qconvert outputs and float checkpoints; "
-                              f"not {runtime} on {found}")]
+    return torch.arange(1, FORWARD_TOKENS + 1).remainder(vocabulary or 100).view(1, -1)
+
+
+def _mlx_forward_problems(path: Path) -> list[Problem]:
+    import torch
+
+    try:
+        import mlx.core as mx
+        from mlx_lm import load
+    except ImportError:
+        return [Problem(None, "mlx and mlx_lm are not installed here, so --forward cannot run MLX (pip install 'qconvert[mlx]')")]
+    try:
+        with quiet_libraries():
+            model, _ = load(str(path))
+    except Exception as exc:  # anything mlx_lm raises means it does not load
+        return [Problem(None, f"mlx_lm cannot load it: {_first_line(exc)}")]
+    reference = _model_from_state(path, _mlx_dequantized(path))
+    ids = _token_ids(reference.config.vocab_size)
+    theirs = torch.tensor(model(mx.array(ids.tolist())).astype(mx.float32).tolist())
+    with torch.no_grad():
+        ours = _first_output(reference(ids))
+        rounding = 0.0
+        if not _stored_in_float32(path):  # MLX computes in the files' 16-bit dtypes
+            rounding = float((_first_output(reference.to(torch.bfloat16)(ids)).float() - ours).abs().max())
+    return _compare(ours, theirs, "mlx", rounding)
+
+
+def _stored_in_float32(path: Path) -> bool:
+    """Whether an MLX folder's float tensors are float32 (MLX then computes in float32, else in 16 bits)."""
+    tensors = _headers(path)
+    floats = [dtype for dtype, _ in tensors.values() if dtype.is_floating_point]
+    return bool(floats) and all(dtype == torch.float32 for dtype in floats)
+
+
+def _mlx_dequantized(path: Path) -> dict:
+    """The float weights of an MLX folder, read by qconvert: per module, weight = scales · code + biases
+    over groups, codes a little-endian bit stream in uint32 words (`mlx_export.py`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qconvert.packing import unpack_codes
+
+    quantization = _config(path)["quantization"]
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    for name in [n for n in state if n.endswith(".scales")]:
+        module = name.removesuffix(".scales")
+        grid = quantization.get(module, quantization)
+        bits, group = grid["bits"], grid["group_size"]
+        words, scales, biases = state.pop(f"{module}.weight"), state.pop(name), state.pop(f"{module}.biases")
+        rows, columns = words.shape[0], words.shape[1] * 32 // bits
+        codes = unpack_codes(words.contiguous().view(torch.uint8), bits, columns).float().view(rows, -1, group)
+        weight = codes * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
+        state[f"{module}.weight"] = weight.view(rows, columns)
+    return state
+
+
+def _model_from_state(path: Path, state: dict):
+    import torch
+    import transformers
+
+    with quiet_libraries():
+        config = transformers.AutoConfig.from_pretrained(path)
+    for key in ("quantization_config", "quantization"):
+        if hasattr(config, key):
+            delattr(config, key)
+    model_class = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0])
+    with quiet_libraries():
+        model = model_class.from_pretrained(None, config=config, state_dict={k: v.float() for k, v in state.items()},
+                                            dtype=torch.float32)
+    return model.eval()
+
+
+def _transformers_forward_problems(path: Path, found: str) -> list[Problem]:
+    import torch
+
     from qconvert.output import load_model
 
     try:
@@ -186,16 +292,10 @@ def forward_problems(path: Path, runtime: str, found: str) -> list[Problem]:
         return problems
     with quiet_libraries():
         reference = load_model(path) if found == "compressed-tensors" else _transformers_load(path, dtype=torch.float32)[0]
-    vocabulary = getattr(model.config, "vocab_size", None) or 100
-    ids = torch.arange(1, FORWARD_TOKENS + 1).remainder(vocabulary).view(1, -1)
+    ids = _token_ids(getattr(model.config, "vocab_size", None))
     with torch.no_grad(), quiet_libraries():
         ours, theirs = _first_output(reference.eval()(ids)), _first_output(model.eval()(ids))
-    difference = float((ours - theirs).abs().max())
-    scale = float(ours.abs().max()) or 1.0
-    if not difference <= FORWARD_TOLERANCE * scale:
-        return [Problem(None, f"transformers' logits differ from qconvert's dequantized model by up to {difference:.4g} "
-                              f"(largest logit {scale:.4g}; allowed {FORWARD_TOLERANCE:g} of it)")]
-    return []
+    return _compare(ours, theirs, "transformers")
 
 
 def _first_output(output):
@@ -251,6 +351,8 @@ def _check_gptq(path: Path, runtime: str) -> list[Problem]:
             continue
         per_word = 32 // bits if bits in (2, 4, 8) else None
         columns = parts["g_idx"][1][0]
+        if columns % 32:
+            problems.append(Problem(module, f"{columns} input features: GPTQ loaders pack them 32 at a time"))
         rows = parts["scales"][1][1]
         expected = {"qweight": (torch.int32, (columns // per_word, rows) if per_word else None),
                     "qzeros": (torch.int32, (-(-columns // group) if group > 0 else 1, rows // per_word) if per_word else None),

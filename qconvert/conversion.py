@@ -165,16 +165,19 @@ def _calibration_kept_only_when_interrupted(destination: Path) -> Iterator[None]
 
 def _runtime_check(staging: Path, layout: Layout, source_folder: Path | None) -> dict | None:
     """transformers' own loading of the output, on the meta device (`compatibility.loading_problems`), for
-    a compressed-tensors output; None when transformers is not installed or the layout is qconvert's own.
+    a compressed-tensors output; "ok": None, with the reason, when it was skipped (qconvert's own layout,
+    no transformers, no config).
     Problems the float source has too are reported (ok: false), not raised.
 
     Raises:
         VerificationError: transformers would leave a weight missing, ignore one, or fail to convert one,
             and loads the source correctly.
     """
-    if layout.name != "compressed-tensors" or importlib.util.find_spec("transformers") is None \
-            or not (staging / "config.json").is_file():
-        return None
+    if layout.name != "compressed-tensors":
+        return {"runtime": "transformers", "ok": None, "skipped": "qconvert's native layout, which transformers refuses "
+                "by design (qconvert.load_model reads it; qconvert export converts it)"}
+    if importlib.util.find_spec("transformers") is None or not (staging / "config.json").is_file():
+        return {"runtime": "transformers", "ok": None, "skipped": "transformers is not installed, or there is no config.json"}
     from qconvert.compatibility import loading_problems
 
     problems = loading_problems(staging)

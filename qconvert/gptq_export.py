@@ -42,12 +42,18 @@ def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportR
 
     Raises:
         SourceError: `output` is not a qconvert output with a config.json.
-        UnsupportedModelError: no quantized linear, or a grid GPTQ cannot hold (3, 5 or 6 bits; per channel).
+        UnsupportedModelError: no quantized linear, a grid GPTQ cannot hold (3, 5 or 6 bits; per channel), or
+            a linear whose input features are not a multiple of 32.
         OutputError: `destination` exists and `force` is false.
     """
     manifest = read_manifest(output)
     config = read_config(output, "a GPTQ checkpoint")
     linears = [r for r in manifest.tensors if r.action == "quantized" and _is_linear(r)]
+    columns = {r.name: r.shape[1] for r in linears}
+    unpackable = [name for name, count in columns.items() if count % 32]
+    if unpackable:  # AutoGPTQ sizes qweight as in_features // 32 * bits rows: a remainder has no room
+        raise UnsupportedModelError(f"GPTQ packs input features 32 at a time, and {unpackable[0]} has {columns[unpackable[0]]} "
+                                    f"({len(unpackable)} such tensors); export it to gguf or mlx, which write such tensors in float.")
     grid = _model_grid(linears)
     kinds = {_module_kind(r.name) for r in linears}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grid, kinds)]

@@ -697,3 +697,65 @@ def test_the_vlm_quantizes_its_nested_language_model_by_module(architectures):
     roles = skeleton.roles
     language = [n for n, role in roles.items() if "language_model" in n and ".layers.0." in n and role == "linear"]
     assert language, roles
+
+
+# ---------------------------------------------------------------- more of the same kinds
+
+
+def test_check_forward_runs_mlx_lm_and_catches_what_headers_cannot(tmp_path, tiny_lm):
+    out = convert(tiny_lm, tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True)).output
+    mlx = qconvert.exporting.export(out, "mlx", tmp_path / "mlx").destination
+    assert run("check", mlx, "--runtime", "mlx", "--forward").exit_code == 0
+    config = json.loads((mlx / "config.json").read_text())
+    config["rope_theta"] = 1.0  # a key mlx_lm reads and transformers does not (it reads rope_parameters)
+    (mlx / "config.json").write_text(json.dumps(config))
+    assert run("check", mlx, "--runtime", "mlx").exit_code == 0  # the headers are fine
+    result = run("check", mlx, "--runtime", "mlx", "--forward", "--json")
+    assert result.exit_code == 3 and "logits differ" in json.loads(result.stdout)["problems"][0]["message"]
+
+
+def test_gptq_export_refuses_rows_it_cannot_pack(llama344, tmp_path):
+    out = convert(llama344, tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True)).output
+    assert_sentence(run("export", out, "--to", "gptq"), 7, "model.layers.0.mlp.down_proj.weight", "344")
+    assert leftovers(tmp_path, keep={"out"}) == []
+
+
+def test_an_export_never_replaces_its_own_source(tmp_path, tiny_llama):
+    out = convert(tiny_llama, tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True)).output
+    for target in ("mlx", "compressed-tensors"):
+        assert_sentence(run("export", out, "--to", target, "-o", out, "--force"), 2, "source")
+    assert run("verify", out).exit_code == 0
+
+
+def test_model_json_says_whether_the_runtime_check_ran(tmp_path, tiny_llama):
+    compressed = json.loads(run("model", tiny_llama, "-o", tmp_path / "a", "--json").stdout)
+    assert compressed["runtime_check"] == {"runtime": "transformers", "ok": True, "problems": []}
+    native = json.loads(run("model", tiny_llama, "-o", tmp_path / "b", "--layout", "native", "--json").stdout)
+    assert native["runtime_check"]["ok"] is None and "native layout" in native["runtime_check"]["skipped"]
+
+
+def test_an_interrupted_format_export_keeps_its_scratch_store_and_resumes(tmp_path, tiny_lm, monkeypatch):
+    import qconvert.calibration.pipeline as pipeline
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text about Python. " * 200)
+    real = pipeline._quantize_block
+    calls = []
+
+    def interrupted_at_second_block(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_quantize_block", interrupted_at_second_block)
+    args = ["model", tiny_lm, "-o", tmp_path / "m.gguf", "--format", "gguf", "-q", "gptq", "--symmetric",
+            "--group-size", "32", "--calib", text, "--calib-samples", 2, "--calib-seqlen", 32]
+    assert run(*args).exit_code == 130
+    scratch = tmp_path / ".m.gguf.qconvert-scratch"
+    assert list(scratch.glob(".*.qconvert-calibration/block-00000.safetensors"))
+    monkeypatch.setattr(pipeline, "_quantize_block", lambda *a: calls.append(1) or real(*a))
+    calls.clear()
+    assert run(*args).exit_code == 0
+    assert len(calls) == 1  # block 0 was replayed from the store, only block 1 quantized anew
+    assert leftovers(tmp_path, keep={"calib.txt", "m.gguf"}) == []
