@@ -94,7 +94,10 @@ def _on_sigterm(signum, frame) -> None:
 def _run(action: Callable[[], int | None]) -> None:
     """Run a command body; a user error, an OS error or an interruption becomes one line on stderr and its
     exit code. Anything else is a bug in qconvert: its traceback is kept, with a request to report it."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (the CLI called from a worker thread): signals stay as they are
+        previous = None
     try:
         code = action()
     except QConvertError as exc:
@@ -120,7 +123,8 @@ def _run(action: Callable[[], int | None]) -> None:
         _say("error:", "bold red", f"this is a bug in qconvert {__version__}; please report it with the traceback above.")
         raise typer.Exit(code=1) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if code:
         raise typer.Exit(code=code)
 

@@ -759,3 +759,18 @@ def test_an_interrupted_format_export_keeps_its_scratch_store_and_resumes(tmp_pa
     assert run(*args).exit_code == 0
     assert len(calls) == 1  # block 0 was replayed from the store, only block 1 quantized anew
     assert leftovers(tmp_path, keep={"calib.txt", "m.gguf"}) == []
+
+
+def test_zero_points_of_a_single_word_are_kept_out_of_compressed_tensors(tmp_path):
+    """k_proj with 8 rows: its 4-bit zero points fill one int32 word per group, which compressed-tensors'
+    loader cannot read back (transformers fails while converting): auto picks the native layout, and the
+    symmetric grid (no zero points) still loads in transformers."""
+    from transformers import LlamaForCausalLM
+
+    source = save_tiny(tmp_path / "kv8", llama_config(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=1,
+                                                      head_dim=8, vocab_size=128), LlamaForCausalLM)
+    assert convert(source, tmp_path / "asym", Settings(bits=4, group_size=32)).manifest.layout == "native"
+    with pytest.raises(SchemeError, match="single word"):
+        convert(source, tmp_path / "forced", Settings(bits=4, group_size=32, layout="compressed-tensors"))
+    symmetric = convert(source, tmp_path / "sym", Settings(bits=4, group_size=32, symmetric=True)).output
+    assert run("check", symmetric, "--runtime", "transformers", "--forward").exit_code == 0

@@ -12,7 +12,8 @@ For a linear layer `<module>` whose weight is rows × columns:
 compressed-tensors packs each row as a little-endian bit stream of int32 words holding the signed
 code + 2**(bits-1), which is our unsigned code, in our bit order (`packing.py`): so its words are our
 packed bytes padded to 4 bytes per row. Signed zero points are likewise ours minus 2**(bits-1).
-It cannot express partial groups (columns not divisible by the group size).
+It cannot express partial groups (columns not divisible by the group size), and its loader cannot
+read asymmetric grouped zero points of a weight with rows·bits ≤ 32 (one word per group).
 """
 
 import re
@@ -66,10 +67,15 @@ class CompressedTensorsLayout(Layout):
             return f"{name} is not a module's .weight"
         if EMBEDDING.search(name):
             return f"{name} is an embedding or output head, which transformers cannot load quantized from compressed-tensors"
-        columns = shape[-1]
+        rows, columns = shape[0], shape[-1]
         if config.group_size and columns % config.group_size:
             return (f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
                     "and compressed-tensors has no partial groups")
+        if not config.symmetric and words_per_row(rows, config.bits) == 1 and config.groups_for(columns) > 1:
+            # its zero points fit one int32 word per group; compressed-tensors' loader (0.20) views that
+            # (1, groups) tensor transposed as bytes and fails, so transformers cannot load the model
+            return (f"{name} has {rows} rows, whose {config.bits}-bit zero points fill a single word per group, "
+                    "which compressed-tensors' loader cannot read")
         return None
 
     def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:
