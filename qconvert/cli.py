@@ -133,13 +133,13 @@ def _os_error_sentence(exc: OSError) -> str:
     """One sentence for an OS error: what failed, on which path, and what to do."""
     where = f" {exc.filename}" if exc.filename else ""
     reason = exc.strerror or str(exc)
-    advice = {errno.ENOSPC: "free some space or write the output elsewhere with -o",
-              errno.EDQUOT: "free some space or write the output elsewhere with -o",
+    advice = {errno.ENOSPC: "nothing was published; free some space or write the output elsewhere with -o",
+              errno.EDQUOT: "nothing was published; free some space or write the output elsewhere with -o",
               errno.EACCES: "check the permissions, or write the output elsewhere with -o",
               errno.EPERM: "check the permissions, or write the output elsewhere with -o",
               errno.EROFS: "write the output elsewhere with -o",
               errno.ENOENT: "check that the path exists and was not moved away while qconvert ran"}.get(exc.errno, "")
-    return f"{reason}{':' if where else ''}{where}; nothing was published" + (f" ({advice})." if advice else ".")
+    return f"{reason}{':' if where else ''}{where}" + (f"; {advice}." if advice else ".")
 
 
 def parse_size(text: str) -> int:
@@ -239,7 +239,7 @@ def model(
                 log.block(stage, done, total)
 
             log.start(source, settings)
-            with _exported_as(output_format.value, source, output, settings, force) as (destination, exporter):
+            with _exported_as(output_format.value, source, output, settings, force, revision) as (destination, exporter):
                 result = convert(source, destination, settings, force=force, revision=revision,
                                  command=["qconvert", *sys.argv[1:]], progress=on_tensor, calibration_progress=on_block,
                                  check_resources=not force, check_runtime=check_runtime)
@@ -259,13 +259,13 @@ def model(
                               "peak_rss_bytes": peak_rss(), "files": [str(f) for f in result.files],
                               "export": exported.to_dict() if exported else None, "warnings": warnings,
                               "runtime_check": result.runtime_check, **totals}, sort_keys=True))
+        elif exported:  # the qconvert output it came from was scratch, and is gone
+            _print_export(exported)
         else:
             stderr.print(
                 f"wrote {result.output} ({result.manifest.layout} layout): "
                 f"{totals['stored_bytes'] / 1e6:.1f} MB, {totals['quantized_bits_per_weight']} bits per quantized weight, "
                 f"{totals['bits_per_weight']} overall", highlight=False)
-            if exported:
-                _print_export(exported)
 
     _run(action)
 
@@ -283,7 +283,7 @@ def _requantized_warning(manifest) -> list[str]:
 
 
 @contextmanager
-def _exported_as(output_format: str, source: str, output: Path | None, settings, force: bool):
+def _exported_as(output_format: str, source: str, output: Path | None, settings, force: bool, revision: str | None = None):
     """Yield (where to convert, what to do with the result): for qconvert and compressed-tensors the
     output itself; for gguf, mlx and gptq a scratch folder `.<final>.qconvert-scratch` beside the final
     destination, exported from and then removed (the destination appears only once complete).
@@ -292,17 +292,19 @@ def _exported_as(output_format: str, source: str, output: Path | None, settings,
     calibration store there and resumes; the final destination's lock is held throughout, so no other
     run uses it meanwhile. It is removed on success and on error, and kept after an interruption only
     when it holds finished calibration blocks (the interruption's note says where)."""
-    from qconvert.conversion import default_output
+    from qconvert.conversion import default_output, source_paths
     from qconvert.exporting import default_destination, export
+    from qconvert.io.loading import open_checkpoint
     from qconvert.io.writing import check_destination, output_lock, remove_path
 
     if output_format in ("qconvert", "compressed-tensors"):
         yield output, lambda converted: None
         return
     final = Path(output) if output else default_destination(default_output(source, settings), output_format)
-    check_destination(final, force, [Path(source)] if Path(source).exists() else [])
+    check_destination(final, force, source_paths(open_checkpoint(source, revision)))  # a hub id's cache folder too
     scratch = final.with_name(f".{final.name}.qconvert-scratch")
     with output_lock(final):
+        remove_path(scratch / "qconvert")  # a killed run's intermediate output (its calibration store stays, to resume)
         try:
             yield scratch / "qconvert", lambda converted: export(converted, output_format, final, force)
         except KeyboardInterrupt:

@@ -112,11 +112,12 @@ def _transformers_load(path: Path, **kwargs):
 def loading_problems(path: Path) -> list[Problem]:
     """Every tensor transformers would leave missing, ignore, mismatch or fail to convert when loading
     `path`, found by running its loading path with every parameter on the meta device (no data read)."""
+    log = None
     try:
-        with quiet_libraries():
+        with quiet_libraries() as log:
             _, info = _transformers_load(path, device_map="meta", ignore_mismatched_sizes=True)
     except Exception as exc:  # anything transformers raises means it does not load
-        return [Problem(None, _cannot_load(exc))]
+        return [Problem(None, _cannot_load(exc, log))]
     if info.get("mismatched_keys"):
         shapes = _recorded_shapes(path)
         info["mismatched_keys"] = {m for m in info["mismatched_keys"] if not _shape_recorded(path, m, shapes)}
@@ -143,12 +144,13 @@ def _recorded_shapes(path: Path) -> dict[str, tuple]:
     return {(skeleton.runtime_name(k) if skeleton else k): v for k, v in values.items()}
 
 
-def _cannot_load(exc: Exception) -> str:
+def _cannot_load(exc: Exception, log=None) -> str:
     from importlib.metadata import PackageNotFoundError
 
     if isinstance(exc, (ImportError, PackageNotFoundError)):
         return f"transformers cannot load it on this machine: a package it needs for this format is not installed ({_first_line(exc)})"
-    return f"transformers cannot load it: {_first_line(exc)}"
+    detail = log.errors() if log is not None else ""  # the report it refers to was silenced: quote its errors
+    return f"transformers cannot load it: {_first_line(exc)}" + (f" ({detail})" if detail else "")
 
 
 def _loading_info_problems(info: dict) -> list[Problem]:
@@ -282,11 +284,12 @@ def _transformers_forward_problems(path: Path, found: str) -> list[Problem]:
 
     from qconvert.output import load_model
 
+    log = None
     try:
-        with quiet_libraries():
+        with quiet_libraries() as log:
             model, info = _transformers_load(path, dtype=torch.float32)
     except Exception as exc:
-        return [Problem(None, _cannot_load(exc))]
+        return [Problem(None, _cannot_load(exc, log))]
     problems = _loading_info_problems(info)
     if problems:
         return problems

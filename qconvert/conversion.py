@@ -133,7 +133,7 @@ def convert(
             for writer in writers:
                 writer.finish(metadata)
             _write_sidecars(staging, checkpoint, manifest, layout, file_names, shards)
-            runtime_check = _runtime_check(staging, layout, checkpoint.folder) if check_runtime else None
+            runtime_check = _runtime_check(staging, destination, layout, checkpoint.folder) if check_runtime else None
         remove_path(calibration_folder(destination))
     return ConversionResult(destination, manifest, [destination / n for n in file_names], runtime_check)
 
@@ -163,7 +163,7 @@ def _calibration_kept_only_when_interrupted(destination: Path) -> Iterator[None]
         raise
 
 
-def _runtime_check(staging: Path, layout: Layout, source_folder: Path | None) -> dict | None:
+def _runtime_check(staging: Path, destination: Path, layout: Layout, source_folder: Path | None) -> dict | None:
     """transformers' own loading of the output, on the meta device (`compatibility.loading_problems`), for
     a compressed-tensors output; "ok": None, with the reason, when it was skipped (qconvert's own layout,
     no transformers, no config).
@@ -180,7 +180,8 @@ def _runtime_check(staging: Path, layout: Layout, source_folder: Path | None) ->
         return {"runtime": "transformers", "ok": None, "skipped": "transformers is not installed, or there is no config.json"}
     from qconvert.compatibility import loading_problems
 
-    problems = loading_problems(staging)
+    problems = [dataclasses.replace(p, message=p.message.replace(str(staging), str(destination)))  # name what the user named
+                for p in loading_problems(staging)]
     if not problems:
         return {"runtime": "transformers", "ok": True, "problems": []}
     listed = [p.to_dict() for p in problems]

@@ -19,6 +19,8 @@ lossless).
 The report says which tensors were exact and which were requantized.
 """
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +85,17 @@ def _write_gguf(output: Path, manifest, config: dict, staging: Path, report: Exp
             report.exact.append(record.name)
             writer.add_tensor(target, array)
         report.types[target] = qtype.name
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except OSError as exc:
+        if exc.errno is None:  # gguf checks free space itself and raises a bare OSError
+            full = "space" in str(exc).lower()
+            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(exc),
+                          str(report.destination)) from exc
+        raise
     return report
 
 

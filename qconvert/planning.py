@@ -73,7 +73,8 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
     if not schemes:
         raise _nothing_selected(checkpoint, skeleton)
     quantizers = _quantizers(set(schemes.values()), settings)
-    layout = choose_layout(settings.layout, [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()])
+    layout = choose_layout(settings.layout, [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()],
+                           skeleton.roles if skeleton else None)
     planned = []
     for name, info in checkpoint.tensors.items():
         decision, scheme = decisions[name], schemes.get(name)

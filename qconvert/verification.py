@@ -78,7 +78,7 @@ def _unlisted_tensors(output: Path, manifest) -> list[str]:
             listed.setdefault(entry.file or "model.safetensors", set()).add(name)
     problems = []
     for file, names in listed.items():
-        if not (folder / file).is_file():
+        if Path(file).name != file or not (folder / file).is_file():
             continue  # reported when its tensors are read
         try:
             with safe_open(folder / file, framework="pt") as handle:
@@ -100,7 +100,7 @@ def _copies_disagree(output: Path) -> list[str]:
                     for entry in record.stored.values()})
     problems = []
     for file in files:
-        if not (output / file).is_file():
+        if Path(file).name != file or not (output / file).is_file():
             continue  # reported when its tensors are read
         try:
             with safe_open(output / file, framework="pt") as handle:

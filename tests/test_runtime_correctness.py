@@ -774,3 +774,87 @@ def test_zero_points_of_a_single_word_are_kept_out_of_compressed_tensors(tmp_pat
         convert(source, tmp_path / "forced", Settings(bits=4, group_size=32, layout="compressed-tensors"))
     symmetric = convert(source, tmp_path / "sym", Settings(bits=4, group_size=32, symmetric=True)).output
     assert run("check", symmetric, "--runtime", "transformers", "--forward").exit_code == 0
+
+
+def test_moe_experts_with_zero_points_go_native_and_symmetric_ones_load(moe_models, tmp_path):
+    # transformers stacks the experts while loading and their zero points never reach compressed-tensors'
+    # decompressor: asymmetric MoE outputs are written native (transformers refuses them, qconvert reads them)
+    asymmetric = convert(moe_models["mixtral"], tmp_path / "asym", Settings(bits=4, group_size=32)).output
+    assert qconvert.manifest.read_manifest(asymmetric).layout == "native"
+    assert run("check", asymmetric, "--runtime", "transformers").exit_code == 3
+    with pytest.raises(SchemeError, match="MoE expert"):
+        convert(moe_models["mixtral"], tmp_path / "forced", Settings(bits=4, group_size=32, layout="compressed-tensors"))
+
+
+def test_shards_linked_from_elsewhere_are_read_like_the_hugging_face_cache(tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(64, 64)}, blobs / "aaa")
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.randn(64, 64)}, blobs / "bbb")
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model-00001-of-00002.safetensors").symlink_to("../../blobs/aaa")
+    (snapshot / "model-00002-of-00002.safetensors").symlink_to("../../blobs/bbb")
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.layers.0.mlp.up_proj.weight": "model-00001-of-00002.safetensors",
+        "model.layers.0.mlp.down_proj.weight": "model-00002-of-00002.safetensors"}}))
+    assert run("model", snapshot, "-o", tmp_path / "out").exit_code == 0
+
+
+def test_verify_opens_no_file_outside_the_output(verified, tiny_llama):
+    path = verified / "qconvert.json"
+    manifest = json.loads(path.read_text())
+    for record in manifest["tensors"]:
+        for entry in record["stored"].values():
+            entry["file"] = str(tiny_llama / "model.safetensors")
+    path.write_text(json.dumps(manifest))
+    result = run("verify", verified)
+    assert result.exit_code == 3 and "not a file name in that folder" in result.output
+
+
+def test_format_exports_never_replace_a_cached_source(tmp_path, tiny_llama, monkeypatch):
+    cache = tmp_path / "hf"
+    snapshot = cache / "hub" / "models--acme--tiny" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_llama, snapshot)
+    (cache / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (cache / "hub" / "models--acme--tiny" / "refs" / "main").write_text(snapshot.name)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache / "hub"))  # read at call time; the env var at import
+    before = sorted(p.name for p in snapshot.iterdir())
+    assert_sentence(run("model", "acme/tiny", "-o", snapshot, "--format", "mlx", "--force"), 2, "source")
+    assert sorted(p.name for p in snapshot.iterdir()) == before
+
+
+def test_a_killed_runs_scratch_output_does_not_block_the_next_run(tmp_path, tiny_lm):
+    leftover = tmp_path / ".x.gguf.qconvert-scratch" / "qconvert"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half-written")
+    assert run("model", tiny_lm, "-o", tmp_path / "x.gguf", "--format", "gguf").exit_code == 0
+    assert leftovers(tmp_path, keep={"x.gguf"}) == []
+
+
+def test_gguf_disk_full_is_exit_6(tmp_path, tiny_lm, monkeypatch):
+    import gguf
+
+    out = convert(tiny_lm, tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True)).output
+
+    def full(self, *args, **kwargs):  # what gguf raises when it finds too little room: an OSError without errno
+        raise OSError("Not enough free space to write 56623104 bytes after offset 1785152")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    assert_sentence(run("export", out, "--to", "gguf"), 6, "No space left on device", "out.gguf")
+    assert leftovers(tmp_path, keep={"out"}) == []
+
+
+def test_a_calibrated_scale_refusal_names_its_tensor(tmp_path, tiny_lm):
+    source = tmp_path / "big"
+    shutil.copytree(tiny_lm, source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].float() * 1e7
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text about Python. " * 200)
+    result = run("model", source, "-o", tmp_path / "out", "-q", "gptq", "--calib", text, "--calib-samples", 2,
+                 "--calib-seqlen", 32)
+    assert_sentence(result, 2, "tensor model.layers.0.mlp.up_proj.weight needs scales")

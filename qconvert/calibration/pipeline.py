@@ -22,7 +22,7 @@ from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
-from qconvert.quantizers.rtn import ScaleRangeError
+from qconvert.quantizers.rtn import ScaleRangeError, check_scale_range
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize, relative_error
 
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
@@ -102,6 +102,7 @@ def _quantize_block(quantizer: CalibratedQuantizer, block: CalibrationBlock, nam
     for name in names:  # before any search mixes the tensors: name the one at fault
         if not torch.isfinite(block.weight(name)).all():
             raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
+        check_scale_range(name, block.weight(name), block.configs[name])
     try:
         results = quantizer.quantize_block(block)
     except ScaleRangeError as exc:

@@ -16,8 +16,9 @@ class Layout(ABC):
 
     name: ClassVar[str]
 
-    def unsupported_reason(self, name: str, shape: tuple[int, ...], config: QuantConfig) -> str | None:
-        """Why this layout cannot store `name` under `config`, or None if it can."""
+    def unsupported_reason(self, name: str, shape: tuple[int, ...], config: QuantConfig, role: str | None = None) -> str | None:
+        """Why this layout cannot store `name` (of `role` in the runtime's model, where known) under
+        `config`, or None if it can."""
         return None
 
     def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:

@@ -60,7 +60,7 @@ def module_name(name: str) -> str:
 class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
 
-    def unsupported_reason(self, name: str, shape: tuple[int, ...], config: QuantConfig) -> str | None:
+    def unsupported_reason(self, name: str, shape: tuple[int, ...], config: QuantConfig, role: str | None = None) -> str | None:
         if sys.byteorder != "little":
             return "compressed-tensors words are little-endian and this machine is big-endian"
         if not name.endswith(".weight"):
@@ -71,6 +71,10 @@ class CompressedTensorsLayout(Layout):
         if config.group_size and columns % config.group_size:
             return (f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
                     "and compressed-tensors has no partial groups")
+        if not config.symmetric and role == "experts":
+            # transformers stacks the experts' weights while loading; their zero points never reach
+            # compressed-tensors' decompressor ("Asymmetric quant requires zero-point values")
+            return f"{name} is an MoE expert, whose asymmetric zero points transformers cannot load from compressed-tensors"
         if not config.symmetric and words_per_row(rows, config.bits) == 1 and config.groups_for(columns) > 1:
             # its zero points fit one int32 word per group; compressed-tensors' loader (0.20) views that
             # (1, groups) tensor transposed as bytes and fails, so transformers cannot load the model

@@ -207,7 +207,11 @@ def publish(staging: Path, destination: Path) -> None:
     retired = destination.with_name(f".{destination.name}.qconvert-old")
     remove_path(retired)
     os.rename(destination, retired)
-    os.rename(staging, destination)
+    try:
+        os.rename(staging, destination)
+    except BaseException:
+        os.rename(retired, destination)  # put the old output back rather than leave nothing
+        raise
     remove_path(retired)
 
 

@@ -114,6 +114,25 @@ def row_blocks(rows: int, columns: int) -> range:
     return range(0, rows, step)
 
 
+def check_scale_range(name: str, weight: torch.Tensor, config: QuantConfig) -> None:
+    """Refuse, by name, a weight whose round-to-nearest scales its scale dtype cannot hold: the check a
+    calibrated quantizer's block runs first, so the message names the tensor rather than its block.
+
+    Raises:
+        SchemeError: see `stored_scales`.
+    """
+    rows, columns = weight.shape
+    blocks = row_blocks(rows, columns)
+    for start in blocks:
+        low, high = torch.aminmax(group_view(weight[start:start + blocks.step], config), dim=-1)
+        low, high = low.clamp(max=0), high.clamp(min=0)
+        scales = symmetric_scales(low, high, config.bits) if config.symmetric else (high - low) / (2**config.bits - 1)
+        try:
+            stored_scales(scales, config.scale_dtype)
+        except ScaleRangeError as exc:
+            raise SchemeError(f"tensor {name} {exc}") from exc
+
+
 def rtn_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
     """Quantize a 2-D weight by round-to-nearest; see the module docstring for the grid."""
     return quantize_in_row_blocks(name, weight, config, _rtn_block)
