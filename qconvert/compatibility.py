@@ -183,6 +183,9 @@ def forward_problems(path: Path, runtime: str, found: str) -> list[Problem]:
     reading of the MLX files (weight = scales · code + biases)."""
     if runtime == "mlx" and found == "mlx":
         return _mlx_forward_problems(path)
+    if runtime == "llama.cpp":
+        return [Problem(None, "check --forward would run llama.cpp through llama-cpp-python, which qconvert does not "
+                              "drive yet; the header checks above are all that ran (llama-perplexity on the file is the proof)")]
     if runtime != "transformers" or found not in ("compressed-tensors", "float"):
         return [Problem(None, f"check --forward runs transformers on qconvert outputs and float checkpoints and mlx_lm "
                               f"on MLX exports; not {runtime} on {found}")]

@@ -58,7 +58,10 @@ def test_asymmetric_zero_points_match_compressed_tensors_decompression():
 def test_partial_groups_are_not_expressible():
     layout = CompressedTensorsLayout()
     assert "not a multiple of group size 128" in layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=128))
-    assert layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=64)) is None
+    assert layout.unsupported_reason("a.weight", (16, 576), QuantConfig(group_size=64)) is None
+    # 8 rows of 4-bit zero points fill one word per group, which compressed-tensors' loader cannot read
+    assert "single word" in layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=64))
+    assert layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=64, symmetric=True)) is None
 
 
 def test_targets_fold_layer_numbers_only_when_safe():
