@@ -1,16 +1,21 @@
 """qconvert: turn a Hugging Face checkpoint into a compact quantized model.
 
-    import qconvert
-    result = qconvert.convert("path/to/checkpoint", "out/", qconvert.Settings(bits=4, group_size=64))
-    state_dict = qconvert.load("out/")        # dequantized tensors
-    model = qconvert.load_model("out/")       # a transformers model (needs transformers)
+import qconvert
+result = qconvert.convert("path/to/checkpoint", "out/", qconvert.Settings(bits=4, group_size=64))
+state_dict = qconvert.load("out/")        # dequantized tensors
+model = qconvert.load_model("out/")       # a transformers model (needs transformers)
 """
 
 __version__ = "0.1.0"
 __all__ = ["ConversionResult", "Settings", "__version__", "convert", "load", "load_model"]
 
-_LAZY = {"ConversionResult": "qconvert.conversion", "Settings": "qconvert.settings", "convert": "qconvert.conversion",
-         "load": "qconvert.output", "load_model": "qconvert.output"}
+_LAZY = {
+    "ConversionResult": "qconvert.conversion",
+    "Settings": "qconvert.settings",
+    "convert": "qconvert.conversion",
+    "load": "qconvert.output",
+    "load_model": "qconvert.output",
+}
 
 
 def __getattr__(name: str):

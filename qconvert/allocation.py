@@ -32,7 +32,12 @@ from qconvert.quantizers.rtn import rtn_quantize
 from qconvert.settings import Settings
 
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)
-GROUP_MULTIPLES = (0.5, 1, 2, 4)  # group sizes tried: half, once, twice and four times the tensor's own, and per channel
+GROUP_MULTIPLES = (
+    0.5,
+    1,
+    2,
+    4,
+)  # group sizes tried: half, once, twice and four times the tensor's own, and per channel
 
 
 @dataclass
@@ -49,8 +54,10 @@ class Sensitivity:
         self.schemes = {p.record.name: p.scheme for p in plan.tensors if p.scheme}
         self.shapes = {name: tuple(checkpoint.tensors[name].shape) for name in self.schemes}
         if settings.calibration is None:
-            self.errors = {name: self._relative_errors(name, weight)
-                           for name, weight in checkpoint.iter_tensors(list(self.schemes), hash_on_the_way=False)}
+            self.errors = {
+                name: self._relative_errors(name, weight)
+                for name, weight in checkpoint.iter_tensors(list(self.schemes), hash_on_the_way=False)
+            }
             return
         from qconvert.calibration.fisher import loss_fisher
 
@@ -92,14 +99,18 @@ class Sensitivity:
             budget, wanted = settings.target_bpw * parameters / 8, f"--target-bpw {settings.target_bpw}"
         else:
             budget, wanted = settings.target_size - kept_bytes, f"--target-size {settings.target_size / 1e6:.1f} MB"
-        options = {name: _lower_hull([_Option(grid, self._bytes(plan, name, grid), error) for grid, error in errors.items()])
-                   for name, errors in self.errors.items()}
+        options = {
+            name: _lower_hull([_Option(grid, self._bytes(plan, name, grid), error) for grid, error in errors.items()])
+            for name, errors in self.errors.items()
+        }
         smallest = sum(o[0].bytes for o in options.values())
         largest = sum(o[-1].bytes for o in options.values())
         if not smallest <= budget <= largest:
-            raise SchemeError(f"{wanted} is out of reach: the selected tensors take {_bpw(smallest, parameters)} to "
-                              f"{_bpw(largest, parameters)} bits per weight ({(smallest + kept_bytes) / 1e6:.1f} to "
-                              f"{(largest + kept_bytes) / 1e6:.1f} MB in all).")
+            raise SchemeError(
+                f"{wanted} is out of reach: the selected tensors take {_bpw(smallest, parameters)} to "
+                f"{_bpw(largest, parameters)} bits per weight ({(smallest + kept_bytes) / 1e6:.1f} to "
+                f"{(largest + kept_bytes) / 1e6:.1f} MB in all)."
+            )
         return _choose(options, budget)
 
     def _bytes(self, plan: ConversionPlan, name: str, grid: tuple[int, int]) -> int:

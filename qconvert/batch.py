@@ -43,9 +43,17 @@ from qconvert.events import maxrss_bytes
 from qconvert.io.writing import write_json
 from qconvert.manifest import SCHEMA_VERSION, read_manifest
 
-SETTING_FLAGS = {"quantizer": "--quantizer", "bits": "--bits", "group_size": "--group-size", "scale_dtype": "--scale-dtype",
-                 "target_bpw": "--target-bpw", "target_size": "--target-size", "calib_samples": "--calib-samples",
-                 "calib_seqlen": "--calib-seqlen", "layout": "--layout"}
+SETTING_FLAGS = {
+    "quantizer": "--quantizer",
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "scale_dtype": "--scale-dtype",
+    "target_bpw": "--target-bpw",
+    "target_size": "--target-size",
+    "calib_samples": "--calib-samples",
+    "calib_seqlen": "--calib-seqlen",
+    "layout": "--layout",
+}
 JOB_KEYS = {"source", "recipe", "settings", "output", "calib"}
 
 
@@ -104,7 +112,9 @@ def load_jobs(path: Path) -> list[Job]:
         raise SchemeError(f"{path}: not valid TOML: {exc}.") from exc
     unknown = set(data) - {"defaults", "jobs", "matrix"}
     if unknown:
-        raise SchemeError(f"{path}: unknown section [{sorted(unknown)[0]}]; a batch file has [defaults], [[jobs]] and [matrix].")
+        raise SchemeError(
+            f"{path}: unknown section [{sorted(unknown)[0]}]; a batch file has [defaults], [[jobs]] and [matrix]."
+        )
     base = path.parent
     defaults = data.get("defaults", {})
     entries = list(data.get("jobs", []))
@@ -128,7 +138,10 @@ def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job
     settings = entry.get("settings", {})
     bad = set(settings) - set(SETTING_FLAGS) - {"symmetric"}
     if bad:
-        raise SchemeError(f"{where}: unknown setting `{sorted(bad)[0]}`; settings take {', '.join(sorted([*SETTING_FLAGS, 'symmetric']))}.")
+        raise SchemeError(
+            f"{where}: unknown setting `{sorted(bad)[0]}`; settings take "
+            f"{', '.join(sorted([*SETTING_FLAGS, 'symmetric']))}."
+        )
     source = _resolve(entry["source"], base)
     recipe = Path(_resolve(entry["recipe"], base)) if "recipe" in entry else None
     if "output" in entry:
@@ -137,7 +150,13 @@ def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job
         name = recipe.stem if recipe else "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
         output = Path(_resolve(defaults.get("output_dir", "."), base)) / f"{Path(source).name}-{name}"
     calib = entry.get("calib", defaults.get("calib"))
-    return Job(source=source, output=output, recipe=recipe, settings=settings, calib=Path(_resolve(calib, base)) if calib else None)
+    return Job(
+        source=source,
+        output=output,
+        recipe=recipe,
+        settings=settings,
+        calib=Path(_resolve(calib, base)) if calib else None,
+    )
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -179,7 +198,9 @@ def is_current(job: Job) -> bool:
 
 
 def run_job(job: Job, force: bool) -> JobResult:
-    result = JobResult(source=job.source, output=str(job.output), recipe=str(job.recipe) if job.recipe else None, status="failed")
+    result = JobResult(
+        source=job.source, output=str(job.output), recipe=str(job.recipe) if job.recipe else None, status="failed"
+    )
     if not force and is_current(job):
         result.status = "skipped"
         _fill_from_output(result, job.output)
@@ -212,8 +233,10 @@ def _run_measured(command: list[str]) -> tuple[int, str, str, int]:
     """(exit code, stdout, stderr, peak RSS in bytes) of a child process; wait4 gives this child's own peak."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     output: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda name=name, pipe=pipe: output.__setitem__(name, pipe.read()))
-               for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))]
+    readers = [
+        threading.Thread(target=lambda name=name, pipe=pipe: output.__setitem__(name, pipe.read()))
+        for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))
+    ]
     for reader in readers:
         reader.start()
     _, status, usage = os.wait4(process.pid, 0)
@@ -230,8 +253,14 @@ def _fill_from_output(result: JobResult, output: Path) -> None:
     result.size_bytes = totals.get("stored_bytes")
 
 
-def run_batch(jobs: list[Job], report: Path, force: bool = False, keep_going: bool = False, workers: int = 1,
-              on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+def run_batch(
+    jobs: list[Job],
+    report: Path,
+    force: bool = False,
+    keep_going: bool = False,
+    workers: int = 1,
+    on_result: Callable[[JobResult], None] | None = None,
+) -> list[JobResult]:
     """Run every job, writing `report` after each; stop at the first failure unless `keep_going`."""
     results: list[JobResult | None] = [None] * len(jobs)
     stop = False
@@ -249,14 +278,22 @@ def run_batch(jobs: list[Job], report: Path, force: bool = False, keep_going: bo
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(one, range(len(jobs))))
-    final = [r or JobResult(source=j.source, output=str(j.output), recipe=str(j.recipe) if j.recipe else None, status="not run")
-             for j, r in zip(jobs, results)]
+    final = [
+        r
+        or JobResult(
+            source=j.source, output=str(j.output), recipe=str(j.recipe) if j.recipe else None, status="not run"
+        )
+        for j, r in zip(jobs, results)
+    ]
     _write_report(report, jobs, final)
     return final
 
 
 def _write_report(report: Path, jobs: list[Job], results: list) -> None:
-    rows = [asdict(r) if r else {"source": j.source, "output": str(j.output), "status": "pending"} for j, r in zip(jobs, results)]
+    rows = [
+        asdict(r) if r else {"source": j.source, "output": str(j.output), "status": "pending"}
+        for j, r in zip(jobs, results)
+    ]
     staging = report.with_name(f".{report.name}.partial")
     write_json(staging, {"qconvert_version": __version__, "jobs": rows})
     os.replace(staging, report)

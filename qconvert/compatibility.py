@@ -37,9 +37,34 @@ from qconvert.skeleton import build_skeleton
 
 RUNTIMES = ("transformers", "llama.cpp", "mlx", "vllm")
 FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
-GGUF_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+GGUF_TYPES = {
+    "F32",
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "Q8_K",
+}
 LLAMA_CPP_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count")
-LLAMA_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+LLAMA_BLOCK_TENSORS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +77,7 @@ class Problem:
 
 
 def detect_format(path: Path) -> str:
-    """"gguf", "mlx", "gptq", "compressed-tensors", "qconvert-native" or "float".
+    """ "gguf", "mlx", "gptq", "compressed-tensors", "qconvert-native" or "float".
 
     Raises:
         SourceError: `path` does not exist, or is a folder without config.json or weights.
@@ -79,14 +104,28 @@ def check(path: Path, runtime: str, forward: bool = False) -> tuple[str, list[Pr
     dequantized model of the same files (`forward_problems`).
     """
     found = detect_format(path)
-    accepted = {"transformers": {"float", "compressed-tensors", "gptq", "gguf"}, "llama.cpp": {"gguf"},
-                "mlx": {"float", "mlx"}, "vllm": {"float", "compressed-tensors", "gptq"}}[runtime]
+    accepted = {
+        "transformers": {"float", "compressed-tensors", "gptq", "gguf"},
+        "llama.cpp": {"gguf"},
+        "mlx": {"float", "mlx"},
+        "vllm": {"float", "compressed-tensors", "gptq"},
+    }[runtime]
     if found not in accepted:
         advice = {"llama.cpp": "gguf", "mlx": "mlx"}.get(runtime, "compressed-tensors")
-        return found, [Problem(None, f"{runtime} does not read the {found} format; "
-                                     f"`qconvert export {path} --to {advice}` writes one it does.")]
-    checks = {"gguf": _check_gguf, "mlx": _check_mlx, "gptq": _check_gptq,
-              "compressed-tensors": _check_compressed_tensors, "float": lambda p, r: []}
+        return found, [
+            Problem(
+                None,
+                f"{runtime} does not read the {found} format; "
+                f"`qconvert export {path} --to {advice}` writes one it does.",
+            )
+        ]
+    checks = {
+        "gguf": _check_gguf,
+        "mlx": _check_mlx,
+        "gptq": _check_gptq,
+        "compressed-tensors": _check_compressed_tensors,
+        "float": lambda p, r: [],
+    }
     problems = checks[found](path, runtime)
     if runtime == "transformers" and found != "gguf" and not problems:
         problems = loading_problems(path)
@@ -103,7 +142,10 @@ def _transformers_load(path: Path, **kwargs):
 
     _quiet_transformers()
     config = _config(path)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in config.get("architectures") or [])
+    causal = any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+        for a in config.get("architectures") or []
+    )
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model_class = getattr(transformers, (config.get("architectures") or [""])[0], None) or auto
     return model_class.from_pretrained(path, output_loading_info=True, **kwargs)
@@ -139,7 +181,9 @@ def _recorded_shapes(path: Path) -> dict[str, tuple]:
     values = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, framework="pt") as handle:
-            values.update({k: tuple(handle.get_tensor(k).tolist()) for k in handle.keys() if k.endswith(".weight_shape")})
+            values.update(
+                {k: tuple(handle.get_tensor(k).tolist()) for k in handle.keys() if k.endswith(".weight_shape")}
+            )
     skeleton = build_skeleton(path, _config(path), list(values)) if values else None
     return {(skeleton.runtime_name(k) if skeleton else k): v for k, v in values.items()}
 
@@ -148,17 +192,25 @@ def _cannot_load(exc: Exception, log=None) -> str:
     from importlib.metadata import PackageNotFoundError
 
     if isinstance(exc, (ImportError, PackageNotFoundError)):
-        return f"transformers cannot load it on this machine: a package it needs for this format is not installed ({_first_line(exc)})"
+        return (
+            "transformers cannot load it on this machine: a package it needs for this format is not "
+            f"installed ({_first_line(exc)})"
+        )
     detail = log.errors() if log is not None else ""  # the report it refers to was silenced: quote its errors
     return f"transformers cannot load it: {_first_line(exc)}" + (f" ({detail})" if detail else "")
 
 
 def _loading_info_problems(info: dict) -> list[Problem]:
-    why = {"missing_keys": "missing: transformers would initialise it at random",
-           "unexpected_keys": "unexpected: transformers would ignore it",
-           "mismatched_keys": "has a shape the model does not expect: transformers would initialise it at random"}
-    problems = [Problem(str(key[0] if isinstance(key, tuple) else key), message)
-                for field, message in why.items() for key in sorted(info.get(field) or [], key=str)]
+    why = {
+        "missing_keys": "missing: transformers would initialise it at random",
+        "unexpected_keys": "unexpected: transformers would ignore it",
+        "mismatched_keys": "has a shape the model does not expect: transformers would initialise it at random",
+    }
+    problems = [
+        Problem(str(key[0] if isinstance(key, tuple) else key), message)
+        for field, message in why.items()
+        for key in sorted(info.get(field) or [], key=str)
+    ]
     problems += [Problem(None, f"transformers reported: {_first_line(m)}") for m in info.get("error_msgs") or []]
     return problems
 
@@ -184,11 +236,21 @@ def forward_problems(path: Path, runtime: str, found: str) -> list[Problem]:
     if runtime == "mlx" and found == "mlx":
         return _mlx_forward_problems(path)
     if runtime == "llama.cpp":
-        return [Problem(None, "check --forward would run llama.cpp through llama-cpp-python, which qconvert does not "
-                              "drive yet; the header checks above are all that ran (llama-perplexity on the file is the proof)")]
+        return [
+            Problem(
+                None,
+                "check --forward would run llama.cpp through llama-cpp-python, which qconvert does not "
+                "drive yet; the header checks above are all that ran (llama-perplexity on the file is the proof)",
+            )
+        ]
     if runtime != "transformers" or found not in ("compressed-tensors", "float"):
-        return [Problem(None, f"check --forward runs transformers on qconvert outputs and float checkpoints and mlx_lm "
-                              f"on MLX exports; not {runtime} on {found}")]
+        return [
+            Problem(
+                None,
+                f"check --forward runs transformers on qconvert outputs and float checkpoints and mlx_lm "
+                f"on MLX exports; not {runtime} on {found}",
+            )
+        ]
     return _transformers_forward_problems(path, found)
 
 
@@ -199,9 +261,14 @@ def _compare(ours, theirs, runtime: str, rounding: float = 0.0) -> list[Problem]
     scale = float(ours.abs().max()) or 1.0
     allowed = FORWARD_TOLERANCE[runtime] * scale + ROUNDING_ALLOWANCE * rounding
     if not difference <= allowed:
-        return [Problem(None, f"{runtime}'s logits differ from qconvert's dequantized model by up to {difference:.4g} "
-                              f"(largest logit {scale:.4g}; allowed {allowed:.4g}, of which {ROUNDING_ALLOWANCE * rounding:.4g} "
-                              "for 16-bit arithmetic)")]
+        return [
+            Problem(
+                None,
+                f"{runtime}'s logits differ from qconvert's dequantized model by up to {difference:.4g} "
+                f"(largest logit {scale:.4g}; allowed {allowed:.4g}, of which {ROUNDING_ALLOWANCE * rounding:.4g} "
+                "for 16-bit arithmetic)",
+            )
+        ]
     return []
 
 
@@ -218,7 +285,11 @@ def _mlx_forward_problems(path: Path) -> list[Problem]:
         import mlx.core as mx
         from mlx_lm import load
     except ImportError:
-        return [Problem(None, "mlx and mlx_lm are not installed here, so --forward cannot run MLX (pip install 'qconvert[mlx]')")]
+        return [
+            Problem(
+                None, "mlx and mlx_lm are not installed here, so --forward cannot run MLX (pip install 'qconvert[mlx]')"
+            )
+        ]
     try:
         with quiet_libraries():
             model, _ = load(str(path))
@@ -277,8 +348,9 @@ def _model_from_state(path: Path, state: dict):
             delattr(config, key)
     model_class = getattr(transformers, (config.architectures or ["AutoModelForCausalLM"])[0])
     with quiet_libraries():
-        model = model_class.from_pretrained(None, config=config, state_dict={k: v.float() for k, v in state.items()},
-                                            dtype=torch.float32)
+        model = model_class.from_pretrained(
+            None, config=config, state_dict={k: v.float() for k, v in state.items()}, dtype=torch.float32
+        )
     return model.eval()
 
 
@@ -297,7 +369,9 @@ def _transformers_forward_problems(path: Path, found: str) -> list[Problem]:
     if problems:
         return problems
     with quiet_libraries():
-        reference = load_model(path) if found == "compressed-tensors" else _transformers_load(path, dtype=torch.float32)[0]
+        reference = (
+            load_model(path) if found == "compressed-tensors" else _transformers_load(path, dtype=torch.float32)[0]
+        )
     ids = _token_ids(getattr(model.config, "vocab_size", None))
     with torch.no_grad(), quiet_libraries():
         ours, theirs = _first_output(reference.eval()(ids)), _first_output(model.eval()(ids))
@@ -318,7 +392,9 @@ def _check_compressed_tensors(path: Path, runtime: str) -> list[Problem]:
     problems = []
     quantized = {name.removesuffix(".weight_packed") for name in tensors if name.endswith(".weight_packed")}
     skeleton = build_skeleton(path, config, [f"{m}.weight" for m in quantized])
-    schemes = schemes_from_config(config.get("quantization_config") or {}, quantized, skeleton.runtime_name if skeleton else None)
+    schemes = schemes_from_config(
+        config.get("quantization_config") or {}, quantized, skeleton.runtime_name if skeleton else None
+    )
     for module in sorted(quantized):
         if schemes[module] is None:
             problems.append(Problem(module, "stored packed, but no config group of quantization_config targets it"))
@@ -332,8 +408,12 @@ def _check_compressed_tensors(path: Path, runtime: str) -> list[Problem]:
         if packed and packed[0] != torch.int32:
             problems.append(Problem(module, f"weight_packed is {packed[0]}, not int32"))
         if "embed" in module or module.endswith("lm_head"):
-            problems.append(Problem(module, f"{runtime} quantizes only linear layers from compressed-tensors; "
-                                            "this embedding cannot load"))
+            problems.append(
+                Problem(
+                    module,
+                    f"{runtime} quantizes only linear layers from compressed-tensors; this embedding cannot load",
+                )
+            )
         if runtime == "vllm":
             problems += _vllm_scheme_problems(module, bits, group, allowed_bits=(4, 8))
     if runtime == "vllm":
@@ -360,12 +440,20 @@ def _check_gptq(path: Path, runtime: str) -> list[Problem]:
         if columns % 32:
             problems.append(Problem(module, f"{columns} input features: GPTQ loaders pack them 32 at a time"))
         rows = parts["scales"][1][1]
-        expected = {"qweight": (torch.int32, (columns // per_word, rows) if per_word else None),
-                    "qzeros": (torch.int32, (-(-columns // group) if group > 0 else 1, rows // per_word) if per_word else None),
-                    "scales": (torch.float16, None), "g_idx": (torch.int32, (columns,))}
+        expected = {
+            "qweight": (torch.int32, (columns // per_word, rows) if per_word else None),
+            "qzeros": (torch.int32, (-(-columns // group) if group > 0 else 1, rows // per_word) if per_word else None),
+            "scales": (torch.float16, None),
+            "g_idx": (torch.int32, (columns,)),
+        }
         for part, (dtype, shape) in expected.items():
             if parts[part][0] != dtype or (shape and parts[part][1] != shape):
-                problems.append(Problem(f"{module}.{part}", f"is {parts[part][0]} {parts[part][1]}, expected {dtype} {shape or ''}".rstrip()))
+                problems.append(
+                    Problem(
+                        f"{module}.{part}",
+                        f"is {parts[part][0]} {parts[part][1]}, expected {dtype} {shape or ''}".rstrip(),
+                    )
+                )
         if runtime == "vllm":
             problems += _vllm_scheme_problems(module, bits, group if group > 0 else 0, allowed_bits=(2, 3, 4, 8))
     return problems
@@ -374,7 +462,9 @@ def _check_gptq(path: Path, runtime: str) -> list[Problem]:
 def _vllm_scheme_problems(module: str, bits, group, allowed_bits: tuple) -> list[Problem]:
     problems = []
     if bits not in allowed_bits:
-        problems.append(Problem(module, f"vLLM's kernels take {' or '.join(map(str, allowed_bits))}-bit weights, not {bits}"))
+        problems.append(
+            Problem(module, f"vLLM's kernels take {' or '.join(map(str, allowed_bits))}-bit weights, not {bits}")
+        )
     if group not in (0, 32, 64, 128):
         problems.append(Problem(module, f"vLLM's kernels take groups of 32, 64 or 128 (or per channel), not {group}"))
     return problems
@@ -392,8 +482,13 @@ def _fused_problems(schemes: dict[str, tuple | None]) -> list[Problem]:
             present = {leaf: leaves.get(leaf) for leaf in fused if leaf in leaves}
             if present and (len(set(present.values())) > 1 or len(present) < len(fused)):
                 described = ", ".join(f"{leaf} {_describe(s)}" for leaf, s in sorted(present.items()))
-                problems.append(Problem(parent, f"vLLM fuses {'/'.join(sorted(fused))} into one layer with one scheme; "
-                                                f"here: {described}{' (others float)' if len(present) < len(fused) else ''}"))
+                problems.append(
+                    Problem(
+                        parent,
+                        f"vLLM fuses {'/'.join(sorted(fused))} into one layer with one scheme; "
+                        f"here: {described}{' (others float)' if len(present) < len(fused) else ''}",
+                    )
+                )
     return problems
 
 
@@ -416,7 +511,9 @@ def _check_mlx(path: Path, runtime: str) -> list[Problem]:
         bits, group = grid.get("bits"), grid.get("group_size")
         weight, scales, biases = tensors.get(f"{module}.weight"), tensors[name], tensors.get(f"{module}.biases")
         if bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
-            problems.append(Problem(module, f"MLX quantizes with 2-8 bits in groups of 32, 64 or 128, not {bits} bits in {group}"))
+            problems.append(
+                Problem(module, f"MLX quantizes with 2-8 bits in groups of 32, 64 or 128, not {bits} bits in {group}")
+            )
             continue
         if weight is None or biases is None:
             problems.append(Problem(module, "weight, scales and biases must all be present"))
@@ -425,8 +522,13 @@ def _check_mlx(path: Path, runtime: str) -> list[Problem]:
             problems.append(Problem(f"{module}.weight", f"is {weight[0]}, MLX packs into uint32"))
         columns = weight[1][1] * 32 // bits
         if scales[1] != (weight[1][0], columns // group) or biases[1] != scales[1]:
-            problems.append(Problem(module, f"scales {scales[1]} / biases {biases[1]} do not fit {weight[1][0]} rows of "
-                                            f"{columns} columns in groups of {group}"))
+            problems.append(
+                Problem(
+                    module,
+                    f"scales {scales[1]} / biases {biases[1]} do not fit {weight[1][0]} rows of "
+                    f"{columns} columns in groups of {group}",
+                )
+            )
     return problems
 
 
@@ -454,7 +556,9 @@ def _check_gguf(path: Path, runtime: str) -> list[Problem]:
         if kind not in GGUF_TYPES:
             problems.append(Problem(name, f"type {kind} has no CPU kernel in the checked llama.cpp"))
     blocks = int(fields["llama.block_count"].parts[-1][0]) if "llama.block_count" in fields else 0
-    wanted = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.{t}.weight" for i in range(blocks) for t in LLAMA_BLOCK_TENSORS]
+    wanted = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{t}.weight" for i in range(blocks) for t in LLAMA_BLOCK_TENSORS
+    ]
     problems += [Problem(name, "missing") for name in wanted if name not in types]
     return problems
 

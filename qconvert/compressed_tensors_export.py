@@ -14,10 +14,10 @@ from qconvert.errors import SchemeError, UnsupportedModelError
 from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config
 from qconvert.formats import choose_layout
 from qconvert.formats.base import record_config
-from qconvert.skeleton import build_skeleton
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
+from qconvert.skeleton import build_skeleton
 
 
 def export_compressed_tensors(output: Path, destination: Path, force: bool = False) -> ExportReport:
@@ -40,11 +40,16 @@ def export_compressed_tensors(output: Path, destination: Path, force: bool = Fal
     specs = [TensorSpec(name, s.dtype, tuple(s.shape)) for r in records for name, s in r.stored.items()]
     report = ExportReport(destination, "compressed-tensors")
     with staged_directory(destination, force, [output]) as folder:
-        writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=len(json.dumps(relaid.to_json())) + 80 * len(specs) + 1024)
+        writer = SafetensorsStreamWriter(
+            folder / WEIGHTS_FILE, specs, metadata_bytes=len(json.dumps(relaid.to_json())) + 80 * len(specs) + 1024
+        )
         try:
             for (record, stored), new in zip(iter_records(output, manifest), records):
-                tensors = layout.encode(record.name, quantized_tensor(manifest, record, stored)) \
-                    if record.action == "quantized" else {record.name: stored[record.name]}
+                tensors = (
+                    layout.encode(record.name, quantized_tensor(manifest, record, stored))
+                    if record.action == "quantized"
+                    else {record.name: stored[record.name]}
+                )
                 for name, tensor in tensors.items():
                     new.stored[name].sha256 = writer.write(name, tensor)
                 report.exact.append(record.name)
@@ -65,5 +70,7 @@ def _relaid(record: TensorRecord, layout) -> TensorRecord:
         stored = {n: dataclasses.replace(s, file=WEIGHTS_FILE) for n, s in record.stored.items()}
     else:
         specs = layout.specs(record.name, tuple(record.shape), record_config(record))
-        stored = {s.name: StoredRecord(dtype=s.dtype, shape=list(s.shape), bytes=s.nbytes, file=WEIGHTS_FILE) for s in specs}
+        stored = {
+            s.name: StoredRecord(dtype=s.dtype, shape=list(s.shape), bytes=s.nbytes, file=WEIGHTS_FILE) for s in specs
+        }
     return dataclasses.replace(record, stored=stored)

@@ -21,14 +21,21 @@ from qconvert.calibration.store import BlockStore, calibration_folder
 from qconvert.errors import SchemeError, VerificationError
 from qconvert.formats.base import Layout
 from qconvert.io.loading import Checkpoint, open_checkpoint
+from qconvert.io.quantized_sources import QuantizedCheckpoint
 from qconvert.io.threads import BackgroundWorker, prefetched
 from qconvert.io.writing import (
-    SafetensorsStreamWriter, TensorSpec, check_destination, output_lock, remove_path, shard_file_names,
-    split_into_shards, staged_directory, write_json,
+    SafetensorsStreamWriter,
+    TensorSpec,
+    check_destination,
+    output_lock,
+    remove_path,
+    shard_file_names,
+    split_into_shards,
+    staged_directory,
+    write_json,
 )
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
 from qconvert.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
-from qconvert.io.quantized_sources import QuantizedCheckpoint
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
 from qconvert.quantizers.rtn import ScaleRangeError
 from qconvert.settings import Settings, settings_dict
@@ -98,7 +105,8 @@ def convert(
     check_destination(destination, force, protected)
     plan = planned_with_budget(checkpoint, settings)
     if check_resources:
-        from qconvert.prediction import check_resources as check, predict
+        from qconvert.prediction import check_resources as check
+        from qconvert.prediction import predict
 
         check(predict(checkpoint, plan, settings, destination))
     planned, layout = plan.tensors, plan.layout
@@ -153,8 +161,10 @@ def _calibration_kept_only_when_interrupted(destination: Path) -> Iterator[None]
         store = calibration_folder(destination)
         finished = len(list(store.glob("block-*.safetensors"))) if store.is_dir() else 0
         if finished:
-            exc.qconvert_note = (f"The calibration of {finished} finished blocks is kept in {store}: the same command "
-                                 f"resumes from there; delete that folder to discard it.")
+            exc.qconvert_note = (
+                f"The calibration of {finished} finished blocks is kept in {store}: the same command "
+                f"resumes from there; delete that folder to discard it."
+            )
         else:
             remove_path(store)
         raise
@@ -174,26 +184,42 @@ def _runtime_check(staging: Path, destination: Path, layout: Layout, source_fold
             and loads the source correctly.
     """
     if layout.name != "compressed-tensors":
-        return {"runtime": "transformers", "ok": None, "skipped": "qconvert's native layout, which transformers refuses "
-                "by design (qconvert.load_model reads it; qconvert export converts it)"}
+        return {
+            "runtime": "transformers",
+            "ok": None,
+            "skipped": "qconvert's native layout, which transformers refuses "
+            "by design (qconvert.load_model reads it; qconvert export converts it)",
+        }
     if importlib.util.find_spec("transformers") is None or not (staging / "config.json").is_file():
-        return {"runtime": "transformers", "ok": None, "skipped": "transformers is not installed, or there is no config.json"}
+        return {
+            "runtime": "transformers",
+            "ok": None,
+            "skipped": "transformers is not installed, or there is no config.json",
+        }
     from qconvert.compatibility import loading_problems
 
-    problems = [dataclasses.replace(p, message=p.message.replace(str(staging), str(destination)))  # name what the user named
-                for p in loading_problems(staging)]
+    problems = [
+        dataclasses.replace(p, message=p.message.replace(str(staging), str(destination)))  # name what the user named
+        for p in loading_problems(staging)
+    ]
     if not problems:
         return {"runtime": "transformers", "ok": True, "problems": []}
     listed = [p.to_dict() for p in problems]
     if source_folder is not None and (source_folder / "config.json").is_file() and loading_problems(source_folder):
         # the float source does not load in transformers either (e.g. a config that does not match its
         # weights): the output inherits that, qconvert did not cause it
-        return {"runtime": "transformers", "ok": False, "problems": listed,
-                "note": "the source checkpoint does not load in transformers either"}
+        return {
+            "runtime": "transformers",
+            "ok": False,
+            "problems": listed,
+            "note": "the source checkpoint does not load in transformers either",
+        }
     summary = "; ".join(f"{p.tensor + ': ' if p.tensor else ''}{p.message}" for p in problems[:5])
-    raise VerificationError(f"transformers would not load this output correctly, so it was not published: {summary}"
-                            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. This is a bug in "
-                            "qconvert; please report it. --layout native writes an output qconvert.load reads.")
+    raise VerificationError(
+        f"transformers would not load this output correctly, so it was not published: {summary}"
+        f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. This is a bug in "
+        "qconvert; please report it. --layout native writes an output qconvert.load reads."
+    )
 
 
 def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> ConversionPlan:
@@ -213,18 +239,26 @@ def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> Conversio
     return allocated
 
 
-def _calibrate(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, destination: Path,
-               progress: BlockProgress | None) -> CalibratedResults | None:
+def _calibrate(
+    checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, destination: Path, progress: BlockProgress | None
+) -> CalibratedResults | None:
     """Run the calibration pass of a calibrated quantizer; its results wait in a resumable store."""
     quantizer = plan.calibrated
     if quantizer is None:
         return None
     if settings.calibration is None:
-        raise SchemeError(f"quantizer {quantizer.name!r} learns from activations: give calibration text with --calib FILE.")
-    key = {"qconvert_version": __version__, "settings": settings_dict(settings),
-           "source": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in checkpoint.files}}
+        raise SchemeError(
+            f"quantizer {quantizer.name!r} learns from activations: give calibration text with --calib FILE."
+        )
+    key = {
+        "qconvert_version": __version__,
+        "settings": settings_dict(settings),
+        "source": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in checkpoint.files},
+    }
     store = BlockStore(calibration_folder(destination), key)
-    configs = {p.record.name: p.scheme.config for p in plan.tensors if p.scheme and plan.quantizer_of(p).requires_calibration}
+    configs = {
+        p.record.name: p.scheme.config for p in plan.tensors if p.scheme and plan.quantizer_of(p).requires_calibration
+    }
     return calibrate(checkpoint, quantizer, configs, settings.calibration, store, progress)
 
 
@@ -235,8 +269,9 @@ def _stored_record(planned: list[PlannedTensor], stored_name: str) -> StoredReco
     raise AssertionError(stored_name)
 
 
-def _open_writers(staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest,
-                  extra: int = 0) -> list[SafetensorsStreamWriter]:
+def _open_writers(
+    staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest, extra: int = 0
+) -> list[SafetensorsStreamWriter]:
     manifest.compute_totals()
     placeholder = {"format": "pt", METADATA_KEY: manifest.to_json()}
     # Totals and checksums change length a little once known; reserve generously.
@@ -244,8 +279,14 @@ def _open_writers(staging: Path, file_names: list[str], shards: list[list[Tensor
     return [SafetensorsStreamWriter(staging / name, shard, reserve) for name, shard in zip(file_names, shards)]
 
 
-def _stream(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, writers: list[SafetensorsStreamWriter],
-            progress: ProgressCallback | None, calibrated: CalibratedResults | None) -> None:
+def _stream(
+    checkpoint: Checkpoint,
+    plan: ConversionPlan,
+    settings: Settings,
+    writers: list[SafetensorsStreamWriter],
+    progress: ProgressCallback | None,
+    calibrated: CalibratedResults | None,
+) -> None:
     """Read, quantize and write every tensor; reading and writing run on their own threads."""
     writer_of = {spec.name: w for w in writers for spec in w.specs}
     total = sum(checkpoint.tensors[p.record.name].nbytes for p in plan.tensors)
@@ -263,13 +304,23 @@ def _stream(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, wr
         background.join()
 
 
-def _convert_one(p: PlannedTensor, tensor: torch.Tensor, plan: ConversionPlan, settings: Settings,
-                 calibrated: CalibratedResults | None, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+def _convert_one(
+    p: PlannedTensor,
+    tensor: torch.Tensor,
+    plan: ConversionPlan,
+    settings: Settings,
+    calibrated: CalibratedResults | None,
+    checkpoint: Checkpoint,
+) -> dict[str, torch.Tensor]:
     """The stored tensors for one source tensor; fills in its record's error."""
     record, name = p.record, p.record.name
     result, error = calibrated.result(name) if calibrated is not None and name in calibrated else (None, None)
-    if record.action == "quantized" and result is None and isinstance(checkpoint, QuantizedCheckpoint) \
-            and name in checkpoint.modules:
+    if (
+        record.action == "quantized"
+        and result is None
+        and isinstance(checkpoint, QuantizedCheckpoint)
+        and name in checkpoint.modules
+    ):
         result = _from_quantized_source(checkpoint, name, p.scheme.config, record)
     if record.action == "quantized":
         try:
@@ -290,29 +341,43 @@ def _cast_kept(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Ten
         SchemeError: some value lies outside `dtype`'s range.
     """
     cast = tensor.to(dtype)
-    if dtype != tensor.dtype and cast.is_floating_point() and not bool(torch.isfinite(cast).all()) \
-            and bool(torch.isfinite(tensor).all()):
+    if (
+        dtype != tensor.dtype
+        and cast.is_floating_point()
+        and not bool(torch.isfinite(cast).all())
+        and bool(torch.isfinite(tensor).all())
+    ):
         largest = tensor.abs().max().item()
-        raise SchemeError(f"tensor {name} holds values up to {largest:.3g}, beyond {str(dtype).removeprefix('torch.')}'s "
-                          f"largest {torch.finfo(dtype).max:.3g}; drop --dtype or choose a wider one (bfloat16, float32).")
+        raise SchemeError(
+            f"tensor {name} holds values up to {largest:.3g}, beyond {str(dtype).removeprefix('torch.')}'s "
+            f"largest {torch.finfo(dtype).max:.3g}; drop --dtype or choose a wider one (bfloat16, float32)."
+        )
     return cast
 
 
-def _from_quantized_source(checkpoint: QuantizedCheckpoint, name: str, config: QuantConfig,
-                           record: TensorRecord) -> QuantizedTensor | None:
+def _from_quantized_source(
+    checkpoint: QuantizedCheckpoint, name: str, config: QuantConfig, record: TensorRecord
+) -> QuantizedTensor | None:
     """The source's own codes and scales when they are on the requested grid (repacked exactly), else
     None, and the record says the weight was dequantized and quantized again."""
     source = checkpoint.quantized(name)
     described = checkpoint.describe(name)
     columns = checkpoint.tensors[name].shape[1]
-    same = source is not None and source.bits == config.bits and source.group_size == config.group_size_for(columns) \
-        and source.scales.dtype == SCALE_DTYPES[config.scale_dtype] and (source.zeros is None or not config.symmetric)
+    same = (
+        source is not None
+        and source.bits == config.bits
+        and source.group_size == config.group_size_for(columns)
+        and source.scales.dtype == SCALE_DTYPES[config.scale_dtype]
+        and (source.zeros is None or not config.symmetric)
+    )
     if not same:
         record.reason += f"; {REQUANTIZED} {described} source"
         return None
     record.reason += f"; codes and scales repacked exactly from the {described} source"
     if source.zeros is None and not config.symmetric:  # a symmetric grid is an asymmetric one with centred zeros
-        source = dataclasses.replace(source, zeros=torch.full(source.scales.shape, 2 ** (source.bits - 1), dtype=torch.uint8))
+        source = dataclasses.replace(
+            source, zeros=torch.full(source.scales.shape, 2 ** (source.bits - 1), dtype=torch.uint8)
+        )
     return dataclasses.replace(source, dtype=checkpoint.tensors[name].dtype)
 
 
@@ -332,18 +397,28 @@ def _describe_source(checkpoint: Checkpoint, placeholder: bool = False) -> dict:
     }
 
 
-def _write_sidecars(staging: Path, checkpoint: Checkpoint, manifest: Manifest, layout: Layout,
-                    file_names: list[str], shards: list[list[TensorSpec]]) -> None:
+def _write_sidecars(
+    staging: Path,
+    checkpoint: Checkpoint,
+    manifest: Manifest,
+    layout: Layout,
+    file_names: list[str],
+    shards: list[list[TensorSpec]],
+) -> None:
     (staging / MANIFEST_FILE).write_text(manifest.to_json() + "\n")
     if len(file_names) > 1:
         weight_map = {spec.name: file for file, shard in zip(file_names, shards) for spec in shard}
         total = sum(spec.nbytes for shard in shards for spec in shard)
-        write_json(staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            staging / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
     for path in checkpoint.auxiliary_files():
         if path.name != "config.json":
             shutil.copy2(path, staging / path.name)
     config = checkpoint.config
     if config is not None:
         skeleton = checkpoint.skeleton()
-        config["quantization_config"] = layout.quantization_config(manifest.tensors, skeleton.runtime_name if skeleton else None)
+        config["quantization_config"] = layout.quantization_config(
+            manifest.tensors, skeleton.runtime_name if skeleton else None
+        )
         write_json(staging / "config.json", config)

@@ -19,8 +19,6 @@ from qconvert.manifest import read_manifest
 from qconvert.runtime import LoadedModel, load_for_eval
 
 
-
-
 @dataclass(frozen=True)
 class EvalSettings:
     ctx: int = 512
@@ -70,9 +68,13 @@ def read_text(text_file: Path | None, dataset: str | None, split: str = "test") 
 
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     except ImportError as exc:
-        raise QConvertError("--dataset needs the `datasets` package (pip install datasets); --text FILE works without it.") from exc
+        raise QConvertError(
+            "--dataset needs the `datasets` package (pip install datasets); --text FILE works without it."
+        ) from exc
     except Exception as exc:
-        raise SourceError(f"cannot fetch wikitext-2 ({type(exc).__name__}); use --text FILE on a machine without the hub.") from exc
+        raise SourceError(
+            f"cannot fetch wikitext-2 ({type(exc).__name__}); use --text FILE on a machine without the hub."
+        ) from exc
     return "\n\n".join(rows["text"])
 
 
@@ -81,7 +83,11 @@ def load_tokenizer(source: tuple[Path, str | None]):
 
     folder, gguf_file = source
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(folder)
+        return (
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            if gguf_file
+            else AutoTokenizer.from_pretrained(folder)
+        )
     except (OSError, ValueError) as exc:
         raise SourceError(f"no tokenizer found at {folder}; pass --tokenizer PATH.") from exc
 
@@ -116,14 +122,19 @@ def score(model, windows: torch.Tensor, baseline_model=None) -> dict:
     result = {"perplexity": math.exp(nll / scored), "tokens_scored": scored}
     if baseline_model is not None:
         base_ppl = math.exp(base_nll / scored)
-        result["baseline"] = {"perplexity": base_ppl, "ppl_change_pct": 100 * (result["perplexity"] / base_ppl - 1),
-                              "mean_kld": kld / scored, "top1_agreement": agree / scored}
+        result["baseline"] = {
+            "perplexity": base_ppl,
+            "ppl_change_pct": 100 * (result["perplexity"] / base_ppl - 1),
+            "mean_kld": kld / scored,
+            "top1_agreement": agree / scored,
+        }
     return result
 
 
 @torch.no_grad()
 def speed(model, prompt: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/token): greedy decoding with the KV cache, after a warm-up run."""
+
     def run(n_decode: int) -> tuple[float, float]:
         start = time.perf_counter()
         out = model(prompt[None], use_cache=True)
@@ -159,8 +170,13 @@ def size_on_disk(path: Path, loaded: LoadedModel) -> tuple[int, int]:
     return sum(p.numel() for p in loaded.model.parameters()), size
 
 
-def evaluate(path: Path, text: str, settings: EvalSettings = EvalSettings(), baseline: Path | None = None,
-             tokenizer_path: Path | None = None) -> EvalResult:
+def evaluate(
+    path: Path,
+    text: str,
+    settings: EvalSettings = EvalSettings(),
+    baseline: Path | None = None,
+    tokenizer_path: Path | None = None,
+) -> EvalResult:
     """Evaluate the model at `path` (qconvert output, checkpoint folder or .gguf) on `text`."""
     start = time.perf_counter()
     loaded = load_for_eval(path, use_kernels=settings.use_kernels)
@@ -173,30 +189,44 @@ def evaluate(path: Path, text: str, settings: EvalSettings = EvalSettings(), bas
     prefill_rate, decode_ms = speed(loaded.model, prompt, settings.decode_tokens)
     parameters, on_disk = size_on_disk(path, loaded)
     return EvalResult(
-        model=str(path), kind=loaded.kind, perplexity=scores["perplexity"], windows=windows.shape[0],
-        tokens_scored=scores["tokens_scored"], parameters=parameters, bytes_on_disk=on_disk,
-        bits_per_weight=8 * on_disk / parameters, weight_memory_bytes=weight_memory(loaded.model),
+        model=str(path),
+        kind=loaded.kind,
+        perplexity=scores["perplexity"],
+        windows=windows.shape[0],
+        tokens_scored=scores["tokens_scored"],
+        parameters=parameters,
+        bytes_on_disk=on_disk,
+        bits_per_weight=8 * on_disk / parameters,
+        weight_memory_bytes=weight_memory(loaded.model),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        prefill_tokens_per_s=prefill_rate, decode_ms_per_token=decode_ms,
-        eval_seconds=time.perf_counter() - start, baseline=scores.get("baseline", {}),
+        prefill_tokens_per_s=prefill_rate,
+        decode_ms_per_token=decode_ms,
+        eval_seconds=time.perf_counter() - start,
+        baseline=scores.get("baseline", {}),
     )
 
 
-def check_quality_gate(result: EvalResult, max_ppl_increase: float | None, max_kld: float | None,
-                       max_ppl: float | None = None) -> None:
+def check_quality_gate(
+    result: EvalResult, max_ppl_increase: float | None, max_kld: float | None, max_ppl: float | None = None
+) -> None:
     """Raise QualityGateError when a limit is crossed.
 
     Raises:
         QConvertError: a relative limit was given without a baseline to measure it against.
     """
     if max_ppl is not None and result.perplexity > max_ppl:
-        raise QualityGateError(f"quality gate failed: perplexity {result.perplexity:.3f} is above the {max_ppl} allowed.")
+        raise QualityGateError(
+            f"quality gate failed: perplexity {result.perplexity:.3f} is above the {max_ppl} allowed."
+        )
     if (max_ppl_increase is not None or max_kld is not None) and not result.baseline:
         raise QConvertError("--max-ppl-increase and --max-kld need --baseline MODEL.")
     if not result.baseline:
         return
     change, kld = result.baseline.get("ppl_change_pct"), result.baseline.get("mean_kld")
     if max_ppl_increase is not None and change > max_ppl_increase:
-        raise QualityGateError(f"quality gate failed: perplexity rose {change:.2f}% over the baseline, above the {max_ppl_increase}% allowed.")
+        raise QualityGateError(
+            f"quality gate failed: perplexity rose {change:.2f}% over the baseline, above the "
+            f"{max_ppl_increase}% allowed."
+        )
     if max_kld is not None and kld > max_kld:
         raise QualityGateError(f"quality gate failed: mean KL divergence {kld:.4f} is above the {max_kld} allowed.")

@@ -84,7 +84,12 @@ class EventLog:
     def emit(self, event: str, **fields: Any) -> None:
         if self.handle is None:
             return
-        line = {"event": event, "elapsed_s": round(time.monotonic() - self.started, 3), "rss_bytes": current_rss(), **fields}
+        line = {
+            "event": event,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+            "rss_bytes": current_rss(),
+            **fields,
+        }
         self.handle.write(json.dumps(line, default=str) + "\n")
 
     def start(self, source: str, settings) -> None:
@@ -94,8 +99,18 @@ class EventLog:
 
     def tensor(self, record, done: int, total: int, count: int) -> None:
         self.tensor_index += 1
-        self.emit("tensor", name=record.name, index=self.tensor_index, total=count, bytes_done=done, bytes_total=total,
-                  eta_s=self._eta("tensor", done, total), action=record.action, bits=record.bits, relative_mse=record.relative_mse)
+        self.emit(
+            "tensor",
+            name=record.name,
+            index=self.tensor_index,
+            total=count,
+            bytes_done=done,
+            bytes_total=total,
+            eta_s=self._eta("tensor", done, total),
+            action=record.action,
+            bits=record.bits,
+            relative_mse=record.relative_mse,
+        )
 
     def block(self, stage: str, done: int, total: int) -> None:
         self.emit("block", stage=stage, done=done, total=total, eta_s=self._eta("block", done, total))
@@ -104,8 +119,13 @@ class EventLog:
         self.emit("warning", message=message)
 
     def done(self, result) -> None:
-        self.emit("done", output=str(result.output), files=[str(f) for f in result.files], totals=result.manifest.totals,
-                  peak_rss_bytes=peak_rss())
+        self.emit(
+            "done",
+            output=str(result.output),
+            files=[str(f) for f in result.files],
+            totals=result.manifest.totals,
+            peak_rss_bytes=peak_rss(),
+        )
 
     def _eta(self, phase: str, done: float, total: float) -> float | None:
         elapsed = time.monotonic() - self.phase_started.setdefault(phase, time.monotonic())

@@ -37,9 +37,15 @@ class ExportReport:
     types: dict[str, str] = field(default_factory=dict)  # target tensor name -> the target's type for it
 
     def to_dict(self) -> dict:
-        return {"destination": str(self.destination), "format": self.format, "exact": self.exact,
-                "repacked": self.repacked, "requantized": self.requantized, "dequantized": self.dequantized,
-                "types": self.types}
+        return {
+            "destination": str(self.destination),
+            "format": self.format,
+            "exact": self.exact,
+            "repacked": self.repacked,
+            "requantized": self.requantized,
+            "dequantized": self.dequantized,
+            "types": self.types,
+        }
 
 
 def default_destination(output: Path, to: str) -> Path:
@@ -77,6 +83,10 @@ def read_config(output: Path, needed_by: str) -> dict:
 def copy_tokenizer_files(output: Path, folder: Path) -> None:
     """Everything beside the weights that a runtime reads (tokenizer, generation config, chat template)."""
     for path in output.iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and not path.name.startswith(".") \
-                and path.name not in {MANIFEST_FILE, "config.json", "model.safetensors.index.json"}:
+        if (
+            path.is_file()
+            and path.suffix != ".safetensors"
+            and not path.name.startswith(".")
+            and path.name not in {MANIFEST_FILE, "config.json", "model.safetensors.index.json"}
+        ):
             shutil.copy2(path, folder / path.name)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from qconvert.errors import SourceError, UnsupportedModelError
-from qconvert.io.writing import staged_output
 from qconvert.exporting import ExportReport, recomputed_by_runtimes
+from qconvert.io.writing import staged_output
 from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers.base import QuantizedTensor, dequantize
@@ -51,8 +51,10 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
     manifest = read_manifest(output)
     config = _config(output)
     if config.get("model_type") not in LLAMA_FAMILY:
-        raise UnsupportedModelError(f"GGUF export supports Llama-family models ({', '.join(sorted(LLAMA_FAMILY))}); "
-                                    f"{output} is {config.get('model_type')!r}.")
+        raise UnsupportedModelError(
+            f"GGUF export supports Llama-family models ({', '.join(sorted(LLAMA_FAMILY))}); "
+            f"{output} is {config.get('model_type')!r}."
+        )
     with staged_output(destination, force, [output], folder=False) as staging:
         return _write_gguf(output, manifest, config, staging, ExportReport(destination, "gguf"), gguf)
 
@@ -68,7 +70,9 @@ def _write_gguf(output: Path, manifest, config: dict, staging: Path, report: Exp
                 continue
             raise UnsupportedModelError(f"{record.name} has no GGUF name for the llama architecture.")
         if record.action == "quantized" and record.shape[-1] % BLOCK:  # no GGUF block fits these rows
-            tensor = _llama_rope_order(dequantize(quantized_tensor(manifest, record, stored), torch.float16), record.name, config)
+            tensor = _llama_rope_order(
+                dequantize(quantized_tensor(manifest, record, stored), torch.float16), record.name, config
+            )
             qtype = gguf.GGMLQuantizationType.F16
             report.dequantized.append(record.name)
             writer.add_tensor(target, tensor.numpy())
@@ -81,7 +85,9 @@ def _write_gguf(output: Path, manifest, config: dict, staging: Path, report: Exp
         else:
             tensor = _llama_rope_order(stored[record.name], record.name, config)
             qtype = gguf.GGMLQuantizationType.F32 if tensor.dim() == 1 else gguf.GGMLQuantizationType.F16
-            array = tensor.float().numpy() if qtype == gguf.GGMLQuantizationType.F32 else tensor.to(torch.float16).numpy()
+            array = (
+                tensor.float().numpy() if qtype == gguf.GGMLQuantizationType.F32 else tensor.to(torch.float16).numpy()
+            )
             report.exact.append(record.name)
             writer.add_tensor(target, array)
         report.types[target] = qtype.name
@@ -93,8 +99,11 @@ def _write_gguf(output: Path, manifest, config: dict, staging: Path, report: Exp
     except OSError as exc:
         if exc.errno is None:  # gguf checks free space itself and raises a bare OSError
             full = "space" in str(exc).lower()
-            raise OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(exc),
-                          str(report.destination)) from exc
+            raise OSError(
+                errno.ENOSPC if full else errno.EIO,
+                os.strerror(errno.ENOSPC) if full else str(exc),
+                str(report.destination),
+            ) from exc
         raise
     return report
 
@@ -181,9 +190,15 @@ def _llama_rope_order(value, name: str, config: dict):
         heads = config.get("num_key_value_heads", heads)
     if isinstance(value, QuantizedTensor):
         order = _permutation(value.shape[0], heads)
-        return QuantizedTensor(codes=value.codes[order], scales=value.scales[order],
-                               zeros=None if value.zeros is None else value.zeros[order], bits=value.bits,
-                               group_size=value.group_size, shape=value.shape, dtype=value.dtype)
+        return QuantizedTensor(
+            codes=value.codes[order],
+            scales=value.scales[order],
+            zeros=None if value.zeros is None else value.zeros[order],
+            bits=value.bits,
+            group_size=value.group_size,
+            shape=value.shape,
+            dtype=value.dtype,
+        )
     return value[_permutation(value.shape[0], heads)]
 
 

@@ -52,8 +52,10 @@ def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportR
     columns = {r.name: r.shape[1] for r in linears}
     unpackable = [name for name, count in columns.items() if count % 32]
     if unpackable:  # AutoGPTQ sizes qweight as in_features // 32 * bits rows: a remainder has no room
-        raise UnsupportedModelError(f"GPTQ packs input features 32 at a time, and {unpackable[0]} has {columns[unpackable[0]]} "
-                                    f"({len(unpackable)} such tensors); export it to gguf or mlx, which write such tensors in float.")
+        raise UnsupportedModelError(
+            f"GPTQ packs input features 32 at a time, and {unpackable[0]} has {columns[unpackable[0]]} "
+            f"({len(unpackable)} such tensors); export it to gguf or mlx, which write such tensors in float."
+        )
     grid = _model_grid(linears)
     kinds = {_module_kind(r.name) for r in linears}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grid, kinds)]
@@ -104,14 +106,17 @@ def _specs(record: TensorRecord, grid: tuple[int, int, bool], kinds: set[str]) -
     if columns % (32 // bits) or rows % (32 // bits):
         raise UnsupportedModelError(f"{record.name} is {rows} x {columns}, which {bits}-bit GPTQ words do not divide.")
     module, groups, per_word = record.name.removesuffix(".weight"), -(-columns // group), 32 // bits
-    return [TensorSpec(f"{module}.qweight", "I32", (columns // per_word, rows)),
-            TensorSpec(f"{module}.qzeros", "I32", (groups, rows // per_word)),
-            TensorSpec(f"{module}.scales", "F16", (groups, rows)),
-            TensorSpec(f"{module}.g_idx", "I32", (columns,))]
+    return [
+        TensorSpec(f"{module}.qweight", "I32", (columns // per_word, rows)),
+        TensorSpec(f"{module}.qzeros", "I32", (groups, rows // per_word)),
+        TensorSpec(f"{module}.scales", "F16", (groups, rows)),
+        TensorSpec(f"{module}.g_idx", "I32", (columns,)),
+    ]
 
 
-def _gptq_tensors(manifest, record: TensorRecord, stored: dict, grid: tuple[int, int, bool], kinds: set[str],
-                  report: ExportReport) -> dict[str, torch.Tensor]:
+def _gptq_tensors(
+    manifest, record: TensorRecord, stored: dict, grid: tuple[int, int, bool], kinds: set[str], report: ExportReport
+) -> dict[str, torch.Tensor]:
     target = _target(record, kinds)
     if target == "skip":
         return {}
@@ -124,8 +129,11 @@ def _gptq_tensors(manifest, record: TensorRecord, stored: dict, grid: tuple[int,
         report.types[record.name] = "float16"
         return {record.name: dequantize(q, torch.float16)}
     bits, group, symmetric = grid
-    onto_grid = not isinstance(q, QuantizedTensor) or (q.bits, q.group_size, q.symmetric) != grid \
+    onto_grid = (
+        not isinstance(q, QuantizedTensor)
+        or (q.bits, q.group_size, q.symmetric) != grid
         or q.scales.dtype != torch.float16
+    )
     if onto_grid:  # another grid, or a float tensor of a quantized kind
         config = QuantConfig(bits=bits, group_size=group, symmetric=symmetric, scale_dtype="float16")
         weight = dequantize(q, torch.float32) if isinstance(q, QuantizedTensor) else q.float()
@@ -135,10 +143,12 @@ def _gptq_tensors(manifest, record: TensorRecord, stored: dict, grid: tuple[int,
     module = record.name.removesuffix(".weight")
     report.types[f"{module}.qweight"] = f"gptq int{bits} g{group}"
     columns = q.shape[1]
-    return {f"{module}.qweight": pack_int32(codes.t(), bits),  # (in, out): packed down the input dimension
-            f"{module}.qzeros": pack_int32((zeros - 1).t().contiguous(), bits, along_rows=False),
-            f"{module}.scales": q.scales.t().contiguous(),
-            f"{module}.g_idx": torch.arange(columns, dtype=torch.int32) // group}
+    return {
+        f"{module}.qweight": pack_int32(codes.t(), bits),  # (in, out): packed down the input dimension
+        f"{module}.qzeros": pack_int32((zeros - 1).t().contiguous(), bits, along_rows=False),
+        f"{module}.scales": q.scales.t().contiguous(),
+        f"{module}.g_idx": torch.arange(columns, dtype=torch.int32) // group,
+    }
 
 
 def _v1_codes_and_zeros(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -153,7 +163,7 @@ def _v1_codes_and_zeros(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor,
         return codes, zeros, False
     per_column = shift.repeat_interleave(q.group_size, dim=1)[:, : codes.shape[1]]
     moved = codes + per_column
-    top = 2 ** q.bits - 1
+    top = 2**q.bits - 1
     clipped = bool((moved > top).any())
     return moved.clamp_(max=top), zeros + shift, clipped
 
@@ -162,26 +172,38 @@ def pack_int32(values: torch.Tensor, bits: int, along_rows: bool = True) -> torc
     """Pack 32/bits consecutive values (down the rows, or along each row) into one int32, the first in
     the lowest bits."""
     per_word = 32 // bits
-    values = values.to(torch.int64) & (2 ** bits - 1)
+    values = values.to(torch.int64) & (2**bits - 1)
     if not along_rows:
         return pack_int32(values.t(), bits).t().contiguous()
     rows, columns = values.shape
     shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, per_word, 1)
     words = (values.view(rows // per_word, per_word, columns) << shifts).sum(dim=1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
 
 
 def _quantize_config(grid: tuple[int, int, bool], modules: list[str]) -> dict:
     bits, group, symmetric = grid
-    return {"bits": bits, "group_size": group, "sym": symmetric, "desc_act": False, "static_groups": False,
-            "true_sequential": True, "checkpoint_format": "gptq", "quant_method": "gptq",
-            "modules_in_block_to_quantize": [modules]}
+    return {
+        "bits": bits,
+        "group_size": group,
+        "sym": symmetric,
+        "desc_act": False,
+        "static_groups": False,
+        "true_sequential": True,
+        "checkpoint_format": "gptq",
+        "quant_method": "gptq",
+        "modules_in_block_to_quantize": [modules],
+    }
 
 
 def _is_linear(record: TensorRecord) -> bool:
     """A linear layer's weight inside a numbered block (GPTQ quantizes those, never embeddings or the head)."""
-    return len(record.shape) == 2 and record.name.endswith(".weight") and BLOCK.search(record.name) is not None \
+    return (
+        len(record.shape) == 2
+        and record.name.endswith(".weight")
+        and BLOCK.search(record.name) is not None
         and "embed" not in record.name
+    )
 
 
 def _module_kind(name: str) -> str:

@@ -1,7 +1,6 @@
 """Rows for `qconvert inspect`: each tensor's scheme, stored bytes and bits per weight."""
 
 import re
-
 from pathlib import Path
 
 from qconvert.io.loading import DTYPE_NAMES, open_checkpoint
@@ -18,25 +17,41 @@ def scheme_label(record: TensorRecord) -> str:
 
 def inspect_rows(path: Path) -> tuple[list[dict], dict]:
     """Per-tensor rows and totals for a qconvert output, or for a plain checkpoint."""
-    is_output = (path / MANIFEST_FILE).is_file() if path.is_dir() else path.suffix == ".safetensors" and _has_manifest(path)
+    is_output = (
+        (path / MANIFEST_FILE).is_file() if path.is_dir() else path.suffix == ".safetensors" and _has_manifest(path)
+    )
     if not is_output:
         return _checkpoint_rows(path)
     manifest = read_manifest(path)
-    rows = [{
-        "name": r.name, "scheme": scheme_label(r), "shape": r.shape, "bytes": r.stored_bytes,
-        "bits_per_weight": 8 * r.stored_bytes / max(r.parameters, 1), "relative_mse": r.relative_mse,
-        "stored": sorted(r.stored),
-    } for r in manifest.tensors]
+    rows = [
+        {
+            "name": r.name,
+            "scheme": scheme_label(r),
+            "shape": r.shape,
+            "bytes": r.stored_bytes,
+            "bits_per_weight": 8 * r.stored_bytes / max(r.parameters, 1),
+            "relative_mse": r.relative_mse,
+            "stored": sorted(r.stored),
+        }
+        for r in manifest.tensors
+    ]
     return rows, manifest.totals
 
 
 def plan_rows(plan) -> tuple[list[dict], dict]:
     """Rows and totals for a conversion plan (`recipe check`, `plan`): what would be done, and which rule decided."""
-    rows = [{
-        "name": p.record.name, "scheme": scheme_label(p.record), "reason": p.record.reason, "shape": p.record.shape,
-        "bytes": p.record.stored_bytes, "bits_per_weight": 8 * p.record.stored_bytes / max(p.record.parameters, 1),
-        "relative_mse": None,
-    } for p in plan.tensors]
+    rows = [
+        {
+            "name": p.record.name,
+            "scheme": scheme_label(p.record),
+            "reason": p.record.reason,
+            "shape": p.record.shape,
+            "bytes": p.record.stored_bytes,
+            "bits_per_weight": 8 * p.record.stored_bytes / max(p.record.parameters, 1),
+            "relative_mse": None,
+        }
+        for p in plan.tensors
+    ]
     return rows, plan.totals()
 
 
@@ -70,12 +85,25 @@ def _has_manifest(path: Path) -> bool:
 
 def _checkpoint_rows(path: Path) -> tuple[list[dict], dict]:
     checkpoint = open_checkpoint(path)
-    rows = [{
-        "name": t.name, "scheme": f"source {DTYPE_NAMES[t.dtype]}", "shape": list(t.shape), "bytes": t.nbytes,
-        "bits_per_weight": 8.0 * t.dtype.itemsize, "relative_mse": None, "stored": [t.name],
-    } for t in checkpoint.tensors.values()]
+    rows = [
+        {
+            "name": t.name,
+            "scheme": f"source {DTYPE_NAMES[t.dtype]}",
+            "shape": list(t.shape),
+            "bytes": t.nbytes,
+            "bits_per_weight": 8.0 * t.dtype.itemsize,
+            "relative_mse": None,
+            "stored": [t.name],
+        }
+        for t in checkpoint.tensors.values()
+    ]
     params = sum(t.numel for t in checkpoint.tensors.values())
     stored = sum(r["bytes"] for r in rows)
-    totals = {"parameters": params, "stored_bytes": stored, "bits_per_weight": round(8 * stored / params, 4),
-              "quantized_parameters": 0, "quantized_bits_per_weight": None}
+    totals = {
+        "parameters": params,
+        "stored_bytes": stored,
+        "bits_per_weight": round(8 * stored / params, 4),
+        "quantized_parameters": 0,
+        "quantized_bits_per_weight": None,
+    }
     return rows, totals

@@ -127,5 +127,7 @@ def read_manifest(output: Path) -> Manifest:
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
         raise SourceError(f"the qconvert manifest of {output} is damaged: {exc}.") from exc
     if manifest.schema_version > SCHEMA_VERSION:
-        raise SourceError(f"{output} was written by a newer qconvert (manifest schema {manifest.schema_version}); upgrade qconvert.")
+        raise SourceError(
+            f"{output} was written by a newer qconvert (manifest schema {manifest.schema_version}); upgrade qconvert."
+        )
     return manifest

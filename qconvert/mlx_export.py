@@ -74,18 +74,26 @@ def mlx_grid(record: TensorRecord) -> tuple[int, int] | None:
 
 def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpec]:
     if record.action != "quantized":
-        return [] if recomputed_by_runtimes(record.name) else [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
+        return (
+            []
+            if recomputed_by_runtimes(record.name)
+            else [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
+        )
     if grid is None:
         return [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
     (rows, columns), (bits, group) = record.shape, grid
     module = record.name.removesuffix(".weight")
     scale_dtype = DTYPE_NAMES[getattr(torch, record.scale_dtype)]
-    return [TensorSpec(f"{module}.weight", "U32", (rows, columns * bits // 32)),
-            TensorSpec(f"{module}.scales", scale_dtype, (rows, columns // group)),
-            TensorSpec(f"{module}.biases", scale_dtype, (rows, columns // group))]
+    return [
+        TensorSpec(f"{module}.weight", "U32", (rows, columns * bits // 32)),
+        TensorSpec(f"{module}.scales", scale_dtype, (rows, columns // group)),
+        TensorSpec(f"{module}.biases", scale_dtype, (rows, columns // group)),
+    ]
 
 
-def _mlx_tensors(name: str, q: QuantizedTensor, grid: tuple[int, int] | None, report: ExportReport) -> dict[str, torch.Tensor]:
+def _mlx_tensors(
+    name: str, q: QuantizedTensor, grid: tuple[int, int] | None, report: ExportReport
+) -> dict[str, torch.Tensor]:
     if grid is None:  # no MLX group divides the row: the float values, in the source dtype the specs promise
         report.dequantized.append(name)
         report.types[name] = "float"
@@ -93,12 +101,20 @@ def _mlx_tensors(name: str, q: QuantizedTensor, grid: tuple[int, int] | None, re
     bits, group = grid
     requantize = group != q.group_size
     if requantize:  # not a grid MLX has: round the float weights again on one it has
-        config = QuantConfig(bits=bits, group_size=group, symmetric=False, scale_dtype=str(q.scales.dtype).removeprefix("torch."))
+        config = QuantConfig(
+            bits=bits, group_size=group, symmetric=False, scale_dtype=str(q.scales.dtype).removeprefix("torch.")
+        )
         q = rtn_quantize(name, dequantize(q, torch.float32), config)
-    zeros = q.zeros.to(torch.float64) if q.zeros is not None else torch.full_like(q.scales, 2 ** (bits - 1), dtype=torch.float64)
+    zeros = (
+        q.zeros.to(torch.float64)
+        if q.zeros is not None
+        else torch.full_like(q.scales, 2 ** (bits - 1), dtype=torch.float64)
+    )
     exact_biases = -q.scales.to(torch.float64) * zeros
     biases = exact_biases.to(q.scales.dtype)
-    how = "requantized" if requantize else "exact" if torch.equal(biases.to(torch.float64), exact_biases) else "repacked"
+    how = (
+        "requantized" if requantize else "exact" if torch.equal(biases.to(torch.float64), exact_biases) else "repacked"
+    )
     getattr(report, how).append(name)
     module = name.removesuffix(".weight")
     report.types[f"{module}.weight"] = f"mlx q{bits} g{group}"

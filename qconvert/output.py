@@ -22,8 +22,10 @@ def iter_records(output: Path, manifest: Manifest) -> Iterator[tuple[TensorRecor
             for name, entry in record.stored.items():
                 file = entry.file or "model.safetensors"
                 if Path(file).name != file or file in (".", ".."):  # a manifest names files beside itself, nothing else
-                    raise SourceError(f"the manifest of {folder} names the weights file {file!r}, which is not a file "
-                                      "name in that folder; it was edited or damaged.")
+                    raise SourceError(
+                        f"the manifest of {folder} names the weights file {file!r}, which is not a file "
+                        "name in that folder; it was edited or damaged."
+                    )
                 if file not in handles:
                     handles[file] = _open(folder / file)
                 try:

@@ -46,7 +46,9 @@ class ConversionPlan:
         return manifest.totals
 
 
-def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str, tuple[int, int]] | None = None) -> ConversionPlan:
+def plan_conversion(
+    checkpoint: Checkpoint, settings: Settings, chosen: dict[str, tuple[int, int]] | None = None
+) -> ConversionPlan:
     """Decide every tensor: kept or quantized, with which quantizer and grid, stored how.
 
     `chosen` (tensor name -> (bits, group size)) overrides the grid of quantized tensors, as chosen
@@ -58,14 +60,18 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
     """
     rules = command_line_rules(settings.include, settings.exclude, settings.rules)
     skeleton = checkpoint.skeleton()
-    decisions = {name: decide(info, rules, skeleton.role(name) if skeleton else None)
-                 for name, info in checkpoint.tensors.items()}
+    decisions = {
+        name: decide(info, rules, skeleton.role(name) if skeleton else None)
+        for name, info in checkpoint.tensors.items()
+    }
     schemes = {}
     for name, decision in decisions.items():
         if decision.quantize:
             if checkpoint.tensors[name].dtype not in FLOAT_DTYPES:
-                raise SchemeError(f"tensor {name} has dtype {checkpoint.tensors[name].dtype}; qconvert quantizes "
-                                  "float32, float16 and bfloat16 weights only.")
+                raise SchemeError(
+                    f"tensor {name} has dtype {checkpoint.tensors[name].dtype}; qconvert quantizes "
+                    "float32, float16 and bfloat16 weights only."
+                )
             overrides = dict(decision.overrides)
             if chosen and name in chosen:
                 overrides["bits"], overrides["group_size"] = chosen[name]
@@ -73,8 +79,11 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
     if not schemes:
         raise _nothing_selected(checkpoint, skeleton)
     quantizers = _quantizers(set(schemes.values()), settings)
-    layout = choose_layout(settings.layout, [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()],
-                           skeleton.roles if skeleton else None)
+    layout = choose_layout(
+        settings.layout,
+        [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()],
+        skeleton.roles if skeleton else None,
+    )
     planned = []
     for name, info in checkpoint.tensors.items():
         decision, scheme = decisions[name], schemes.get(name)
@@ -82,8 +91,14 @@ def plan_conversion(checkpoint: Checkpoint, settings: Settings, chosen: dict[str
         if chosen and name in chosen:
             bits, group_size = chosen[name]
             reason += f"; int{bits} {f'g{group_size}' if group_size else 'per-channel'} chosen by the size budget"
-        record = TensorRecord(name=name, shape=list(info.shape), source_dtype=DTYPE_NAMES[info.dtype],
-                              action="quantized" if scheme else "kept", reason=reason, stored={})
+        record = TensorRecord(
+            name=name,
+            shape=list(info.shape),
+            source_dtype=DTYPE_NAMES[info.dtype],
+            action="quantized" if scheme else "kept",
+            reason=reason,
+            stored={},
+        )
         if scheme:
             config, quantizer = scheme.config, quantizers[scheme]
             record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
@@ -105,13 +120,16 @@ def _nothing_selected(checkpoint: Checkpoint, skeleton) -> SchemeError:
     from qconvert.skeleton import QUANTIZABLE
 
     if skeleton is not None:
-        roles = sorted({skeleton.role(n) for n, info in checkpoint.tensors.items()
-                        if len(info.shape) == 2 and IN_BLOCK.search(n)} - set(QUANTIZABLE))
+        roles = sorted(
+            {skeleton.role(n) for n, info in checkpoint.tensors.items() if len(info.shape) == 2 and IN_BLOCK.search(n)}
+            - set(QUANTIZABLE)
+        )
         if roles and not any(skeleton.role(n) in QUANTIZABLE for n in checkpoint.tensors if IN_BLOCK.search(n)):
             return UnsupportedModelError(
                 f"no tensor in {checkpoint.source} can be quantized: transformers builds its block weights as "
                 f"{', '.join(roles)}, not linear layers, and a runtime would load random weights in place of a "
-                f"quantized one ({skeleton.model_class}).")
+                f"quantized one ({skeleton.model_class})."
+            )
     return SchemeError(f"no tensor in {checkpoint.source} is selected for quantization; use --include to pick some.")
 
 
@@ -124,9 +142,13 @@ def _quantizers(schemes: set[TensorScheme], settings: Settings) -> dict[TensorSc
     calibrated = sorted({q.name for q in quantizers.values() if q.requires_calibration})
     if len(calibrated) > 1:
         raise SchemeError(f"one conversion can run one calibrated quantizer, not {' and '.join(calibrated)}.")
-    budgeted = settings.target_bpw is not None or settings.target_size is not None  # calibration weighs the budget's errors
+    budgeted = (
+        settings.target_bpw is not None or settings.target_size is not None
+    )  # calibration weighs the budget's errors
     if not calibrated and settings.calibration is not None and not budgeted:
-        raise SchemeError(f"quantizer {settings.quantizer!r} uses no calibration data; drop --calib or choose gptq or awq.")
+        raise SchemeError(
+            f"quantizer {settings.quantizer!r} uses no calibration data; drop --calib or choose gptq or awq."
+        )
     return quantizers
 
 

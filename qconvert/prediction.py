@@ -27,7 +27,9 @@ SKELETON_RSS = 0.19 * GB  # transformers imported and the meta-device model buil
 CALIBRATION_BASE_RSS = 0.45 * GB  # + transformers, the model skeleton and the tokenizer, measured
 IN_FLIGHT_COPIES = 2.0  # largest source tensor: one prefetched, one being converted or queued for writing
 CODE_BYTES = 2.0  # per weight of the largest quantized tensor: its codes and their packed copy
-FORWARD_OVERHEAD = 2.0  # a batch's intermediates are allocated and freed in an order that leaves slack; fits SmolLM2 at 128 x 512
+FORWARD_OVERHEAD = (
+    2.0  # a batch's intermediates are allocated and freed in an order that leaves slack; fits SmolLM2 at 128 x 512
+)
 STREAM_BYTES_PER_S = 150e6  # source bytes read, quantized, hashed and written per second (rtn)
 STARTUP_S = 3.0
 CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
@@ -54,9 +56,15 @@ class Prediction:
     def problems(self) -> list[str]:
         found = []
         if self.available_memory_bytes is not None and self.peak_rss_bytes > self.available_memory_bytes:
-            found.append(f"it needs about {self.peak_rss_bytes / GB:.2f} GB of memory and {self.available_memory_bytes / GB:.2f} GB is available")
+            found.append(
+                f"it needs about {self.peak_rss_bytes / GB:.2f} GB of memory and "
+                f"{self.available_memory_bytes / GB:.2f} GB is available"
+            )
         if self.free_disk_bytes is not None and self.disk_bytes > self.free_disk_bytes:
-            found.append(f"it writes about {self.disk_bytes / GB:.2f} GB and the output's disk has {self.free_disk_bytes / GB:.2f} GB free")
+            found.append(
+                f"it writes about {self.disk_bytes / GB:.2f} GB and the output's disk has "
+                f"{self.free_disk_bytes / GB:.2f} GB free"
+            )
         return found
 
     def to_dict(self) -> dict:
@@ -81,9 +89,16 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
         seconds += calibration_seconds
         disk += totals["quantized_bytes"] * 2  # the block store holds codes unpacked (one byte each)
     return Prediction(
-        weights_bytes=totals["stored_bytes"], output_bytes=output_bytes, quantized_bits_per_weight=totals["quantized_bits_per_weight"],
-        bits_per_weight=totals["bits_per_weight"], peak_rss_bytes=int(peak), disk_bytes=int(disk),
-        seconds=round(seconds, 1), available_memory_bytes=available_memory(), free_disk_bytes=free_disk(destination))
+        weights_bytes=totals["stored_bytes"],
+        output_bytes=output_bytes,
+        quantized_bits_per_weight=totals["quantized_bits_per_weight"],
+        bits_per_weight=totals["bits_per_weight"],
+        peak_rss_bytes=int(peak),
+        disk_bytes=int(disk),
+        seconds=round(seconds, 1),
+        available_memory_bytes=available_memory(),
+        free_disk_bytes=free_disk(destination),
+    )
 
 
 def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings) -> tuple[float, float]:
@@ -93,13 +108,17 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
     heads = config.get("num_attention_heads") or 16
     blocks = config.get("num_hidden_layers") or 1
     calibration = settings.calibration
-    samples, seqlen, batch = (calibration.samples, calibration.seqlen, calibration.batch_size) if calibration else (128, 512, 4)
+    samples, seqlen, batch = (
+        (calibration.samples, calibration.seqlen, calibration.batch_size) if calibration else (128, 512, 4)
+    )
     tokens, batch_tokens = samples * seqlen, batch * seqlen
     activations = tokens * hidden * 4
     forward = FORWARD_OVERHEAD * (batch_tokens * (3 * intermediate + 6 * hidden) * 4 + batch * heads * seqlen**2 * 4)
     block_parameters = sum(p.record.parameters for p in plan.tensors if p.scheme) / blocks
     weights = block_parameters * 4 * 3  # float32 block, its quantized copy, the solver's working set
-    embeddings = max((info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name), default=0)
+    embeddings = max(
+        (info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name), default=0
+    )
     peak = CALIBRATION_BASE_RSS + activations + max(forward + weights, embeddings)
     # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
     flops = blocks * tokens * (2 * 2 * block_parameters + 2 * (hidden + intermediate) * hidden)

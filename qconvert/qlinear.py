@@ -32,7 +32,9 @@ class QuantizedLinear(nn.Module):
     KERNEL_DTYPE = torch.bfloat16
     SMALL_INPUT_ROWS = 16  # up to this many rows, int8 uses the kernel; more, a float32 matmul
 
-    def __init__(self, q: QuantizedTensor, has_bias: bool, dtype: torch.dtype = torch.float32, use_kernels: bool = True) -> None:
+    def __init__(
+        self, q: QuantizedTensor, has_bias: bool, dtype: torch.dtype = torch.float32, use_kernels: bool = True
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.bits, self.group_size, self.dtype = q.bits, q.group_size, dtype
@@ -56,15 +58,18 @@ class QuantizedLinear(nn.Module):
 
     def _int4_kernel_accepts(self, q: QuantizedTensor) -> bool:
         # The kernel wants whole groups of a size it was built for, and an even number of columns.
-        return (self.in_features % q.group_size == 0
-                and q.group_size in (32, 64, 128, 256) and self.in_features % 2 == 0)
+        return self.in_features % q.group_size == 0 and q.group_size in (32, 64, 128, 256) and self.in_features % 2 == 0
 
     def _init_int4(self, q: QuantizedTensor) -> None:
         self.kernel = "int4"
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 2))
+        self.register_buffer(
+            "weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 2)
+        )
         scales = q.scales.float()
         zeros = torch.zeros_like(scales) if q.zeros is None else (8 - q.zeros.float()) * scales
-        self.register_buffer("scales_and_zeros", torch.stack([scales.T, zeros.T], dim=-1).contiguous().to(self.KERNEL_DTYPE))
+        self.register_buffer(
+            "scales_and_zeros", torch.stack([scales.T, zeros.T], dim=-1).contiguous().to(self.KERNEL_DTYPE)
+        )
 
     def _init_unpack(self, q: QuantizedTensor) -> None:
         self.register_buffer("packed", pack_codes(q.codes, q.bits))
@@ -76,9 +81,15 @@ class QuantizedLinear(nn.Module):
         if self.kernel != "unpack":
             raise NotImplementedError("only the unpack path keeps qconvert's own layout")
         zeros = None if self.zeros is None else unpack_codes(self.zeros, self.bits, self.scales.shape[1])
-        return QuantizedTensor(codes=unpack_codes(self.packed, self.bits, self.in_features), scales=self.scales,
-                               zeros=zeros, bits=self.bits, group_size=self.group_size,
-                               shape=(self.out_features, self.in_features), dtype=self.dtype)
+        return QuantizedTensor(
+            codes=unpack_codes(self.packed, self.bits, self.in_features),
+            scales=self.scales,
+            zeros=zeros,
+            bits=self.bits,
+            group_size=self.group_size,
+            shape=(self.out_features, self.in_features),
+            dtype=self.dtype,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -93,7 +104,9 @@ class QuantizedLinear(nn.Module):
                 y = y + x.sum(-1, keepdim=True) * self.row_offset.to(self.dtype)
         elif self.kernel == "int4":
             k = self.KERNEL_DTYPE
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(k), self.weight_int4, self.group_size, self.scales_and_zeros).to(self.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(k), self.weight_int4, self.group_size, self.scales_and_zeros
+            ).to(self.dtype)
         else:
             y = x @ dequantize(self.quantized(), self.dtype).T
         if self.bias is not None:
@@ -101,4 +114,7 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, kernel={self.kernel}"
+        )

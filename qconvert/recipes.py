@@ -89,16 +89,27 @@ def load_recipe(path: str | Path) -> Recipe:
     where = _Locator(path, text)
     for section in data:
         if section not in (*SECTIONS, "rules"):
-            raise where.error(section, None, None, f"unknown section [{section}]; a recipe has [defaults], [calibration] and [[rules]]")
+            raise where.error(
+                section,
+                None,
+                None,
+                f"unknown section [{section}]; a recipe has [defaults], [calibration] and [[rules]]",
+            )
     defaults = _checked_table(data.get("defaults", {}), DEFAULT_KEYS, where, "defaults", None)
-    calibration = _checked_table(data["calibration"], CALIBRATION_KEYS, where, "calibration", None) if "calibration" in data else None
+    calibration = (
+        _checked_table(data["calibration"], CALIBRATION_KEYS, where, "calibration", None)
+        if "calibration" in data
+        else None
+    )
     if calibration and "text" in calibration and not Path(calibration["text"]).is_absolute():
         calibration["text"] = str((path.parent / calibration["text"]).resolve())
     rules = data.get("rules", [])
     if not isinstance(rules, list):
         raise where.error("rules", None, None, "rules must be an array of tables, written [[rules]]")
     parsed = tuple(_rule(rule, index, where) for index, rule in enumerate(rules))
-    return Recipe(path=path, sha256=hashlib.sha256(raw).hexdigest(), defaults=defaults, calibration=calibration, rules=parsed)
+    return Recipe(
+        path=path, sha256=hashlib.sha256(raw).hexdigest(), defaults=defaults, calibration=calibration, rules=parsed
+    )
 
 
 def _rule(rule: Any, index: int, where: "_Locator") -> Rule:
@@ -113,7 +124,12 @@ def _rule(rule: Any, index: int, where: "_Locator") -> Rule:
         raise where.error("rules", index, "match", f"`match` is not a valid regular expression: {exc}") from exc
     keep = checked.pop("keep", False)
     if keep and checked:
-        raise where.error("rules", index, next(iter(checked)), "a rule with keep = true keeps tensors in float and takes no scheme keys")
+        raise where.error(
+            "rules",
+            index,
+            next(iter(checked)),
+            "a rule with keep = true keeps tensors in float and takes no scheme keys",
+        )
     label = f"rule {index + 1} of {where.path.name} (line {where.line('rules', index, None)})"
     return Rule(pattern=pattern, keep=keep, overrides=checked, label=label)
 

@@ -8,11 +8,16 @@ from qconvert.errors import QConvertError
 from qconvert.sweep import SweepRow, rows_as_dicts
 
 COLUMNS = [  # (header, row attribute, format)
-    ("setting", "label", "{}"), ("bits/weight (quantized)", "quantized_bits_per_weight", "{:.3f}"),
-    ("bits/weight (file)", "bits_per_weight", "{:.3f}"), ("size MB", "size_mb", "{:.1f}"),
-    ("perplexity", "perplexity", "{:.3f}"), ("vs float %", "ppl_change_pct", "{:+.1f}"),
-    ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"), ("decode ms/token", "decode_ms_per_token", "{:.1f}"),
-    ("weights in memory MB", "weight_memory_mb", "{:.0f}"), ("conversion s", "conversion_seconds", "{:.1f}"),
+    ("setting", "label", "{}"),
+    ("bits/weight (quantized)", "quantized_bits_per_weight", "{:.3f}"),
+    ("bits/weight (file)", "bits_per_weight", "{:.3f}"),
+    ("size MB", "size_mb", "{:.1f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("vs float %", "ppl_change_pct", "{:+.1f}"),
+    ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
+    ("decode ms/token", "decode_ms_per_token", "{:.1f}"),
+    ("weights in memory MB", "weight_memory_mb", "{:.0f}"),
+    ("conversion s", "conversion_seconds", "{:.1f}"),
     ("status", "status", "{}"),
 ]
 
@@ -29,27 +34,38 @@ def require_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise QConvertError("sweep draws its figures with matplotlib, which is not installed: "
-                            "pip install 'qconvert[hf]' (or pip install matplotlib).") from exc
+        raise QConvertError(
+            "sweep draws its figures with matplotlib, which is not installed: "
+            "pip install 'qconvert[hf]' (or pip install matplotlib)."
+        ) from exc
 
 
 def write_report(rows: list[SweepRow], folder: Path, context: dict) -> list[Path]:
     """Write every report file into `folder` and return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = [_markdown(rows, folder / "report.md", context), _json(rows, folder / "report.json", context),
-               _csv(rows, folder / "report.csv")]
+    written = [
+        _markdown(rows, folder / "report.md", context),
+        _json(rows, folder / "report.json", context),
+        _csv(rows, folder / "report.csv"),
+    ]
     require_plotting()
     import matplotlib
+
     matplotlib.use("Agg")  # no display needed: figures go straight to files
     written += [_tradeoff_figure(rows, folder / "tradeoff.png", context), _speed_figure(rows, folder / "speed.png")]
     return written
 
 
 def _markdown(rows: list[SweepRow], path: Path, context: dict) -> Path:
-    lines = [f"# qconvert sweep: {context['source']}", "",
-             f"Perplexity on {context['text']} ({context['windows']}), same tokens for every row. "
-             "Bits per weight count scales and zero points.", "",
-             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"# qconvert sweep: {context['source']}",
+        "",
+        f"Perplexity on {context['text']} ({context['windows']}), same tokens for every row. "
+        "Bits per weight count scales and zero points.",
+        "",
+        "| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     lines += ["| " + " | ".join(cell(r, a, f) for _, a, f in COLUMNS) + " |" for r in rows]
     failures = [r for r in rows if r.status != "ok"]
     if failures:
@@ -80,9 +96,11 @@ def _tradeoff_figure(rows: list[SweepRow], path: Path, context: dict) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    styles = {"qconvert": dict(color="tab:blue", marker="o", label="qconvert"),
-              "reference": dict(color="tab:orange", marker="s", label="reference"),
-              "float": dict(color="black", marker="*", s=160, label="float")}
+    styles = {
+        "qconvert": dict(color="tab:blue", marker="o", label="qconvert"),
+        "reference": dict(color="tab:orange", marker="s", label="reference"),
+        "float": dict(color="black", marker="*", s=160, label="float"),
+    }
     for role, style in styles.items():
         points = [r for r in plotted(rows) if r.role == role]
         if points:

@@ -40,9 +40,13 @@ def load_for_eval(path: Path, dtype: torch.dtype = torch.float32, use_kernels: b
     if not path.exists():
         raise SourceError(f"{path} does not exist.")
     if is_qconvert_output(path):
-        return LoadedModel(build_quantized_model(path, dtype, use_kernels), "qconvert", (path, None), _weight_files(path))
+        return LoadedModel(
+            build_quantized_model(path, dtype, use_kernels), "qconvert", (path, None), _weight_files(path)
+        )
     if path.suffix == ".gguf":
-        return LoadedModel(_from_pretrained(path.parent, dtype, gguf_file=path.name), "gguf", (path.parent, path.name), [path])
+        return LoadedModel(
+            _from_pretrained(path.parent, dtype, gguf_file=path.name), "gguf", (path.parent, path.name), [path]
+        )
     return LoadedModel(_from_pretrained(path, dtype), "checkpoint", (path, None), _weight_files(path))
 
 
@@ -107,10 +111,14 @@ def _from_pretrained(folder: Path, dtype: torch.dtype, **kwargs) -> torch.nn.Mod
         with quiet_libraries():
             return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
     except Exception as exc:  # whatever transformers raises (an unsafe pickle, a bad config...) means: cannot load
-        raise SourceError(f"transformers cannot load {folder} as a causal language model: {str(exc).splitlines()[0]}") from exc
+        raise SourceError(
+            f"transformers cannot load {folder} as a causal language model: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
-def build_quantized_model(output: Path, dtype: torch.dtype = torch.float32, use_kernels: bool = True) -> torch.nn.Module:
+def build_quantized_model(
+    output: Path, dtype: torch.dtype = torch.float32, use_kernels: bool = True
+) -> torch.nn.Module:
     """A transformers model of a qconvert output whose quantized linears stay packed in memory.
 
     The skeleton is built with parameters on the meta device (buffers such as rotary frequencies
@@ -127,15 +135,23 @@ def build_quantized_model(output: Path, dtype: torch.dtype = torch.float32, use_
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])):
-        raise UnsupportedModelError(f"{output} is a {', '.join(config.architectures or ['model'])}, not a causal language model; "
-                          "perplexity needs one.")
+        raise UnsupportedModelError(
+            f"{output} is a {', '.join(config.architectures or ['model'])}, not a causal language model; "
+            "perplexity needs one."
+        )
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     manifest = read_manifest(output)
     kept = {}
     for record, stored in iter_records(output, manifest):
         if record.action == "quantized" and _is_linear(model, record.name):
-            _swap_in(model, record.name, QuantizedLinear(quantized_tensor(manifest, record, stored), _has_bias(model, record.name), dtype, use_kernels))
+            _swap_in(
+                model,
+                record.name,
+                QuantizedLinear(
+                    quantized_tensor(manifest, record, stored), _has_bias(model, record.name), dtype, use_kernels
+                ),
+            )
         elif record.action == "quantized":  # e.g. an embedding, looked up rather than multiplied: keep its float values
             kept[record.name] = dequantize(quantized_tensor(manifest, record, stored), dtype)
         else:

@@ -58,17 +58,22 @@ class Settings:
         if self.target_bpw is not None and self.target_size is not None:
             raise SchemeError("give --target-bpw or --target-size, not both.")
         if self.target_bpw is not None and not 2 <= self.target_bpw <= 9:
-            raise SchemeError(f"--target-bpw {self.target_bpw} is out of reach: quantized tensors take 2 to 9 bits per weight.")
+            raise SchemeError(
+                f"--target-bpw {self.target_bpw} is out of reach: quantized tensors take 2 to 9 bits per weight."
+            )
         self.config  # validates bits, group size and scale dtype now, not mid-conversion
 
     @property
     def config(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                           scale_dtype=self.scale_dtype)
+        return QuantConfig(
+            bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype
+        )
 
     def scheme(self, overrides: dict[str, Any]) -> TensorScheme:
         """The scheme of a tensor whose deciding rule sets `overrides`."""
-        config = QuantConfig(**{k: overrides.get(k, getattr(self, k)) for k in ("bits", "group_size", "symmetric", "scale_dtype")})
+        config = QuantConfig(
+            **{k: overrides.get(k, getattr(self, k)) for k in ("bits", "group_size", "symmetric", "scale_dtype")}
+        )
         return TensorScheme(overrides.get("quantizer", self.quantizer), config)
 
     def suffix(self) -> str:
@@ -90,7 +95,10 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
     """Settings from a recipe's defaults (if any) with the command-line flags that were given (not None)
     on top; calibration settings merge the same way, field by field."""
     given = {k: v for k, v in flags.items() if v is not None}
-    calibration = {**((recipe.calibration or {}) if recipe else {}), **{k: v for k, v in calibration_flags.items() if v is not None}}
+    calibration = {
+        **((recipe.calibration or {}) if recipe else {}),
+        **{k: v for k, v in calibration_flags.items() if v is not None},
+    }
     has_source = calibration.get("text") is not None or calibration.get("dataset") is not None
     values = {**(recipe.defaults if recipe else {}), **given}
     if recipe is not None:
@@ -100,12 +108,20 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
 
 def settings_dict(settings: Settings) -> dict:
     return {
-        "quantizer": settings.quantizer, "bits": settings.bits, "group_size": settings.group_size,
-        "symmetric": settings.symmetric, "scale_dtype": settings.scale_dtype, "include": list(settings.include),
-        "exclude": list(settings.exclude), "dtype": settings.dtype, "layout": settings.layout,
-        "max_shard_size": settings.max_shard_size, "options": dict(sorted(settings.options.items())),
+        "quantizer": settings.quantizer,
+        "bits": settings.bits,
+        "group_size": settings.group_size,
+        "symmetric": settings.symmetric,
+        "scale_dtype": settings.scale_dtype,
+        "include": list(settings.include),
+        "exclude": list(settings.exclude),
+        "dtype": settings.dtype,
+        "layout": settings.layout,
+        "max_shard_size": settings.max_shard_size,
+        "options": dict(sorted(settings.options.items())),
         "calibration": settings.calibration.describe() if settings.calibration else None,
         "recipe": settings.recipe.describe() if settings.recipe else None,
         "rules": [rule.describe() for rule in settings.rules],
-        "target_bpw": settings.target_bpw, "target_size": settings.target_size,
+        "target_bpw": settings.target_bpw,
+        "target_size": settings.target_size,
     }

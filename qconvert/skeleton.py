@@ -61,6 +61,7 @@ def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | 
 
 def _meta_model(folder, config: dict):
     import torch
+
     try:
         import transformers
         from accelerate import init_empty_weights
@@ -103,8 +104,12 @@ def _roles(model, names: list[str], rename) -> tuple[dict[str, str], dict[str, s
     import torch
     from transformers.core_model_loading import MergeModulelist
 
-    merges = {p for c in rename.converters if any(isinstance(op, MergeModulelist) for op in c.operations)
-              for p in c.source_patterns}
+    merges = {
+        p
+        for c in rename.converters
+        if any(isinstance(op, MergeModulelist) for op in c.operations)
+        for p in c.source_patterns
+    }
     modules = dict(model.named_modules())
     roles, runtime_names = {}, {}
     for name in names:

@@ -15,12 +15,12 @@ from typing import Callable
 
 from qconvert.calibration.samples import CalibrationSettings
 from qconvert.conversion import convert
-from qconvert.settings import Settings, settings_dict
 from qconvert.errors import QConvertError
 from qconvert.evaluation import EvalSettings
 from qconvert.io.loading import open_checkpoint, sha256_file
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.quantizers import get
+from qconvert.settings import Settings, settings_dict
 
 
 @dataclass
@@ -43,9 +43,15 @@ class SweepRow:
     peak_rss_mb: float | None = None
 
 
-def setting_grid(bits: list[int], group_sizes: list[int], quantizers: list[str], symmetric: bool,
-                 calibration: CalibrationSettings | None = None) -> list[Settings]:
+def setting_grid(
+    bits: list[int],
+    group_sizes: list[int],
+    quantizers: list[str],
+    symmetric: bool,
+    calibration: CalibrationSettings | None = None,
+) -> list[Settings]:
     """Every combination; calibrated quantizers get `calibration`, the others none."""
+
     def calibration_for(name: str) -> CalibrationSettings | None:
         try:
             if not get(name).requires_calibration:
@@ -56,8 +62,10 @@ def setting_grid(bits: list[int], group_sizes: list[int], quantizers: list[str],
             raise QConvertError(f"quantizer {name} learns from activations: give the sweep --calib FILE.")
         return calibration
 
-    return [Settings(quantizer=q, bits=b, group_size=g, symmetric=symmetric, calibration=calibration_for(q))
-            for q, b, g in itertools.product(quantizers, bits, group_sizes)]
+    return [
+        Settings(quantizer=q, bits=b, group_size=g, symmetric=symmetric, calibration=calibration_for(q))
+        for q, b, g in itertools.product(quantizers, bits, group_sizes)
+    ]
 
 
 def label(settings: Settings) -> str:
@@ -65,8 +73,15 @@ def label(settings: Settings) -> str:
     return f"{settings.quantizer} int{settings.bits} {group}{' sym' if settings.symmetric else ''}"
 
 
-def run_sweep(source: Path, grid: list[Settings], report_dir: Path, eval_args: list[str], eval_settings: EvalSettings,
-              references: list[Path] = (), log: Callable[[str], None] = print) -> list[SweepRow]:
+def run_sweep(
+    source: Path,
+    grid: list[Settings],
+    report_dir: Path,
+    eval_args: list[str],
+    eval_settings: EvalSettings,
+    references: list[Path] = (),
+    log: Callable[[str], None] = print,
+) -> list[SweepRow]:
     """Convert, evaluate and collect one row per setting, plus the float model and references."""
     models_dir = report_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +98,9 @@ def run_sweep(source: Path, grid: list[Settings], report_dir: Path, eval_args: l
             continue
         rows.append(_evaluated(row, eval_args + tokenizer, eval_settings, log))
     for reference in references:
-        rows.append(_evaluated(SweepRow(reference.name, "reference", str(reference)), eval_args + tokenizer, eval_settings, log))
+        rows.append(
+            _evaluated(SweepRow(reference.name, "reference", str(reference)), eval_args + tokenizer, eval_settings, log)
+        )
     float_ppl = rows[0].perplexity
     for row in rows:
         if float_ppl and row.perplexity:
@@ -119,8 +136,19 @@ def _same_conversion(source: Path, settings: Settings, output: Path) -> bool:
 
 def _evaluated(row: SweepRow, eval_args: list[str], eval_settings: EvalSettings, log) -> SweepRow:
     log(f"{row.label}: evaluating {row.path}")
-    command = [sys.executable, "-m", "qconvert.cli", "eval", row.path, "--json", *eval_args,
-               "--ctx", str(eval_settings.ctx), "--decode-tokens", str(eval_settings.decode_tokens)]
+    command = [
+        sys.executable,
+        "-m",
+        "qconvert.cli",
+        "eval",
+        row.path,
+        "--json",
+        *eval_args,
+        "--ctx",
+        str(eval_settings.ctx),
+        "--decode-tokens",
+        str(eval_settings.decode_tokens),
+    ]
     if eval_settings.max_tokens is not None:
         command += ["--max-tokens", str(eval_settings.max_tokens)]
     if not eval_settings.use_kernels:

@@ -45,7 +45,9 @@ def verify_output(output: Path) -> tuple[list[str], int]:
                     continue
                 digest = hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
                 if digest != expected.sha256:
-                    problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's {expected.sha256[:12]}…")
+                    problems.append(
+                        f"{name}: sha256 {digest[:12]}… does not match the manifest's {expected.sha256[:12]}…"
+                    )
             if record.action == "quantized" and not any(p.startswith(tuple(stored)) for p in problems):
                 problems.extend(_check_quantized(manifest, record, stored))
     except QConvertError as exc:
@@ -96,8 +98,13 @@ def _copies_disagree(output: Path) -> list[str]:
     if not output.is_dir():
         return []
     sidecar = json.loads(read_manifest(output).to_json())
-    files = sorted({entry.file or "model.safetensors" for record in Manifest.from_json(json.dumps(sidecar)).tensors
-                    for entry in record.stored.values()})
+    files = sorted(
+        {
+            entry.file or "model.safetensors"
+            for record in Manifest.from_json(json.dumps(sidecar)).tensors
+            for entry in record.stored.values()
+        }
+    )
     problems = []
     for file in files:
         if Path(file).name != file or not (output / file).is_file():
@@ -130,8 +137,10 @@ def _underived(manifest: Manifest) -> list[str]:
             continue
         listed = {name: (entry.dtype, list(entry.shape), entry.bytes) for name, entry in record.stored.items()}
         if listed != expected:
-            problems.append(f"{record.name}: the manifest lists {listed}, but a {record.action} tensor of its "
-                            f"recorded scheme is stored as {expected}")
+            problems.append(
+                f"{record.name}: the manifest lists {listed}, but a {record.action} tensor of its "
+                f"recorded scheme is stored as {expected}"
+            )
     return problems
 
 

@@ -25,14 +25,26 @@ def llama_shapes(target_gb: float) -> dict[str, tuple[int, ...]]:
     hidden, inter, kv, vocab = 2048, 5632, 256, 32000
     per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter
     layers = max(1, round((target_gb * 1e9 / 2 - 2 * vocab * hidden) / per_layer))
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     return shapes
 
 
@@ -64,7 +76,18 @@ def source_bytes(folder: Path) -> int:
 
 
 def run_once(source: Path, output: Path, options: list[str]) -> dict:
-    command = [sys.executable, "-m", "qconvert.cli", "model", str(source), "-o", str(output), "--force", "--json", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "qconvert.cli",
+        "model",
+        str(source),
+        "-o",
+        str(output),
+        "--force",
+        "--json",
+        *options,
+    ]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=out, stderr=err)
@@ -94,9 +117,11 @@ def main() -> None:
         for _ in range(args.repeat):  # peak RSS is the maximum over the runs so far
             r = run_once(source, scratch / "out", options)
             s = r["summary"]
-            print(f"{r['seconds']:.2f} s wall (process start included), {size / 1e6 / r['seconds']:.0f} MB/s of source, "
-                  f"peak RSS {r['peak_rss_gb']:.2f} GB; output {s['stored_bytes'] / 1e6:.1f} MB, "
-                  f"{s['quantized_bits_per_weight']} bits per quantized weight, layout {s['layout']}")
+            print(
+                f"{r['seconds']:.2f} s wall (process start included), {size / 1e6 / r['seconds']:.0f} MB/s of source, "
+                f"peak RSS {r['peak_rss_gb']:.2f} GB; output {s['stored_bytes'] / 1e6:.1f} MB, "
+                f"{s['quantized_bits_per_weight']} bits per quantized weight, layout {s['layout']}"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 # GGUF type -> the qconvert grid that maps onto it exactly (blocks of 32, float16 scales)
-GRIDS = {"Q4_0": ["--bits", "4", "--group-size", "32", "--symmetric"],
-         "Q4_1": ["--bits", "4", "--group-size", "32", "--asymmetric"],
-         "Q8_0": ["--bits", "8", "--group-size", "32", "--symmetric"]}
+GRIDS = {
+    "Q4_0": ["--bits", "4", "--group-size", "32", "--symmetric"],
+    "Q4_1": ["--bits", "4", "--group-size", "32", "--asymmetric"],
+    "Q8_0": ["--bits", "8", "--group-size", "32", "--symmetric"],
+}
 EMBEDDINGS_Q8_0 = '[[rules]]\nmatch = "embed_tokens"\nquantizer = "rtn"\nbits = 8\ngroup_size = 32\nsymmetric = true\n'
 
 
@@ -39,14 +41,18 @@ def run(command: list, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def perplexity(tools: Path, model: Path, text: Path, chunks: int, threads: int) -> float:
-    result, _ = run([tools / "bin" / "llama-perplexity", "-m", model, "-f", text, "-c", 512, "--chunks", chunks, "-t", threads])
+    result, _ = run(
+        [tools / "bin" / "llama-perplexity", "-m", model, "-f", text, "-c", 512, "--chunks", chunks, "-t", threads]
+    )
     found = re.search(r"Final estimate: PPL = ([\d.]+)", result.stdout + result.stderr)
     return float(found.group(1))
 
 
 def speed(tools: Path, model: Path, threads: int) -> tuple[float, float]:
     """(prompt tokens/s over 512 tokens, generated tokens/s over 128)"""
-    result, _ = run([tools / "bin" / "llama-bench", "-m", model, "-p", 512, "-n", 128, "-t", threads, "-r", 2, "-o", "json"])
+    result, _ = run(
+        [tools / "bin" / "llama-bench", "-m", model, "-p", 512, "-n", 128, "-t", threads, "-r", 2, "-o", "json"]
+    )
     rows = json.loads(result.stdout)
     prompt = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
     generated = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
@@ -57,7 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path)
     parser.add_argument("--text", type=Path, required=True)
-    parser.add_argument("--llama-cpp", type=Path, default=Path("build/llama.cpp"), help="where build_llama_cpp.sh built")
+    parser.add_argument(
+        "--llama-cpp", type=Path, default=Path("build/llama.cpp"), help="where build_llama_cpp.sh built"
+    )
     parser.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"], choices=sorted(GRIDS))
     parser.add_argument("--quantizers", nargs="+", default=["rtn", "clip"], help="qconvert quantizers to export with")
     parser.add_argument("--calib", type=Path, help="calibration text, for gptq/awq among --quantizers")
@@ -84,19 +92,44 @@ def main() -> None:
         rows.append((f"llama-quantize {gguf_type}", reference, seconds))
         for quantizer in args.quantizers:
             ours = scratch / f"qconvert-{quantizer}-{gguf_type}.gguf"
-            calibration = ["--calib", args.calib, "--calib-samples", args.calib_samples] if quantizer in ("gptq", "awq") else []
-            _, seconds = run([sys.executable, "-m", "qconvert.cli", "model", args.source, "-o", ours, "--force", "--format", "gguf",
-                              "-q", quantizer, *GRIDS[gguf_type], "--recipe", recipe, *calibration])
+            calibration = (
+                ["--calib", args.calib, "--calib-samples", args.calib_samples] if quantizer in ("gptq", "awq") else []
+            )
+            _, seconds = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "qconvert.cli",
+                    "model",
+                    args.source,
+                    "-o",
+                    ours,
+                    "--force",
+                    "--format",
+                    "gguf",
+                    "-q",
+                    quantizer,
+                    *GRIDS[gguf_type],
+                    "--recipe",
+                    recipe,
+                    *calibration,
+                ]
+            )
             rows.append((f"qconvert {quantizer} → {gguf_type}", ours, seconds))
-    print(f"llama.cpp tools: {tools}; perplexity over {args.chunks} chunks of 512 tokens of {args.text.name}, "
-          f"{args.threads} threads\n")
+    print(
+        f"llama.cpp tools: {tools}; perplexity over {args.chunks} chunks of 512 tokens of {args.text.name}, "
+        f"{args.threads} threads\n"
+    )
     print("| file | MB | perplexity (llama-perplexity) | prompt tok/s | generate tok/s | convert s |")
     print("|---|---|---|---|---|---|")
     for label, path, seconds in rows:
         ppl = perplexity(tools, path, args.text, args.chunks, args.threads)
         prompt, generated = speed(tools, path, args.threads)
         took = f"{seconds:.1f}" if seconds is not None else ""
-        print(f"| {label} | {path.stat().st_size / 1e6:.1f} | {ppl:.3f} | {prompt:.0f} | {generated:.1f} | {took} |", flush=True)
+        print(
+            f"| {label} | {path.stat().st_size / 1e6:.1f} | {ppl:.3f} | {prompt:.0f} | {generated:.1f} | {took} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

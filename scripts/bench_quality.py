@@ -29,8 +29,22 @@ PEER = "llm-compressor 0.14 GPTQ int4 g64 sym, 128x512 calib: ppl 21.62, 282 s a
 
 
 def evaluate(model: Path, text: Path, tokenizer: Path, max_tokens: int) -> dict:
-    command = [sys.executable, "-m", "qconvert.cli", "eval", str(model), "--text", str(text), "--tokenizer", str(tokenizer),
-               "--max-tokens", str(max_tokens), "--decode-tokens", "4", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "qconvert.cli",
+        "eval",
+        str(model),
+        "--text",
+        str(text),
+        "--tokenizer",
+        str(tokenizer),
+        "--max-tokens",
+        str(max_tokens),
+        "--decode-tokens",
+        "4",
+        "--json",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         sys.exit(result.stderr)
@@ -45,13 +59,24 @@ def main() -> None:
     parser.add_argument("--setting", action="append", required=True)
     parser.add_argument("--max-tokens", type=int, default=20480)
     parser.add_argument("--keep", type=Path, help="keep the outputs in this folder")
-    parser.add_argument("--float-ppl", type=float, help="the float model's perplexity, if already measured (skips its evaluation)")
+    parser.add_argument(
+        "--float-ppl", type=float, help="the float model's perplexity, if already measured (skips its evaluation)"
+    )
     args = parser.parse_args()
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="qconvert-quality-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    base = {"perplexity": args.float_ppl, "bytes_on_disk": sum(f.stat().st_size for f in args.source.glob("*.safetensors"))} \
-        if args.float_ppl else evaluate(args.source, args.text, args.source, args.max_tokens)
-    print("| setting | ppl | change vs float | bits/weight (quantized tensors) | file MB | convert s | convert peak RSS GB |")
+    base = (
+        {
+            "perplexity": args.float_ppl,
+            "bytes_on_disk": sum(f.stat().st_size for f in args.source.glob("*.safetensors")),
+        }
+        if args.float_ppl
+        else evaluate(args.source, args.text, args.source, args.max_tokens)
+    )
+    print(
+        "| setting | ppl | change vs float | bits/weight (quantized tensors) | file MB | convert s | convert "
+        "peak RSS GB |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(f"| float | {base['perplexity']:.3f} | | 16 | {base['bytes_on_disk'] / 1e6:.1f} | | |", flush=True)
     for setting in args.setting:
@@ -62,8 +87,12 @@ def main() -> None:
         run = run_once(args.source, out, ["-q", quantizer, *options])
         result = evaluate(out, args.text, args.source, args.max_tokens)
         change = 100 * (result["perplexity"] / base["perplexity"] - 1)
-        print(f"| {setting} | {result['perplexity']:.3f} | {change:+.1f}% | {run['summary']['quantized_bits_per_weight']} | "
-              f"{result['bytes_on_disk'] / 1e6:.1f} | {run['seconds']:.1f} | {run['peak_rss_gb']:.2f} |", flush=True)
+        print(
+            f"| {setting} | {result['perplexity']:.3f} | {change:+.1f}% | "
+            f"{run['summary']['quantized_bits_per_weight']} | "
+            f"{result['bytes_on_disk'] / 1e6:.1f} | {run['seconds']:.1f} | {run['peak_rss_gb']:.2f} |",
+            flush=True,
+        )
     print(f"\npeer (quoted, not re-run): {PEER}")
 
 

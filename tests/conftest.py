@@ -26,8 +26,10 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], config: dic
 
 def tiny_tensors(dtype=torch.bfloat16, hidden=64, layers=2, seed=0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    t = {"model.embed_tokens.weight": torch.randn(128, hidden, generator=g).to(dtype),
-         "model.norm.weight": torch.ones(hidden, dtype=dtype)}
+    t = {
+        "model.embed_tokens.weight": torch.randn(128, hidden, generator=g).to(dtype),
+        "model.norm.weight": torch.ones(hidden, dtype=dtype),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         t[p + "self_attn.q_proj.weight"] = (torch.randn(hidden, hidden, generator=g) * 0.05).to(dtype)
@@ -47,9 +49,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     return folder
@@ -77,8 +86,16 @@ def make_tiny_lm(folder: Path, real_models: Path, layers: int = 2, hidden: int =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(real_models / "smollm2-135m" / name, folder / name)

@@ -28,8 +28,20 @@ def test_target_bpw_is_met_within_one_percent_and_never_exceeded(tmp_path, tiny_
 def test_target_size_counts_the_whole_output(tmp_path, tiny_llama):
     plain = convert(tiny_llama, tmp_path / "int4", Settings(group_size=32)).manifest.totals["stored_bytes"]
     budget = int(plain * 0.9)
-    result = runner.invoke(app, ["model", str(tiny_llama), "-o", str(tmp_path / "out"), "--group-size", "32",
-                                 "--target-size", f"{budget}B", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "model",
+            str(tiny_llama),
+            "-o",
+            str(tmp_path / "out"),
+            "--group-size",
+            "32",
+            "--target-size",
+            f"{budget}B",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     stored = json.loads(result.stdout)["stored_bytes"]
     assert budget * 0.99 <= stored <= budget
@@ -44,23 +56,46 @@ def test_an_unreachable_budget_is_refused(tmp_path, tiny_llama):
 def test_greedy_on_convex_hulls_matches_brute_force():
     # Three tensors with convex error curves: the greedy choice must be the best that fits.
     curves = {
-        "a": [_Option((2, 32), 100, 50.0), _Option((3, 32), 150, 20.0), _Option((4, 32), 200, 8.0), _Option((8, 32), 400, 0.1)],
-        "b": [_Option((2, 32), 60, 9.0), _Option((3, 32), 90, 4.0), _Option((4, 32), 120, 2.0), _Option((8, 32), 240, 0.05)],
-        "c": [_Option((2, 32), 300, 400.0), _Option((3, 32), 450, 90.0), _Option((4, 32), 600, 30.0), _Option((8, 32), 1200, 1.0)],
+        "a": [
+            _Option((2, 32), 100, 50.0),
+            _Option((3, 32), 150, 20.0),
+            _Option((4, 32), 200, 8.0),
+            _Option((8, 32), 400, 0.1),
+        ],
+        "b": [
+            _Option((2, 32), 60, 9.0),
+            _Option((3, 32), 90, 4.0),
+            _Option((4, 32), 120, 2.0),
+            _Option((8, 32), 240, 0.05),
+        ],
+        "c": [
+            _Option((2, 32), 300, 400.0),
+            _Option((3, 32), 450, 90.0),
+            _Option((4, 32), 600, 30.0),
+            _Option((8, 32), 1200, 1.0),
+        ],
     }
     hulls = {name: _lower_hull(options) for name, options in curves.items()}
     for budget in (460, 600, 800, 1000, 1300, 1840):
         chosen = _choose(hulls, budget)
         spent = sum(next(o.bytes for o in curves[n] if o.grid == b) for n, b in chosen.items())
         error = sum(next(o.error for o in curves[n] if o.grid == b) for n, b in chosen.items())
-        best = min(sum(o.error for o in combo) for combo in itertools.product(*curves.values())
-                   if sum(o.bytes for o in combo) <= budget)
+        best = min(
+            sum(o.error for o in combo)
+            for combo in itertools.product(*curves.values())
+            if sum(o.bytes for o in combo) <= budget
+        )
         assert spent <= budget
         assert error <= best * 1.25  # greedy on hulls is optimal at hull vertices, close in between
 
 
 def test_lower_hull_drops_dominated_and_concave_points():
-    options = [_Option((2, 32), 100, 10.0), _Option((3, 32), 150, 9.5), _Option((4, 32), 200, 2.0), _Option((5, 32), 250, 2.5)]
+    options = [
+        _Option((2, 32), 100, 10.0),
+        _Option((3, 32), 150, 9.5),
+        _Option((4, 32), 200, 2.0),
+        _Option((5, 32), 250, 2.5),
+    ]
     assert [o.grid[0] for o in _lower_hull(options)] == [2, 4]
 
 
@@ -105,5 +140,7 @@ def test_calibration_weighs_the_budget_by_the_loss(tmp_path, tiny_lm):
     from qconvert.calibration.samples import CalibrationSettings
 
     calibration = CalibrationSettings(text=str(text), samples=2, seqlen=32)
-    manifest = convert(tiny_lm, tmp_path / "out", Settings(group_size=32, target_bpw=3.5, calibration=calibration)).manifest
+    manifest = convert(
+        tiny_lm, tmp_path / "out", Settings(group_size=32, target_bpw=3.5, calibration=calibration)
+    ).manifest
     assert 3.5 * 0.99 <= manifest.totals["quantized_bits_per_weight"] <= 3.5

@@ -55,8 +55,9 @@ def test_a_failed_job_stops_the_batch_unless_keep_going(tmp_path, tiny_llama):
     path = tmp_path / "jobs.toml"
     jobs_file(tmp_path, tiny_llama)
     # the failing job first, then the matrix
-    path.write_text('[defaults]\noutput_dir = "out"\n' + bad +
-                    f'\n[matrix]\nsources = ["{tiny_llama}"]\nrecipes = ["int4.toml"]\n')
+    path.write_text(
+        '[defaults]\noutput_dir = "out"\n' + bad + f'\n[matrix]\nsources = ["{tiny_llama}"]\nrecipes = ["int4.toml"]\n'
+    )
     stopped = runner.invoke(app, ["batch", str(path)])
     assert stopped.exit_code == 5
     rows = report(path)
@@ -80,8 +81,12 @@ def test_bad_batch_files_are_refused(tmp_path):
 
 def test_a_batch_killed_midway_resumes_where_it_stopped(tmp_path, tiny_llama):
     path = jobs_file(tmp_path, tiny_llama)
-    process = subprocess.Popen([sys.executable, "-m", "qconvert.cli", "batch", str(path)], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qconvert.cli", "batch", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     out = tmp_path / "out"
     deadline = time.monotonic() + 120
     # Kill the whole batch (and its running job) once the second job is writing its output.

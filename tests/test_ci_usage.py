@@ -20,8 +20,11 @@ def test_plan_predicts_the_measured_size_exactly_and_the_peak_memory_roughly(tmp
     planned = runner.invoke(app, ["plan", str(source), *options, "--json"])
     assert planned.exit_code == 0, planned.output
     predicted = json.loads(planned.stdout)["prediction"]
-    result = subprocess.run([sys.executable, "-m", "qconvert.cli", "model", str(source), *options, "-o", str(tmp_path / "out"), "--json"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "qconvert.cli", "model", str(source), *options, "-o", str(tmp_path / "out"), "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     peak = json.loads(result.stdout)["peak_rss_bytes"]  # VmHWM: wait4's figure counts this pytest process too
     assert predicted["weights_bytes"] == json.loads(result.stdout)["stored_bytes"]
@@ -42,7 +45,9 @@ def test_model_refuses_to_start_when_the_plan_does_not_fit(tmp_path, tiny_llama,
 
 def test_events_stream_every_tensor_and_the_end(tmp_path, tiny_llama):
     events = tmp_path / "events.jsonl"
-    result = runner.invoke(app, ["model", str(tiny_llama), "-o", str(tmp_path / "out"), "--events", str(events), "--json"])
+    result = runner.invoke(
+        app, ["model", str(tiny_llama), "-o", str(tmp_path / "out"), "--events", str(events), "--json"]
+    )
     assert result.exit_code == 0, result.output
     json.loads(result.stdout)  # stdout is exactly the JSON summary
     lines = [json.loads(line) for line in events.read_text().splitlines()]
@@ -73,8 +78,16 @@ def test_verify_gates_bits_per_weight_and_size(tmp_path, tiny_llama):
     assert runner.invoke(app, ["verify", str(out), "--max-size", "1KB"]).exit_code == 4
 
 
-@pytest.mark.parametrize("command", [["quantizers"], ["recipe", "check", "configs/int4-g64.toml"], ["plan", "{model}"],
-                                     ["inspect", "{model}"], ["verify", "{out}"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["quantizers"],
+        ["recipe", "check", "configs/int4-g64.toml"],
+        ["plan", "{model}"],
+        ["inspect", "{model}"],
+        ["verify", "{out}"],
+    ],
+)
 def test_every_command_prints_clean_json(tmp_path, tiny_llama, command):
     out = tmp_path / "out"
     assert runner.invoke(app, ["model", str(tiny_llama), "-o", str(out)]).exit_code == 0

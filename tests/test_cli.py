@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_tensors, write_checkpoint
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import tiny_tensors, write_checkpoint
 from qconvert.cli import app
 
 runner = CliRunner()
@@ -23,7 +23,9 @@ def assert_user_error(result, message):
 
 
 def test_model_json_summary(tiny_checkpoint, tmp_path):
-    result = run("model", tiny_checkpoint, "--bits", 8, "--group-size", 0, "--symmetric", "-o", tmp_path / "out", "--json")
+    result = run(
+        "model", tiny_checkpoint, "--bits", 8, "--group-size", 0, "--symmetric", "-o", tmp_path / "out", "--json"
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["layout"] == "compressed-tensors" and summary["output"] == str(tmp_path / "out")
@@ -39,7 +41,9 @@ def test_inspect_and_verify(tiny_checkpoint, tmp_path):
     assert "source BF16" in run("inspect", tiny_checkpoint).output  # plain checkpoints too
     folded = json.loads(run("inspect", tmp_path / "out", "--fold", "--json").stdout)["tensors"]
     down = next(r for r in folded if r["name"] == "model.layers.*.mlp.down_proj.weight")
-    assert down["count"] == 2 and down["bytes"] == 2 * next(r["bytes"] for r in rows["tensors"] if r["name"].endswith("0.mlp.down_proj.weight"))
+    assert down["count"] == 2 and down["bytes"] == 2 * next(
+        r["bytes"] for r in rows["tensors"] if r["name"].endswith("0.mlp.down_proj.weight")
+    )
     verified = run("verify", tmp_path / "out", "--json")
     assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"]
 
@@ -67,13 +71,16 @@ def test_unsupported_dtype(tmp_path):
     assert_user_error(run("model", source), "float32, float16 and bfloat16")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bits", 7], "--bits 7 is not supported"),
-    (["--group-size", -3], "--group-size -3 is negative"),
-    (["--include", "("], "not a valid regular expression"),
-    (["-q", "nope"], "unknown quantizer 'nope'"),
-    (["--max-shard-size", "lots"], "is not a size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", 7], "--bits 7 is not supported"),
+        (["--group-size", -3], "--group-size -3 is negative"),
+        (["--include", "("], "not a valid regular expression"),
+        (["-q", "nope"], "unknown quantizer 'nope'"),
+        (["--max-shard-size", "lots"], "is not a size"),
+    ],
+)
 def test_bad_settings(tiny_checkpoint, args, message):
     assert_user_error(run("model", tiny_checkpoint, *args), message)
 
@@ -112,7 +119,9 @@ def test_internal_errors_exit_1_with_traceback(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(qconvert.conversion, "convert", bug)
     result = run("model", tiny_checkpoint)
     assert result.exit_code == 1
-    assert "Traceback" in result.output and "RuntimeError: a bug" in result.output and "please report it" in result.output
+    assert (
+        "Traceback" in result.output and "RuntimeError: a bug" in result.output and "please report it" in result.output
+    )
 
 
 def test_single_file_source(tmp_path):

@@ -21,11 +21,22 @@ def _check(path, runtime):
 
 @pytest.fixture(scope="module")
 def int4_output(tmp_path_factory, tiny_lm):
-    return convert(tiny_lm, tmp_path_factory.mktemp("check") / "int4", Settings(bits=4, group_size=32, symmetric=True)).output
+    return convert(
+        tiny_lm, tmp_path_factory.mktemp("check") / "int4", Settings(bits=4, group_size=32, symmetric=True)
+    ).output
 
 
-@pytest.mark.parametrize("target, runtime", [(None, "transformers"), (None, "vllm"), ("mlx", "mlx"), ("gptq", "vllm"),
-                                             ("gguf", "llama.cpp"), ("gguf", "transformers")])
+@pytest.mark.parametrize(
+    "target, runtime",
+    [
+        (None, "transformers"),
+        (None, "vllm"),
+        ("mlx", "mlx"),
+        ("gptq", "vllm"),
+        ("gguf", "llama.cpp"),
+        ("gguf", "transformers"),
+    ],
+)
 def test_every_export_passes_the_check_of_the_runtime_it_is_for(int4_output, tmp_path, target, runtime):
     path = export(int4_output, target, tmp_path / f"out.{target}").destination if target else int4_output
     code, report = _check(path, runtime)
@@ -59,9 +70,16 @@ def test_native_layout_is_refused_for_transformers(tmp_path, tiny_lm):
 
 def test_vllm_needs_one_scheme_for_the_projections_it_fuses(tmp_path, tiny_lm):
     recipe = tmp_path / "v8.toml"
-    recipe.write_text('[defaults]\nbits = 4\ngroup_size = 32\nsymmetric = true\n\n[[rules]]\nmatch = "v_proj"\nbits = 8\n')
+    recipe.write_text(
+        '[defaults]\nbits = 4\ngroup_size = 32\nsymmetric = true\n\n[[rules]]\nmatch = "v_proj"\nbits = 8\n'
+    )
     out = tmp_path / "mixed"
-    assert runner.invoke(app, ["model", str(tiny_lm), "-o", str(out), "--recipe", str(recipe), "--layout", "compressed-tensors"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["model", str(tiny_lm), "-o", str(out), "--recipe", str(recipe), "--layout", "compressed-tensors"]
+        ).exit_code
+        == 0
+    )
     code, report = _check(out, "vllm")
     assert code == 3
     fused = [p for p in report["problems"] if "fuses" in p["message"]]
@@ -90,4 +108,7 @@ def test_a_damaged_gptq_tensor_is_named(int4_output, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     code, report = _check(folder, "transformers")
     assert code == 3
-    assert {p["tensor"] for p in report["problems"]} == {"model.layers.1.mlp.up_proj.qweight", "model.layers.0.mlp.down_proj.scales"}
+    assert {p["tensor"] for p in report["problems"]} == {
+        "model.layers.1.mlp.up_proj.qweight",
+        "model.layers.0.mlp.down_proj.scales",
+    }

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_tensors, write_checkpoint
 from safetensors import safe_open
 
 import qconvert
-from conftest import tiny_tensors, write_checkpoint
 from qconvert import Settings, convert, load
 from qconvert.errors import SchemeError
 from qconvert.quantizers import dequantize, get
@@ -41,14 +41,23 @@ def test_manifest_describes_every_tensor(tiny_checkpoint, tmp_path):
                 assert stored["bytes"] == data.size
     by_name = {t["name"]: t for t in manifest["tensors"]}
     q = by_name["model.layers.0.self_attn.q_proj.weight"]
-    assert (q["action"], q["bits"], q["group_size"], q["symmetric"], q["quantizer"]) == ("quantized", 4, 64, False, "rtn")
+    assert (q["action"], q["bits"], q["group_size"], q["symmetric"], q["quantizer"]) == (
+        "quantized",
+        4,
+        64,
+        False,
+        "rtn",
+    )
     assert q["source_dtype"] == "BF16" and q["shape"] == [64, 64] and 0 < q["relative_mse"] < 0.05
     assert by_name["model.embed_tokens.weight"]["action"] == "kept"
     assert by_name["model.norm.weight"]["reason"].startswith("1-D")
     # per row of 64 weights: 32 bytes of 4-bit codes, a float16 scale, a 4-bit zero point padded to a byte
     assert sum(s["bytes"] for s in q["stored"].values()) == 64 * (32 + 2 + 1)
     assert 4 + 16 / 64 + 4 / 64 <= manifest["totals"]["quantized_bits_per_weight"] <= 4 + 16 / 64 + 8 / 64
-    assert manifest["source"]["sha256"]["model.safetensors"] == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        manifest["source"]["sha256"]["model.safetensors"]
+        == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    )
     assert manifest["settings"]["bits"] == 4 and manifest["schema_version"] == 1
 
 
@@ -136,5 +145,7 @@ def test_config_gets_a_quantization_config(tiny_checkpoint, tmp_path):
     config = json.loads((convert(tiny_checkpoint, tmp_path / "out").output / "config.json").read_text())
     assert config["model_type"] == "llama"
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    native = json.loads((convert(tiny_checkpoint, tmp_path / "n", Settings(layout="native")).output / "config.json").read_text())
+    native = json.loads(
+        (convert(tiny_checkpoint, tmp_path / "n", Settings(layout="native")).output / "config.json").read_text()
+    )
     assert native["quantization_config"]["layout"] == "native" and "quant_method" not in native["quantization_config"]

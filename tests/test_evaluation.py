@@ -43,7 +43,11 @@ def test_kernel_paths_stay_close_and_memory_shrinks_with_bits(tiny_lm, tmp_path)
     float_result = evaluate(tiny_lm, TEXT, small_settings())
     results = {}
     for bits in (8, 4):
-        out = convert(tiny_lm, tmp_path / f"int{bits}", Settings(bits=bits, group_size=0 if bits == 8 else 32, symmetric=bits == 8)).output
+        out = convert(
+            tiny_lm,
+            tmp_path / f"int{bits}",
+            Settings(bits=bits, group_size=0 if bits == 8 else 32, symmetric=bits == 8),
+        ).output
         kinds = {m.kernel for m in build_quantized_model(out).modules() if isinstance(m, QuantizedLinear)}
         assert kinds == {f"int{bits}"}
         results[bits] = evaluate(out, TEXT, small_settings(), baseline=tiny_lm)
@@ -54,9 +58,18 @@ def test_kernel_paths_stay_close_and_memory_shrinks_with_bits(tiny_lm, tmp_path)
     assert results[8].baseline["top1_agreement"] > 0.9
 
 
-@pytest.mark.parametrize("config", [QuantConfig(8, 0, True), QuantConfig(8, 0, False), QuantConfig(4, 64, False),
-                                    QuantConfig(4, 32, True), QuantConfig(4, 128, False), QuantConfig(3, 64, False),
-                                    QuantConfig(2, 16, True)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 0, True),
+        QuantConfig(8, 0, False),
+        QuantConfig(4, 64, False),
+        QuantConfig(4, 32, True),
+        QuantConfig(4, 128, False),
+        QuantConfig(3, 64, False),
+        QuantConfig(2, 16, True),
+    ],
+)
 @pytest.mark.parametrize("rows", [1, 40])
 def test_quantized_linear_matches_dequantize_then_matmul(config, rows):
     torch.manual_seed(0)
@@ -76,8 +89,21 @@ def test_cli_eval_json_and_quality_gate(tiny_lm, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "out"
-    assert runner.invoke(app, ["model", str(tiny_lm), "-o", str(out), "--bits", "2", "--group-size", "32"]).exit_code == 0
-    common = ["--text", str(text), "--ctx", "64", "--max-tokens", "128", "--decode-tokens", "2", "--baseline", str(tiny_lm)]
+    assert (
+        runner.invoke(app, ["model", str(tiny_lm), "-o", str(out), "--bits", "2", "--group-size", "32"]).exit_code == 0
+    )
+    common = [
+        "--text",
+        str(text),
+        "--ctx",
+        "64",
+        "--max-tokens",
+        "128",
+        "--decode-tokens",
+        "2",
+        "--baseline",
+        str(tiny_lm),
+    ]
     ok = runner.invoke(app, ["eval", str(out), *common, "--json"])
     assert ok.exit_code == 0, ok.output
     result = json.loads(ok.stdout)

@@ -13,8 +13,10 @@ runner = CliRunner()
 torch.set_grad_enabled(False)
 
 
-@pytest.mark.parametrize("bits, symmetric, gguf_type, kind", [(4, True, "Q4_0", "exact"), (8, True, "Q8_0", "exact"),
-                                                               (4, False, "Q4_1", "repacked")])
+@pytest.mark.parametrize(
+    "bits, symmetric, gguf_type, kind",
+    [(4, True, "Q4_0", "exact"), (8, True, "Q8_0", "exact"), (4, False, "Q4_1", "repacked")],
+)
 def test_gguf_export_loads_in_transformers_with_qconvert_s_weights(tmp_path, tiny_lm, bits, symmetric, gguf_type, kind):
     import gguf
     from transformers import AutoModelForCausalLM
@@ -49,6 +51,8 @@ def test_other_grids_are_requantized_and_reported(tmp_path, tiny_lm):
 
 
 def test_gguf_export_refuses_an_encoder(tmp_path, real_models):
-    out = convert(real_models / "all-minilm-l6-v2", tmp_path / "out", Settings(bits=8, group_size=0, symmetric=True)).output
+    out = convert(
+        real_models / "all-minilm-l6-v2", tmp_path / "out", Settings(bits=8, group_size=0, symmetric=True)
+    ).output
     result = runner.invoke(app, ["export", str(out), "--to", "gguf"])
     assert result.exit_code == 7 and "Llama-family" in result.stderr

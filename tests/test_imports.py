@@ -73,7 +73,7 @@ def _write_awq(original, folder):
         words = torch.zeros(rows, columns // 8, dtype=torch.int64)
         for i, column in enumerate(AWQ_ORDER):
             words |= values[:, column::8].to(torch.int64) << (4 * i)
-        return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
     for record, stored in iter_records(original, manifest):
         if record.action != "quantized":
@@ -86,7 +86,13 @@ def _write_awq(original, folder):
         tensors[f"{module}.scales"] = q.scales.t().contiguous()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((original / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
+    config["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 32,
+        "version": "gemm",
+        "zero_point": True,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(original / name, folder / name)

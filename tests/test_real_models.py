@@ -45,7 +45,9 @@ def perplexity(logits, ids):
 
 
 @pytest.mark.parametrize("symmetric, max_ppl_ratio", [(False, 1.45), (True, 1.8)])
-def test_smollm2_int4_loads_in_transformers_and_matches(smollm2, tmp_path, eval_windows, float_logits, symmetric, max_ppl_ratio):
+def test_smollm2_int4_loads_in_transformers_and_matches(
+    smollm2, tmp_path, eval_windows, float_logits, symmetric, max_ppl_ratio
+):
     from transformers import AutoModelForCausalLM
 
     result = convert(smollm2, tmp_path / "out", Settings(bits=4, group_size=64, symmetric=symmetric))
@@ -80,7 +82,10 @@ def test_smollm2_8_bit_is_nearly_lossless(smollm2, tmp_path, eval_windows, float
     # Symmetric grids use all 256 codes (scale = absmax / 127.5), so a row's extreme weight is up to
     # half a step off: measured +1.2% on these windows (absmax / 127 gave +0.2%, but int4 g64 lost 8%).
     assert perplexity(logits, eval_windows) < 1.015 * perplexity(float_logits, eval_windows)
-    assert result.output.joinpath("tokenizer.json").is_file() and result.output.joinpath("generation_config.json").is_file()
+    assert (
+        result.output.joinpath("tokenizer.json").is_file()
+        and result.output.joinpath("generation_config.json").is_file()
+    )
 
 
 @pytest.mark.parametrize("bits, group_size, min_cosine", [(8, 0, 0.999), (4, 32, 0.95)])
@@ -94,7 +99,9 @@ def test_minilm_embeddings_survive(real_models, tmp_path, bits, group_size, min_
     assert by_name["encoder.layer.0.attention.self.query.weight"].action == "quantized"
     assert by_name["embeddings.position_ids"].action == "kept"
     tokenizer = AutoTokenizer.from_pretrained(source)
-    batch = tokenizer(["The cat sits on the mat.", "Quantization maps floats to small integers."], return_tensors="pt", padding=True)
+    batch = tokenizer(
+        ["The cat sits on the mat.", "Quantization maps floats to small integers."], return_tensors="pt", padding=True
+    )
 
     def embed(model):
         hidden = model(**batch).last_hidden_state
@@ -114,8 +121,14 @@ def test_smollm2_mixed_recipe_quantizes_the_tied_embedding_once(smollm2, tmp_pat
     result = convert(smollm2, tmp_path / "out", build_settings(recipe, {}, {}))
     by_name = {t.name: t for t in result.manifest.tensors}
     embedding = by_name["model.embed_tokens.weight"]
-    assert (embedding.action, embedding.bits) == ("quantized", 8) and "lm_head.weight" not in by_name  # tied: one tensor
-    assert by_name["model.layers.3.self_attn.v_proj.weight"].bits == 6 and by_name["model.layers.3.mlp.down_proj.weight"].bits == 5
+    assert (embedding.action, embedding.bits) == (
+        "quantized",
+        8,
+    ) and "lm_head.weight" not in by_name  # tied: one tensor
+    assert (
+        by_name["model.layers.3.self_attn.v_proj.weight"].bits == 6
+        and by_name["model.layers.3.mlp.down_proj.weight"].bits == 5
+    )
     # transformers cannot load quantized embeddings from compressed-tensors, so the output is native
     assert result.manifest.layout == "native" and verify_output(result.output)[0] == []
     model = qconvert.load_model(result.output)
@@ -127,7 +140,9 @@ def test_smollm2_mixed_recipe_quantizes_the_tied_embedding_once(smollm2, tmp_pat
 def test_smollm2_symmetric_mixed_bits_load_in_transformers(smollm2, tmp_path, eval_windows):
     from transformers import AutoModelForCausalLM
 
-    settings = Settings(bits=4, group_size=64, symmetric=True, rules=load_rules(tmp_path, "[[rules]]\nmatch = 'v_proj'\nbits = 8\n"))
+    settings = Settings(
+        bits=4, group_size=64, symmetric=True, rules=load_rules(tmp_path, "[[rules]]\nmatch = 'v_proj'\nbits = 8\n")
+    )
     result = convert(smollm2, tmp_path / "out", settings)
     assert result.manifest.layout == "compressed-tensors"
     theirs = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32)(eval_windows).logits

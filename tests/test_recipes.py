@@ -53,19 +53,26 @@ def test_every_shipped_recipe_is_valid():
         assert json.loads(result.stdout)["sha256"]
 
 
-@pytest.mark.parametrize("text, line, words", [
-    ("[defaults]\nbits = 4\nbitz = 3\n", 3, "unknown key `bitz`"),
-    ("[defaults]\nbits = 7\n", 2, "bits = 7 is not supported"),
-    ("[defaults]\nbits = \"4\"\n", 2, "`bits` must be an integer"),
-    ("[defaults]\ngroup_size = -1\n", 2, "group_size must be 0"),
-    ("[defaults]\nquantizer = \"magic\"\n", 2, "no quantizer named 'magic'"),
-    ("[defaults]\nbits = 4\n\n[[rules]]\nmatch = 'a'\n\n[[rules]]\nmatch = '(unclosed'\n", 8, "not a valid regular expression"),
-    ("[[rules]]\nmatch = 'a'\nkeep = true\nbits = 4\n", 4, "takes no scheme keys"),
-    ("[[rules]]\nbits = 4\n", 1, "has no `match`"),
-    ("[extras]\nx = 1\n", 1, "unknown section [extras]"),
-    ("[calibration]\nsamples = 0\n", 2, "samples must be positive"),
-    ("[defaults]\nbits = = 4\n", 2, "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ("[defaults]\nbits = 4\nbitz = 3\n", 3, "unknown key `bitz`"),
+        ("[defaults]\nbits = 7\n", 2, "bits = 7 is not supported"),
+        ('[defaults]\nbits = "4"\n', 2, "`bits` must be an integer"),
+        ("[defaults]\ngroup_size = -1\n", 2, "group_size must be 0"),
+        ('[defaults]\nquantizer = "magic"\n', 2, "no quantizer named 'magic'"),
+        (
+            "[defaults]\nbits = 4\n\n[[rules]]\nmatch = 'a'\n\n[[rules]]\nmatch = '(unclosed'\n",
+            8,
+            "not a valid regular expression",
+        ),
+        ("[[rules]]\nmatch = 'a'\nkeep = true\nbits = 4\n", 4, "takes no scheme keys"),
+        ("[[rules]]\nbits = 4\n", 1, "has no `match`"),
+        ("[extras]\nx = 1\n", 1, "unknown section [extras]"),
+        ("[calibration]\nsamples = 0\n", 2, "samples must be positive"),
+        ("[defaults]\nbits = = 4\n", 2, "not valid TOML"),
+    ],
+)
 def test_bad_recipes_are_refused_with_file_line_and_reason(tmp_path, text, line, words):
     path = write(tmp_path, text)
     with pytest.raises(SchemeError) as caught:
@@ -101,8 +108,22 @@ def test_first_matching_rule_wins_and_the_manifest_names_it(tmp_path, tiny_check
 def test_flags_override_the_recipe_defaults_and_exclude_beats_its_rules(tmp_path, tiny_checkpoint):
     path = write(tmp_path, MIXED)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["model", str(tiny_checkpoint), "--recipe", str(path), "--bits", "3",
-                                 "--exclude", "embed_tokens", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "model",
+            str(tiny_checkpoint),
+            "--recipe",
+            str(path),
+            "--bits",
+            "3",
+            "--exclude",
+            "embed_tokens",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     by_name = {t["name"]: t for t in json.loads((out / "qconvert.json").read_text())["tensors"]}
     assert by_name["model.layers.0.self_attn.q_proj.weight"]["bits"] == 3  # flag beats [defaults]
@@ -119,8 +140,9 @@ def test_recipe_check_shows_exactly_what_conversion_then_does(tmp_path, tiny_che
     manifest = convert(tiny_checkpoint, tmp_path / "out", build_settings(load_recipe(path), {}, {})).manifest
     from qconvert.inspection import scheme_label
 
-    assert [(r["name"], r["scheme"], r["reason"], r["bytes"]) for r in predicted["tensors"]] == \
-        [(t.name, scheme_label(t), t.reason, t.stored_bytes) for t in manifest.tensors]
+    assert [(r["name"], r["scheme"], r["reason"], r["bytes"]) for r in predicted["tensors"]] == [
+        (t.name, scheme_label(t), t.reason, t.stored_bytes) for t in manifest.tensors
+    ]
     for key in ("stored_bytes", "quantized_bits_per_weight", "bits_per_weight"):
         assert predicted["totals"][key] == manifest.totals[key]
 

@@ -43,8 +43,18 @@ def save_tiny(folder, config, model_class, tokenizer_from=None, biases=False):
 def llama_config(**overrides):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**{"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                          "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 256, **overrides})
+    return LlamaConfig(
+        **{
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 49152,
+            "max_position_embeddings": 256,
+            **overrides,
+        }
+    )
 
 
 def leftovers(folder, keep=()):
@@ -75,16 +85,30 @@ def moe_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("moe")
     common = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     return {
-        "qwen3moe": save_tiny(folder / "qwen3moe", Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64,
-                                                                  num_experts=4, num_experts_per_tok=2, head_dim=16),
-                              Qwen3MoeForCausalLM),
-        "mixtral": save_tiny(folder / "mixtral", MixtralConfig(**common, intermediate_size=64, num_local_experts=4,
-                                                               num_experts_per_tok=2), MixtralForCausalLM),
+        "qwen3moe": save_tiny(
+            folder / "qwen3moe",
+            Qwen3MoeConfig(
+                **common,
+                intermediate_size=128,
+                moe_intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+                head_dim=16,
+            ),
+            Qwen3MoeForCausalLM,
+        ),
+        "mixtral": save_tiny(
+            folder / "mixtral",
+            MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+            MixtralForCausalLM,
+        ),
     }
 
 
-@pytest.mark.parametrize("name, router", [("qwen3moe", "model.layers.0.mlp.gate.weight"),
-                                          ("mixtral", "model.layers.0.block_sparse_moe.gate.weight")])
+@pytest.mark.parametrize(
+    "name, router",
+    [("qwen3moe", "model.layers.0.mlp.gate.weight"), ("mixtral", "model.layers.0.block_sparse_moe.gate.weight")],
+)
 def test_moe_router_stays_float_and_the_runtime_matches_qconvert(moe_models, tmp_path, name, router):
     out = convert(moe_models[name], tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True)).output
     records = {r.name: r for r in qconvert.manifest.read_manifest(out).tensors}
@@ -110,7 +134,9 @@ def test_a_quantized_router_is_caught_by_check_and_never_published(moe_models, t
     refused = run("model", source, "-o", tmp_path / "out", "--symmetric", "--group-size", "32")
     assert refused.exit_code == 3 and "mlp.gate.weight: missing" in refused.output, refused.output
     assert leftovers(tmp_path) == []
-    assert run("model", source, "-o", tmp_path / "out", "--symmetric", "--group-size", "32", "--no-check").exit_code == 0
+    assert (
+        run("model", source, "-o", tmp_path / "out", "--symmetric", "--group-size", "32", "--no-check").exit_code == 0
+    )
     monkeypatch.undo()
     checked = run("check", tmp_path / "out", "--runtime", "transformers", "--json")
     assert checked.exit_code == 3
@@ -124,8 +150,11 @@ def test_a_quantized_router_is_caught_by_check_and_never_published(moe_models, t
 def gpt2(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return save_tiny(tmp_path_factory.mktemp("gpt2") / "gpt2",
-                     GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64), GPT2LMHeadModel)
+    return save_tiny(
+        tmp_path_factory.mktemp("gpt2") / "gpt2",
+        GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64),
+        GPT2LMHeadModel,
+    )
 
 
 def test_gpt2_conv1d_is_refused_in_one_sentence(gpt2, tmp_path):
@@ -154,8 +183,12 @@ def test_gpt2_named_like_linears_would_be_caught_before_publishing(gpt2, tmp_pat
 def llama344(tmp_path_factory, real_models):
     from transformers import LlamaForCausalLM
 
-    return save_tiny(tmp_path_factory.mktemp("l344") / "l344", llama_config(intermediate_size=344), LlamaForCausalLM,
-                     tokenizer_from=real_models / "smollm2-135m")
+    return save_tiny(
+        tmp_path_factory.mktemp("l344") / "l344",
+        llama_config(intermediate_size=344),
+        LlamaForCausalLM,
+        tokenizer_from=real_models / "smollm2-135m",
+    )
 
 
 def test_partial_groups_native_output_is_refused_by_transformers_and_check(llama344, tmp_path):
@@ -203,14 +236,24 @@ def test_gguf_permutes_q_and_k_biases_like_their_rows(tmp_path, real_models):
     from transformers import LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    source = save_tiny(tmp_path / "bias", llama_config(attention_bias=True), LlamaForCausalLM,
-                       tokenizer_from=real_models / "smollm2-135m", biases=True)
+    source = save_tiny(
+        tmp_path / "bias",
+        llama_config(attention_bias=True),
+        LlamaForCausalLM,
+        tokenizer_from=real_models / "smollm2-135m",
+        biases=True,
+    )
     out = convert(source, tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True)).output
     assert run("export", out, "--to", "gguf").exit_code == 0
     tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors}
     ours = qconvert.load(out, torch.float32)
-    processor = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})  # llama.cpp's order, undone
-    for block_name, module in [("blk.0.attn_q", "model.layers.0.self_attn.q_proj"), ("blk.1.attn_k", "model.layers.1.self_attn.k_proj")]:
+    processor = LlamaTensorProcessor(
+        config={"num_attention_heads": 4, "num_key_value_heads": 2}
+    )  # llama.cpp's order, undone
+    for block_name, module in [
+        ("blk.0.attn_q", "model.layers.0.self_attn.q_proj"),
+        ("blk.1.attn_k", "model.layers.1.self_attn.k_proj"),
+    ]:
         for kind in ("weight", "bias"):
             t = tensors[f"{block_name}.{kind}"]
             values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours[f"{module}.{kind}"].shape)
@@ -224,18 +267,34 @@ def test_gguf_permutes_q_and_k_biases_like_their_rows(tmp_path, real_models):
 def test_awq_folds_into_gemma_norms_exactly(tmp_path, real_models):
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    source = save_tiny(tmp_path / "gemma", GemmaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                                       vocab_size=49152), GemmaForCausalLM,
-                       tokenizer_from=real_models / "smollm2-135m")
+    source = save_tiny(
+        tmp_path / "gemma",
+        GemmaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=49152,
+        ),
+        GemmaForCausalLM,
+        tokenizer_from=real_models / "smollm2-135m",
+    )
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     reference = runtime_logits(source)
     errors = {}
     for quantizer in ("rtn", "awq"):
-        settings = Settings(quantizer=quantizer, bits=8, group_size=32, layout="native",
-                            calibration=qconvert.calibration.samples.CalibrationSettings(text=str(text), samples=4, seqlen=64)
-                            if quantizer == "awq" else None)
+        settings = Settings(
+            quantizer=quantizer,
+            bits=8,
+            group_size=32,
+            layout="native",
+            calibration=qconvert.calibration.samples.CalibrationSettings(text=str(text), samples=4, seqlen=64)
+            if quantizer == "awq"
+            else None,
+        )
         out = convert(source, tmp_path / quantizer, settings).output
         errors[quantizer] = float((qconvert_logits(out) - reference).abs().max())
     assert errors["awq"] < 3 * errors["rtn"], errors  # was 45x before the fold respected 1 + w
@@ -250,7 +309,7 @@ def test_a_norm_that_is_neither_w_nor_one_plus_w_is_refused():
             self.weight = torch.nn.Parameter(torch.ones(8))
 
         def forward(self, x):
-            return x * self.weight ** 2 + x
+            return x * self.weight**2 + x
 
     with pytest.raises(UnsupportedModelError, match="SquaredNorm"):
         norm_offset(SquaredNorm(), "model.layers.0.input_layernorm")
@@ -269,8 +328,14 @@ def sharded(tmp_path, weight_map=None, config=None):
     folder.mkdir()
     save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(64, 64)}, folder / "a.safetensors")
     save_file({"model.layers.0.mlp.down_proj.weight": torch.randn(64, 64)}, folder / "b.safetensors")
-    index = {"metadata": {}, "weight_map": weight_map or {"model.layers.0.mlp.up_proj.weight": "a.safetensors",
-                                                          "model.layers.0.mlp.down_proj.weight": "b.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": weight_map
+        or {
+            "model.layers.0.mlp.up_proj.weight": "a.safetensors",
+            "model.layers.0.mlp.down_proj.weight": "b.safetensors",
+        },
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     if config is not None:
         (folder / "config.json").write_bytes(config)
@@ -285,9 +350,13 @@ def assert_sentence(result, code, *fragments):
 
 
 def test_an_index_naming_a_tensor_its_shard_lacks_is_refused(tmp_path):
-    folder = sharded(tmp_path, {"model.layers.0.mlp.up_proj.weight": "a.safetensors",
-                                "model.layers.0.mlp.down_proj.weight": "a.safetensors"})
-    assert_sentence(run("model", folder, "-o", tmp_path / "out"), 2, "model.layers.0.mlp.down_proj.weight", "a.safetensors")
+    folder = sharded(
+        tmp_path,
+        {"model.layers.0.mlp.up_proj.weight": "a.safetensors", "model.layers.0.mlp.down_proj.weight": "a.safetensors"},
+    )
+    assert_sentence(
+        run("model", folder, "-o", tmp_path / "out"), 2, "model.layers.0.mlp.down_proj.weight", "a.safetensors"
+    )
     assert leftovers(tmp_path, keep={"sharded"}) == []
 
 
@@ -320,11 +389,21 @@ def test_a_negative_shape_is_one_sentence(tmp_path):
 def test_empty_weights_are_kept_and_the_rest_converts(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
-    save_file({"model.layers.0.a.weight": torch.zeros(0, 64), "model.layers.0.b.weight": torch.zeros(64, 0),
-               "model.layers.0.c.weight": torch.randn(64, 64)}, folder / "model.safetensors")
+    save_file(
+        {
+            "model.layers.0.a.weight": torch.zeros(0, 64),
+            "model.layers.0.b.weight": torch.zeros(64, 0),
+            "model.layers.0.c.weight": torch.randn(64, 64),
+        },
+        folder / "model.safetensors",
+    )
     out = convert(folder, tmp_path / "out").output
     actions = {r.name: r.action for r in qconvert.manifest.read_manifest(out).tensors}
-    assert actions == {"model.layers.0.a.weight": "kept", "model.layers.0.b.weight": "kept", "model.layers.0.c.weight": "quantized"}
+    assert actions == {
+        "model.layers.0.a.weight": "kept",
+        "model.layers.0.b.weight": "kept",
+        "model.layers.0.c.weight": "quantized",
+    }
     assert run("verify", out).exit_code == 0
 
 
@@ -342,8 +421,9 @@ def one_weight(tmp_path, weight, name="model.layers.0.mlp.up_proj.weight", extra
 def test_scales_float16_cannot_hold_are_refused_and_bfloat16_holds_them(tmp_path, magnitude):
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * magnitude
     source = one_weight(tmp_path, weight)
-    assert_sentence(run("model", source, "-o", tmp_path / "out"), 2, "model.layers.0.mlp.up_proj.weight",
-                    "--scale-dtype bfloat16")
+    assert_sentence(
+        run("model", source, "-o", tmp_path / "out"), 2, "model.layers.0.mlp.up_proj.weight", "--scale-dtype bfloat16"
+    )
     assert leftovers(tmp_path, keep={"src"}) == []
     out = convert(source, tmp_path / "out", Settings(scale_dtype="bfloat16")).output
     restored = qconvert.load(out, torch.float32)["model.layers.0.mlp.up_proj.weight"]
@@ -359,14 +439,21 @@ def test_a_weight_near_float32_max_is_refused_or_held_and_no_nan_reaches_a_manif
     manifest = json.loads((tmp_path / "out" / "qconvert.json").read_text())
     assert all(t["relative_mse"] is None or t["relative_mse"] >= 0 for t in manifest["tensors"])
     weight[3, 6] = -3e38  # the group's range overflows float32 itself
-    assert_sentence(run("model", one_weight(tmp_path, weight), "-o", tmp_path / "o2", "--scale-dtype", "bfloat16"), 2,
-                    "too large")
+    assert_sentence(
+        run("model", one_weight(tmp_path, weight), "-o", tmp_path / "o2", "--scale-dtype", "bfloat16"), 2, "too large"
+    )
 
 
 def test_a_kept_tensor_cast_out_of_range_is_refused(tmp_path):
-    source = one_weight(tmp_path, torch.randn(64, 64), extra={"model.layers.0.input_layernorm.weight": torch.full((64,), 1e5)})
-    assert_sentence(run("model", source, "-o", tmp_path / "out", "--dtype", "float16"), 2,
-                    "model.layers.0.input_layernorm.weight", "float16")
+    source = one_weight(
+        tmp_path, torch.randn(64, 64), extra={"model.layers.0.input_layernorm.weight": torch.full((64,), 1e5)}
+    )
+    assert_sentence(
+        run("model", source, "-o", tmp_path / "out", "--dtype", "float16"),
+        2,
+        "model.layers.0.input_layernorm.weight",
+        "float16",
+    )
 
 
 # ---------------------------------------------------------------- 8, 18. nothing left behind; interruptions
@@ -381,8 +468,20 @@ def test_nan_under_calibration_names_the_tensor_and_leaves_nothing(tmp_path, tin
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     text = tmp_path / "calib.txt"
     text.write_text("Some calibration text about Python. " * 200)
-    result = run("model", source, "-o", tmp_path / "out", "-q", quantizer, "--calib", text, "--calib-samples", 2,
-                 "--calib-seqlen", 32)
+    result = run(
+        "model",
+        source,
+        "-o",
+        tmp_path / "out",
+        "-q",
+        quantizer,
+        "--calib",
+        text,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+    )
     assert_sentence(result, 2, "model.layers.1.self_attn.k_proj.weight", "NaN")
     assert leftovers(tmp_path, keep={"nan", "calib.txt"}) == []
 
@@ -402,7 +501,20 @@ def test_an_interrupted_calibration_keeps_finished_blocks_says_so_and_resumes(tm
         return real(quantizer, block, names, checkpoint)
 
     monkeypatch.setattr(pipeline, "_quantize_block", interrupted_at_second_block)
-    args = ["model", tiny_lm, "-o", tmp_path / "out", "-q", "gptq", "--calib", text, "--calib-samples", 2, "--calib-seqlen", 32]
+    args = [
+        "model",
+        tiny_lm,
+        "-o",
+        tmp_path / "out",
+        "-q",
+        "gptq",
+        "--calib",
+        text,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+    ]
     result = run(*args)
     store = tmp_path / ".out.qconvert-calibration"
     assert result.exit_code == 130 and "nothing was published" in result.output and str(store) in result.output
@@ -422,8 +534,22 @@ def test_an_interruption_before_any_block_leaves_nothing(tmp_path, tiny_lm, monk
     monkeypatch.setattr(pipeline, "_quantize_block", interrupted)
     text = tmp_path / "calib.txt"
     text.write_text("Some calibration text about Python. " * 200)
-    result = run("model", tiny_lm, "-o", tmp_path / "out.gguf", "--format", "gguf", "-q", "gptq", "--calib", text,
-                 "--calib-samples", 2, "--calib-seqlen", 32)
+    result = run(
+        "model",
+        tiny_lm,
+        "-o",
+        tmp_path / "out.gguf",
+        "--format",
+        "gguf",
+        "-q",
+        "gptq",
+        "--calib",
+        text,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+    )
     assert result.exit_code == 130
     assert leftovers(tmp_path, keep={"calib.txt"}) == []
 
@@ -469,7 +595,11 @@ def test_gptq_settings_only_in_quantize_config_json_are_read(tmp_path, tiny_lm):
     (gptq / "quantize_config.json").write_text(json.dumps(config.pop("quantization_config")))
     (gptq / "config.json").write_text(json.dumps(config))
     again = convert(gptq, tmp_path / "again", Settings(bits=4, group_size=32, symmetric=True)).output
-    assert all("repacked exactly" in r.reason for r in qconvert.manifest.read_manifest(again).tensors if r.action == "quantized")
+    assert all(
+        "repacked exactly" in r.reason
+        for r in qconvert.manifest.read_manifest(again).tensors
+        if r.action == "quantized"
+    )
     ours, theirs = qconvert.load(out), qconvert.load(again)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
@@ -603,12 +733,15 @@ def verified(tmp_path, tiny_llama):
     return out
 
 
-@pytest.mark.parametrize("edit", [
-    lambda t: t.update(group_size=16),
-    lambda t: t.update(symmetric=not t["symmetric"]),
-    lambda t: t.update(bits=8),
-    lambda t: t.update(action="kept"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.update(group_size=16),
+        lambda t: t.update(symmetric=not t["symmetric"]),
+        lambda t: t.update(bits=8),
+        lambda t: t.update(action="kept"),
+    ],
+)
 def test_verify_catches_an_edited_scheme_in_either_manifest_copy(verified, edit):
     path = verified / "qconvert.json"
     manifest = json.loads(path.read_text())
@@ -624,13 +757,13 @@ def test_verify_catches_an_edited_embedded_manifest(verified):
     path = verified / "model.safetensors"
     data = bytearray(path.read_bytes())
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     embedded = json.loads(header["__metadata__"]["qconvert"])
     embedded["tensors"][2]["bits"] = 8
     header["__metadata__"]["qconvert"] = json.dumps(embedded, sort_keys=True, indent=1)
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= length
-    data[8:8 + length] = text + b" " * (length - len(text))
+    data[8 : 8 + length] = text + b" " * (length - len(text))
     path.write_bytes(bytes(data))
     result = run("verify", verified)
     assert result.exit_code == 3 and "differs from qconvert.json" in result.output
@@ -659,25 +792,48 @@ def _architectures():
         "llama": (T.LlamaConfig(**common, intermediate_size=128), T.LlamaForCausalLM),
         "qwen2": (T.Qwen2Config(**common, intermediate_size=128), T.Qwen2ForCausalLM),  # q/k/v biases
         "mistral": (T.MistralConfig(**common, intermediate_size=128), T.MistralForCausalLM),
-        "phi3": (T.Phi3Config(**common, intermediate_size=128, pad_token_id=0), T.Phi3ForCausalLM),  # fused qkv, gate_up
+        "phi3": (
+            T.Phi3Config(**common, intermediate_size=128, pad_token_id=0),
+            T.Phi3ForCausalLM,
+        ),  # fused qkv, gate_up
         "gemma": (T.GemmaConfig(**common, intermediate_size=128, head_dim=16), T.GemmaForCausalLM),
-        "bert": (T.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                              vocab_size=256), T.BertModel),
-        "llava": (T.LlavaConfig(text_config=T.LlamaConfig(**common, intermediate_size=128),
-                                vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                                 num_attention_heads=4, image_size=32, patch_size=8),
-                                image_token_index=255), T.LlavaForConditionalGeneration),
+        "bert": (
+            T.BertConfig(
+                num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=256
+            ),
+            T.BertModel,
+        ),
+        "llava": (
+            T.LlavaConfig(
+                text_config=T.LlamaConfig(**common, intermediate_size=128),
+                vision_config=T.CLIPVisionConfig(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    image_size=32,
+                    patch_size=8,
+                ),
+                image_token_index=255,
+            ),
+            T.LlavaForConditionalGeneration,
+        ),
     }
 
 
 @pytest.fixture(scope="module")
 def architectures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("architectures")
-    return {name: save_tiny(folder / name, config, cls, biases=name == "qwen2") for name, (config, cls) in _architectures().items()}
+    return {
+        name: save_tiny(folder / name, config, cls, biases=name == "qwen2")
+        for name, (config, cls) in _architectures().items()
+    }
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "phi3", "gemma", "bert", "llava"])
-@pytest.mark.parametrize("flags", [["--bits", "4", "--group-size", "32", "--symmetric"], ["--bits", "8", "--group-size", "0"]])
+@pytest.mark.parametrize(
+    "flags", [["--bits", "4", "--group-size", "32", "--symmetric"], ["--bits", "8", "--group-size", "0"]]
+)
 def test_every_architecture_loads_in_transformers_as_qconvert_reads_it(architectures, tmp_path, name, flags):
     out = tmp_path / "out"
     result = run("model", architectures[name], "-o", out, *flags, "--json")
@@ -749,8 +905,25 @@ def test_an_interrupted_format_export_keeps_its_scratch_store_and_resumes(tmp_pa
         return real(*args)
 
     monkeypatch.setattr(pipeline, "_quantize_block", interrupted_at_second_block)
-    args = ["model", tiny_lm, "-o", tmp_path / "m.gguf", "--format", "gguf", "-q", "gptq", "--symmetric",
-            "--group-size", "32", "--calib", text, "--calib-samples", 2, "--calib-seqlen", 32]
+    args = [
+        "model",
+        tiny_lm,
+        "-o",
+        tmp_path / "m.gguf",
+        "--format",
+        "gguf",
+        "-q",
+        "gptq",
+        "--symmetric",
+        "--group-size",
+        "32",
+        "--calib",
+        text,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+    ]
     assert run(*args).exit_code == 130
     scratch = tmp_path / ".m.gguf.qconvert-scratch"
     assert list(scratch.glob(".*.qconvert-calibration/block-00000.safetensors"))
@@ -767,8 +940,11 @@ def test_zero_points_of_a_single_word_are_kept_out_of_compressed_tensors(tmp_pat
     symmetric grid (no zero points) still loads in transformers."""
     from transformers import LlamaForCausalLM
 
-    source = save_tiny(tmp_path / "kv8", llama_config(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=1,
-                                                      head_dim=8, vocab_size=128), LlamaForCausalLM)
+    source = save_tiny(
+        tmp_path / "kv8",
+        llama_config(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=1, head_dim=8, vocab_size=128),
+        LlamaForCausalLM,
+    )
     assert convert(source, tmp_path / "asym", Settings(bits=4, group_size=32)).manifest.layout == "native"
     with pytest.raises(SchemeError, match="single word"):
         convert(source, tmp_path / "forced", Settings(bits=4, group_size=32, layout="compressed-tensors"))
@@ -783,7 +959,9 @@ def test_moe_experts_with_zero_points_go_native_and_symmetric_ones_load(moe_mode
     assert qconvert.manifest.read_manifest(asymmetric).layout == "native"
     assert run("check", asymmetric, "--runtime", "transformers").exit_code == 3
     with pytest.raises(SchemeError, match="MoE expert"):
-        convert(moe_models["mixtral"], tmp_path / "forced", Settings(bits=4, group_size=32, layout="compressed-tensors"))
+        convert(
+            moe_models["mixtral"], tmp_path / "forced", Settings(bits=4, group_size=32, layout="compressed-tensors")
+        )
 
 
 def test_shards_linked_from_elsewhere_are_read_like_the_hugging_face_cache(tmp_path):
@@ -795,9 +973,16 @@ def test_shards_linked_from_elsewhere_are_read_like_the_hugging_face_cache(tmp_p
     snapshot.mkdir(parents=True)
     (snapshot / "model-00001-of-00002.safetensors").symlink_to("../../blobs/aaa")
     (snapshot / "model-00002-of-00002.safetensors").symlink_to("../../blobs/bbb")
-    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "model.layers.0.mlp.up_proj.weight": "model-00001-of-00002.safetensors",
-        "model.layers.0.mlp.down_proj.weight": "model-00002-of-00002.safetensors"}}))
+    (snapshot / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "model.layers.0.mlp.up_proj.weight": "model-00001-of-00002.safetensors",
+                    "model.layers.0.mlp.down_proj.weight": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
     assert run("model", snapshot, "-o", tmp_path / "out").exit_code == 0
 
 
@@ -855,6 +1040,18 @@ def test_a_calibrated_scale_refusal_names_its_tensor(tmp_path, tiny_lm):
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     text = tmp_path / "calib.txt"
     text.write_text("Some calibration text about Python. " * 200)
-    result = run("model", source, "-o", tmp_path / "out", "-q", "gptq", "--calib", text, "--calib-samples", 2,
-                 "--calib-seqlen", 32)
+    result = run(
+        "model",
+        source,
+        "-o",
+        tmp_path / "out",
+        "-q",
+        "gptq",
+        "--calib",
+        text,
+        "--calib-samples",
+        2,
+        "--calib-seqlen",
+        32,
+    )
     assert_sentence(result, 2, "tensor model.layers.0.mlp.up_proj.weight needs scales")

@@ -1,17 +1,34 @@
 import json
 
 import pytest
+from test_evaluation import TEXT
 from typer.testing import CliRunner
 
 from qconvert.cli import app
-from test_evaluation import TEXT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def sweep(tiny_lm, report, text, *extra):
-    args = ["sweep", str(tiny_lm), "-o", str(report), "--bits", "8,4", "--group-size", "32", "--text", str(text),
-            "--ctx", "64", "--max-tokens", "128", "--decode-tokens", "2", *extra]
+    args = [
+        "sweep",
+        str(tiny_lm),
+        "-o",
+        str(report),
+        "--bits",
+        "8,4",
+        "--group-size",
+        "32",
+        "--text",
+        str(text),
+        "--ctx",
+        "64",
+        "--max-tokens",
+        "128",
+        "--decode-tokens",
+        "2",
+        *extra,
+    ]
     return CliRunner().invoke(app, args)
 
 

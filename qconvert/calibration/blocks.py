@@ -64,8 +64,10 @@ class DecoderBlocks:
         self.prefix, self.layers = _decoder_layers(self.model)
         missing = [n for n in self._block_tensor_names(0) if n not in checkpoint.tensors]
         if missing:
-            raise UnsupportedModelError(f"{checkpoint.source} does not use transformers' tensor names for "
-                              f"{type(self.model).__name__} (no {missing[0]}), so its blocks cannot be run.")
+            raise UnsupportedModelError(
+                f"{checkpoint.source} does not use transformers' tensor names for "
+                f"{type(self.model).__name__} (no {missing[0]}), so its blocks cannot be run."
+            )
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -101,7 +103,10 @@ class DecoderBlocks:
         block = self.layers[index]
         prefix = self.block_prefix(index)
         names = self._block_tensor_names(index)
-        state = {name[len(prefix):]: tensor.float() for name, tensor in self.checkpoint.iter_tensors(names, hash_on_the_way=False)}
+        state = {
+            name[len(prefix) :]: tensor.float()
+            for name, tensor in self.checkpoint.iter_tensors(names, hash_on_the_way=False)
+        }
         block.load_state_dict(state, strict=False, assign=True)
         return block.eval()
 
@@ -123,8 +128,10 @@ class DecoderBlocks:
             UnsupportedModelError: the model has no language-model head (e.g. an encoder).
         """
         if self.model.get_output_embeddings() is None:
-            raise UnsupportedModelError(f"{self.checkpoint.source} ({type(self.model).__name__}) has no language-model "
-                                        "head, so its loss cannot weigh the tensors.")
+            raise UnsupportedModelError(
+                f"{self.checkpoint.source} ({type(self.model).__name__}) has no language-model "
+                "head, so its loss cannot weigh the tensors."
+            )
         parent_name, _, attribute = self.prefix.rpartition(".")
         parent = self.model.get_submodule(parent_name)
         setattr(parent, attribute, torch.nn.ModuleList([_HandBack(hidden)]))
@@ -160,7 +167,9 @@ def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
 
     _quiet_transformers()
     if checkpoint.folder is None or checkpoint.config is None:
-        raise UnsupportedModelError(f"calibration runs the model, which needs config.json beside the weights; {checkpoint.source} has none.")
+        raise UnsupportedModelError(
+            f"calibration runs the model, which needs config.json beside the weights; {checkpoint.source} has none."
+        )
     architectures = checkpoint.config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     try:
@@ -173,8 +182,10 @@ def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (ValueError, KeyError, OSError, AttributeError) as exc:
         kind = ", ".join(architectures) or checkpoint.config.get("model_type", "model")
-        raise UnsupportedModelError(f"calibration runs the model block by block with transformers, which cannot build "
-                          f"{checkpoint.source} ({kind}): {str(exc).splitlines()[0]}") from exc
+        raise UnsupportedModelError(
+            f"calibration runs the model block by block with transformers, which cannot build "
+            f"{checkpoint.source} ({kind}): {str(exc).splitlines()[0]}"
+        ) from exc
     return model.eval()
 
 
@@ -184,4 +195,6 @@ def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return name, module
-    raise UnsupportedModelError(f"cannot find the {count} decoder blocks of {type(model).__name__}: no list of that many layers.")
+    raise UnsupportedModelError(
+        f"cannot find the {count} decoder blocks of {type(model).__name__}: no list of that many layers."
+    )

@@ -31,7 +31,9 @@ from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
 
 
-def loss_fisher(checkpoint: Checkpoint, names: list[str], settings: CalibrationSettings) -> Iterator[tuple[str, torch.Tensor]]:
+def loss_fisher(
+    checkpoint: Checkpoint, names: list[str], settings: CalibrationSettings
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, F) for every named weight, F shaped like the weight; head weights first, then the
     blocks from the last to the first. `settings.batch_size` is not used: every window is its own batch.
 
@@ -60,8 +62,10 @@ def _check_reachable(blocks: DecoderBlocks, names: list[str]) -> None:
     inside = blocks.prefix + "."
     for name in names:
         if not name.startswith(inside) and name not in head_names:
-            raise SchemeError(f"{name} lies outside the blocks and the output head, where --calib measures how much "
-                              "the loss cares about each weight: exclude it, or leave out --calib.")
+            raise SchemeError(
+                f"{name} lies outside the blocks and the output head, where --calib measures how much "
+                "the loss cares about each weight: exclude it, or leave out --calib."
+            )
 
 
 def _forward_saving_inputs(blocks: DecoderBlocks, inputs, scratch: Path) -> list[Path]:
@@ -78,8 +82,9 @@ def _forward_saving_inputs(blocks: DecoderBlocks, inputs, scratch: Path) -> list
 
 
 @torch.enable_grad()  # whatever the caller's grad mode: this is backpropagation
-def _head(blocks: DecoderBlocks, outputs: list[torch.Tensor], windows: torch.Tensor,
-          names: list[str]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def _head(
+    blocks: DecoderBlocks, outputs: list[torch.Tensor], windows: torch.Tensor, names: list[str]
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The loss's gradient with respect to the last block's outputs, per window, and the Fisher of any
     named weights in the head (a tied embedding counts through its use as the head)."""
     blocks.load_outside_blocks()
@@ -96,12 +101,20 @@ def _head(blocks: DecoderBlocks, outputs: list[torch.Tensor], windows: torch.Ten
 
 
 @torch.enable_grad()
-def _backward_through_block(blocks: DecoderBlocks, index: int, inputs: list[torch.Tensor], kwargs: list[dict],
-                            gradients: list[torch.Tensor], names: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def _backward_through_block(
+    blocks: DecoderBlocks,
+    index: int,
+    inputs: list[torch.Tensor],
+    kwargs: list[dict],
+    gradients: list[torch.Tensor],
+    names: list[str],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The Fisher of the block's named weights, and the loss's gradient with respect to its inputs."""
     prefix = blocks.block_prefix(index)
     module = blocks.load(index)
-    weights = {prefix + n: w for n, w in _trainable(module, [n[len(prefix):] for n in names if n.startswith(prefix)]).items()}
+    weights = {
+        prefix + n: w for n, w in _trainable(module, [n[len(prefix) :] for n in names if n.startswith(prefix)]).items()
+    }
     fisher = {name: torch.zeros_like(w) for name, w in weights.items()}
     below = []
     for hidden, arguments, gradient in zip(inputs, kwargs, gradients):
@@ -115,7 +128,9 @@ def _backward_through_block(blocks: DecoderBlocks, index: int, inputs: list[torc
     return fisher, below
 
 
-def _trainable(module: torch.nn.Module, names: list[str], outside_of: str | None = None) -> dict[str, torch.nn.Parameter]:
+def _trainable(
+    module: torch.nn.Module, names: list[str], outside_of: str | None = None
+) -> dict[str, torch.nn.Parameter]:
     """Let only the named parameters collect gradients; return them by name."""
     wanted = {}
     for name, parameter in module.named_parameters():

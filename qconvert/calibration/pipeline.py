@@ -22,8 +22,8 @@ from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
-from qconvert.quantizers.rtn import ScaleRangeError, check_scale_range
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize, relative_error
+from qconvert.quantizers.rtn import ScaleRangeError, check_scale_range
 
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
 BlockProgress = Callable[[str, int, int], None]
@@ -44,8 +44,14 @@ class CalibratedResults:
         return self.store.result(name, self.block_of[name])
 
 
-def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, configs: dict[str, QuantConfig],
-              settings: CalibrationSettings, store: BlockStore, progress: BlockProgress | None = None) -> CalibratedResults:
+def calibrate(
+    checkpoint: Checkpoint,
+    quantizer: CalibratedQuantizer,
+    configs: dict[str, QuantConfig],
+    settings: CalibrationSettings,
+    store: BlockStore,
+    progress: BlockProgress | None = None,
+) -> CalibratedResults:
     """Quantize every tensor named in `configs` (with its own grid) block by block into `store`.
 
     Raises:
@@ -71,7 +77,9 @@ def calibrate(checkpoint: Checkpoint, quantizer: CalibratedQuantizer, configs: d
             block = CalibrationBlock(module, prefix, {n: configs[n] for n in names}, inputs)
             results = _quantize_block(quantizer, block, names, checkpoint)
             # Against the block's weights as the quantizer left them (AWQ folds scales into them).
-            errors = {n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)}
+            errors = {
+                n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)
+            }
             store.save(index, results, errors)
         if index < unfinished[-1]:  # the next blocks' inputs: this block's outputs, quantized
             report(f"block {index}: outputs", index, len(blocks))
@@ -91,14 +99,17 @@ def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, i
     for name in selected:
         index = next((i for i in range(len(blocks)) if name.startswith(blocks.block_prefix(i))), None)
         if index is None:
-            raise SchemeError(f"{name} is selected for quantization but lies outside the decoder blocks, which "
-                              "calibrated quantizers cannot reach; exclude it or use rtn/clip.")
+            raise SchemeError(
+                f"{name} is selected for quantization but lies outside the decoder blocks, which "
+                "calibrated quantizers cannot reach; exclude it or use rtn/clip."
+            )
         block_of[name] = index
     return block_of
 
 
-def _quantize_block(quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str],
-                    checkpoint: Checkpoint) -> BlockResults:
+def _quantize_block(
+    quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str], checkpoint: Checkpoint
+) -> BlockResults:
     for name in names:  # before any search mixes the tensors: name the one at fault
         if not torch.isfinite(block.weight(name)).all():
             raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
@@ -109,7 +120,9 @@ def _quantize_block(quantizer: CalibratedQuantizer, block: CalibrationBlock, nam
         raise SchemeError(f"a tensor of block {block.prefix.rstrip('.')} ({', '.join(names)}) {exc}") from exc
     missing = [n for n in names if n not in results]
     if missing:
-        raise SchemeError(f"quantizer {quantizer.name} returned no result for {missing[0]} (no calibration input reached it).")
+        raise SchemeError(
+            f"quantizer {quantizer.name} returned no result for {missing[0]} (no calibration input reached it)."
+        )
     for name, result in results.items():  # the source dtype, not the float32 compute dtype
         source_dtype = checkpoint.tensors[name].dtype
         if isinstance(result, QuantizedTensor):
@@ -123,7 +136,7 @@ def _apply(module: torch.nn.Module, prefix: str, results: BlockResults) -> None:
     """Put the results into the block: quantized weights as their float values, replacements as given."""
     parameters = dict(module.named_parameters())
     for name, result in results.items():
-        parameter = parameters[name[len(prefix):]]
+        parameter = parameters[name[len(prefix) :]]
         value = dequantize(result) if isinstance(result, QuantizedTensor) else result.float()
         parameter.data = value
 

@@ -29,8 +29,11 @@ class CalibrationSettings:
     def __post_init__(self) -> None:
         if (self.text is None) == (self.dataset is None):
             raise SchemeError("calibration needs exactly one source: --calib FILE or --calib-dataset wikitext2.")
-        for option, value in (("--calib-samples", self.samples), ("--calib-seqlen", self.seqlen),
-                              ("--calib-batch-size", self.batch_size)):
+        for option, value in (
+            ("--calib-samples", self.samples),
+            ("--calib-seqlen", self.seqlen),
+            ("--calib-batch-size", self.batch_size),
+        ):
             if value <= 0:
                 raise SchemeError(f"{option} must be positive, not {value}.")
 
@@ -61,10 +64,13 @@ def calibration_windows(tokenizer_folder: Path, settings: CalibrationSettings) -
     except (OSError, ValueError) as exc:
         raise SourceError(f"calibration needs the model's tokenizer, and none loads from {tokenizer_folder}.") from exc
     text = read_text(Path(settings.text) if settings.text else None, settings.dataset, split="train")
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # no "longer than the model" warning: it is cut into windows
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[
+        0
+    ]  # no "longer than the model" warning: it is cut into windows
     if len(ids) < settings.seqlen:
-        raise SourceError(f"the calibration text has {len(ids)} tokens, fewer than one window of "
-                          f"--calib-seqlen {settings.seqlen}.")
+        raise SourceError(
+            f"the calibration text has {len(ids)} tokens, fewer than one window of --calib-seqlen {settings.seqlen}."
+        )
     generator = torch.Generator().manual_seed(settings.seed)
     starts = torch.randint(0, len(ids) - settings.seqlen + 1, (settings.samples,), generator=generator)
     return torch.stack([ids[s : s + settings.seqlen] for s in starts.tolist()])

@@ -19,7 +19,9 @@ class CalibrationBlock:
         inputs: the calibration activations entering the block.
     """
 
-    def __init__(self, module: torch.nn.Module, prefix: str, configs: dict[str, QuantConfig], inputs: BlockInputs) -> None:
+    def __init__(
+        self, module: torch.nn.Module, prefix: str, configs: dict[str, QuantConfig], inputs: BlockInputs
+    ) -> None:
         selected = list(configs)
         self.configs = configs
         self.module = module
@@ -35,7 +37,7 @@ class CalibrationBlock:
                 self.linears[tensor_name] = sub
         unreached = [n for n in selected if n not in self.linears]
         if unreached:
-            raise _not_linear(unreached[0], modules.get(unreached[0][len(prefix):].removesuffix(".weight")))
+            raise _not_linear(unreached[0], modules.get(unreached[0][len(prefix) :].removesuffix(".weight")))
 
     def weight(self, name: str) -> torch.Tensor:
         return self.linears[name].weight.detach()
@@ -141,5 +143,7 @@ class _HessianCollector:
 
 def _not_linear(name: str, module) -> Exception:
     kind = type(module).__name__ if module is not None else "no module"
-    return UnsupportedModelError(f"{name} belongs to {kind}, not an nn.Linear the calibration pass reaches; "
-                       "calibrated quantizers handle the linear layers of decoder blocks only.")
+    return UnsupportedModelError(
+        f"{name} belongs to {kind}, not an nn.Linear the calibration pass reaches; "
+        "calibrated quantizers handle the linear layers of decoder blocks only."
+    )

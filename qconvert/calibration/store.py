@@ -46,8 +46,15 @@ class BlockStore:
         tensors, metadata = {}, {}
         for name, result in results.items():
             if isinstance(result, QuantizedTensor):
-                metadata[name] = json.dumps({"bits": result.bits, "group_size": result.group_size, "shape": list(result.shape),
-                                             "dtype": DTYPE_NAMES[result.dtype], "relative_mse": errors[name]})
+                metadata[name] = json.dumps(
+                    {
+                        "bits": result.bits,
+                        "group_size": result.group_size,
+                        "shape": list(result.shape),
+                        "dtype": DTYPE_NAMES[result.dtype],
+                        "relative_mse": errors[name],
+                    }
+                )
                 for part in _PARTS:
                     if getattr(result, part) is not None:
                         tensors[f"{name}:{part}"] = getattr(result, part).contiguous()
@@ -84,5 +91,10 @@ def _result(f, name: str, meta: dict) -> "QuantizedTensor | torch.Tensor":
         return f.get_tensor(name)
     keys = set(f.keys())
     parts = {part: f.get_tensor(f"{name}:{part}") if f"{name}:{part}" in keys else None for part in _PARTS}
-    return QuantizedTensor(**parts, bits=meta["bits"], group_size=meta["group_size"], shape=tuple(meta["shape"]),
-                           dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+    return QuantizedTensor(
+        **parts,
+        bits=meta["bits"],
+        group_size=meta["group_size"],
+        shape=tuple(meta["shape"]),
+        dtype=SAFETENSORS_DTYPES[meta["dtype"]],
+    )

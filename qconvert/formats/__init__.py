@@ -15,8 +15,9 @@ def get_layout(name: str) -> Layout:
     return LAYOUTS[name]()
 
 
-def choose_layout(requested: str, quantized: list[tuple[str, tuple[int, ...], object]],
-                  roles: dict[str, str] | None = None) -> Layout:
+def choose_layout(
+    requested: str, quantized: list[tuple[str, tuple[int, ...], object]], roles: dict[str, str] | None = None
+) -> Layout:
     """The layout to write: the requested one, or for "auto" compressed-tensors when it can hold
     every quantized tensor (so transformers loads the output with no qconvert code), else native.
     `roles` are the tensors' roles in the model the runtime builds (`skeleton.py`), where known.
@@ -25,7 +26,9 @@ def choose_layout(requested: str, quantized: list[tuple[str, tuple[int, ...], ob
         SchemeError: an explicitly requested layout cannot hold one of the tensors.
     """
     layout = CompressedTensorsLayout() if requested == "auto" else get_layout(requested)
-    reasons = [layout.unsupported_reason(name, shape, config, (roles or {}).get(name)) for name, shape, config in quantized]
+    reasons = [
+        layout.unsupported_reason(name, shape, config, (roles or {}).get(name)) for name, shape, config in quantized
+    ]
     reasons.append(layout.unsupported_mix_reason([config for _, _, config in quantized]))
     reason = next((r for r in reasons if r), None)
     if reason and requested == "auto":

@@ -16,7 +16,9 @@ class Layout(ABC):
 
     name: ClassVar[str]
 
-    def unsupported_reason(self, name: str, shape: tuple[int, ...], config: QuantConfig, role: str | None = None) -> str | None:
+    def unsupported_reason(
+        self, name: str, shape: tuple[int, ...], config: QuantConfig, role: str | None = None
+    ) -> str | None:
         """Why this layout cannot store `name` (of `role` in the runtime's model, where known) under
         `config`, or None if it can."""
         return None
@@ -48,8 +50,9 @@ def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> Tensor
 
 
 def record_config(record: TensorRecord) -> QuantConfig:
-    return QuantConfig(bits=record.bits, group_size=record.group_size, symmetric=record.symmetric,
-                       scale_dtype=record.scale_dtype)
+    return QuantConfig(
+        bits=record.bits, group_size=record.group_size, symmetric=record.symmetric, scale_dtype=record.scale_dtype
+    )
 
 
 def source_dtype(record: TensorRecord) -> torch.dtype:

@@ -6,7 +6,7 @@ For a linear layer `<module>` whose weight is rows × columns:
 |-------------------------------|-------------|-----------------------------------|
 | `<module>.weight_packed`      | I32         | rows × ceil(columns·bits / 32)    |
 | `<module>.weight_scale`       | F16 or BF16 | rows × groups (1 for per-channel) |
-| `<module>.weight_zero_point`  | I32         | ceil(rows·bits / 32) × groups     | (asymmetric only; packed down columns)
+| `<module>.weight_zero_point`  | I32         | ceil(rows·bits / 32) × groups     | (asymmetric; packed down columns)
 | `<module>.weight_shape`       | I64         | 2                                 |
 
 compressed-tensors packs each row as a little-endian bit stream of int32 words holding the signed
@@ -60,26 +60,38 @@ def module_name(name: str) -> str:
 class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
 
-    def unsupported_reason(self, name: str, shape: tuple[int, ...], config: QuantConfig, role: str | None = None) -> str | None:
+    def unsupported_reason(
+        self, name: str, shape: tuple[int, ...], config: QuantConfig, role: str | None = None
+    ) -> str | None:
         if sys.byteorder != "little":
             return "compressed-tensors words are little-endian and this machine is big-endian"
         if not name.endswith(".weight"):
             return f"{name} is not a module's .weight"
         if EMBEDDING.search(name):
-            return f"{name} is an embedding or output head, which transformers cannot load quantized from compressed-tensors"
+            return (
+                f"{name} is an embedding or output head, which transformers cannot load quantized from "
+                "compressed-tensors"
+            )
         rows, columns = shape[0], shape[-1]
         if config.group_size and columns % config.group_size:
-            return (f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
-                    "and compressed-tensors has no partial groups")
+            return (
+                f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
+                "and compressed-tensors has no partial groups"
+            )
         if not config.symmetric and role == "experts":
             # transformers stacks the experts' weights while loading; their zero points never reach
             # compressed-tensors' decompressor ("Asymmetric quant requires zero-point values")
-            return f"{name} is an MoE expert, whose asymmetric zero points transformers cannot load from compressed-tensors"
+            return (
+                f"{name} is an MoE expert, whose asymmetric zero points transformers cannot load from "
+                "compressed-tensors"
+            )
         if not config.symmetric and words_per_row(rows, config.bits) == 1 and config.groups_for(columns) > 1:
             # its zero points fit one int32 word per group; compressed-tensors' loader (0.20) views that
             # (1, groups) tensor transposed as bytes and fails, so transformers cannot load the model
-            return (f"{name} has {rows} rows, whose {config.bits}-bit zero points fill a single word per group, "
-                    "which compressed-tensors' loader cannot read")
+            return (
+                f"{name} has {rows} rows, whose {config.bits}-bit zero points fill a single word per group, "
+                "which compressed-tensors' loader cannot read"
+            )
         return None
 
     def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:
@@ -94,8 +106,10 @@ class CompressedTensorsLayout(Layout):
         rows, columns = shape
         groups = config.groups_for(columns)
         module = module_name(name)
-        specs = [TensorSpec(f"{module}.weight_packed", "I32", (rows, words_per_row(columns, config.bits))),
-                 scale_spec(f"{module}.weight_scale", rows, groups, config)]
+        specs = [
+            TensorSpec(f"{module}.weight_packed", "I32", (rows, words_per_row(columns, config.bits))),
+            scale_spec(f"{module}.weight_scale", rows, groups, config),
+        ]
         if not config.symmetric:
             specs.append(TensorSpec(f"{module}.weight_zero_point", "I32", (words_per_row(rows, config.bits), groups)))
         specs.append(TensorSpec(f"{module}.weight_shape", "I64", (2,)))
@@ -142,16 +156,30 @@ class CompressedTensorsLayout(Layout):
             groups[f"group_{i}"] = {
                 "targets": module_targets(modules, linear_like),
                 "weights": {
-                    "num_bits": bits, "type": "int", "symmetric": symmetric,
+                    "num_bits": bits,
+                    "type": "int",
+                    "symmetric": symmetric,
                     "strategy": "group" if group_size else "channel",
-                    "group_size": group_size or None, "dynamic": False, "actorder": None,
-                    "block_structure": None, "observer": "minmax", "observer_kwargs": {},
+                    "group_size": group_size or None,
+                    "dynamic": False,
+                    "actorder": None,
+                    "block_structure": None,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
                 },
-                "input_activations": None, "output_activations": None, "format": FORMAT,
+                "input_activations": None,
+                "output_activations": None,
+                "format": FORMAT,
             }
-        config = {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
-                  "config_groups": groups, "ignore": [], "kv_cache_scheme": None,
-                  "global_compression_ratio": None}
+        config = {
+            "quant_method": "compressed-tensors",
+            "format": FORMAT,
+            "quantization_status": "compressed",
+            "config_groups": groups,
+            "ignore": [],
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+        }
         if any(not symmetric for _, _, symmetric in schemes):
             # transformers 5 builds asymmetric modules with unpacked zero-point shapes and then
             # rejects the packed ones compressed-tensors itself writes; dequantizing while loading

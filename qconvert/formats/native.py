@@ -27,8 +27,10 @@ class NativeLayout(Layout):
     def specs(self, name: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:
         rows, columns = shape
         groups = config.groups_for(columns)
-        specs = [TensorSpec(f"{name}.packed", "U8", (rows, packed_row_bytes(columns, config.bits))),
-                 scale_spec(f"{name}.scales", rows, groups, config)]
+        specs = [
+            TensorSpec(f"{name}.packed", "U8", (rows, packed_row_bytes(columns, config.bits))),
+            scale_spec(f"{name}.scales", rows, groups, config),
+        ]
         if not config.symmetric:
             specs.append(TensorSpec(f"{name}.zeros", "U8", (rows, packed_row_bytes(groups, config.bits))))
         return specs
@@ -58,5 +60,8 @@ class NativeLayout(Layout):
         # No quant_method on purpose: transformers skips a method it does not know and loads the folder
         # with every quantized weight initialised at random, but refuses a quantization_config without
         # one. `qconvert.load` / `qconvert.load_model` read this layout; `qconvert export` converts it.
-        return {"format": "qconvert", "layout": self.name,
-                "note": "qconvert's native layout: load it with qconvert.load_model, or convert it with qconvert export"}
+        return {
+            "format": "qconvert",
+            "layout": self.name,
+            "note": "qconvert's native layout: load it with qconvert.load_model, or convert it with qconvert export",
+        }

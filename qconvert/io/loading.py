@@ -16,20 +16,39 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
 from qconvert.errors import SourceError
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U32": torch.uint32, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U32": torch.uint32,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Files copied next to the output: everything a runtime needs besides the weights.
 AUXILIARY_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab.*",
-    "merges.txt", "added_tokens.json", "chat_template*", "preprocessor_config.json", "*.model",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template*",
+    "preprocessor_config.json",
+    "*.model",
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -85,7 +104,9 @@ class Checkpoint:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(config, dict):
-            raise SourceError(f"{path} holds a JSON {type(config).__name__}, not the object of settings a config must be.")
+            raise SourceError(
+                f"{path} holds a JSON {type(config).__name__}, not the object of settings a config must be."
+            )
         return config
 
     def skeleton(self):
@@ -131,7 +152,9 @@ class Checkpoint:
             self._digests[file] = sha256_file(file)
         return self._digests[file]
 
-    def _read_safetensors(self, file: Path, names: list[str], hash_on_the_way: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read_safetensors(
+        self, file: Path, names: list[str], hash_on_the_way: bool
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         infos = [self.tensors[n] for n in names]
         digest = hashlib.sha256() if hash_on_the_way else None
         position = 0
@@ -180,8 +203,10 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
             tensors.setdefault(info.name, info)
     for name, file in (weight_map or {}).items():  # the index is what runtimes trust: it must be true
         if name not in tensors or tensors[name].file != file:
-            raise SourceError(f"the shard index of {path} says tensor {name} is in {file.name}, but that file does not "
-                              "hold it; the checkpoint is incomplete or its index is stale.")
+            raise SourceError(
+                f"the shard index of {path} says tensor {name} is in {file.name}, but that file does not "
+                "hold it; the checkpoint is incomplete or its index is stale."
+            )
     if not tensors:
         raise SourceError(f"{source} holds no tensors.")
     from qconvert.io.quantized_sources import open_quantized
@@ -221,8 +246,10 @@ def _weight_files(path: Path) -> tuple[Path | None, list[Path], dict[str, Path] 
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise SourceError(f"{path} is not a .safetensors or .bin weights file.")
         return None, [path], None
-    for index_name, single in [("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")]:
+    for index_name, single in [
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ]:
         index = path / index_name
         if index.is_file():
             weight_map = _read_index(index)
@@ -232,7 +259,9 @@ def _weight_files(path: Path) -> tuple[Path | None, list[Path], dict[str, Path] 
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if shards:
         return path, shards, None
-    raise SourceError(f"no weights found in {path}: expected model.safetensors, sharded safetensors or pytorch_model.bin.")
+    raise SourceError(
+        f"no weights found in {path}: expected model.safetensors, sharded safetensors or pytorch_model.bin."
+    )
 
 
 def _read_index(index: Path) -> dict[str, Path]:
@@ -242,15 +271,19 @@ def _read_index(index: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise SourceError(f"{index} is not a valid shard index: {exc}") from exc
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise SourceError(f"{index} is not a valid shard index: its weight_map must map tensor names to file names.")
     files: dict[str, Path] = {}
     for name in dict.fromkeys(weight_map.values()):
         file = index.parent / name
         # Judged by the name, not by where it resolves: the Hugging Face cache links every shard into ../../blobs.
         if Path(name).is_absolute() or os.path.normpath(name).split(os.sep)[0] in ("..", ".") or not name.strip():
-            raise SourceError(f"{index} names the shard {name!r}, which lies outside {index.parent}; "
-                              "qconvert reads shards only from the checkpoint's own folder.")
+            raise SourceError(
+                f"{index} names the shard {name!r}, which lies outside {index.parent}; "
+                "qconvert reads shards only from the checkpoint's own folder."
+            )
         if not file.is_file():
             raise SourceError(f"{index} names shard files that are missing: {name}.")
         files[name] = file
@@ -273,6 +306,7 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
     We read the (8-byte length + JSON) header ourselves because the library exposes no data
     offsets, and offsets are what let us stream the file sequentially.
     """
+
     def corrupt(why: str) -> SourceError:
         return SourceError(f"cannot read {file}: it is not a valid safetensors file, or it is truncated ({why}).")
 

@@ -87,7 +87,10 @@ class QuantizedCheckpoint(Checkpoint):
 
     def describe(self, name: str) -> str:
         m = self.modules[name]
-        return f"{self.method} int{m.bits} {'g' + str(m.group_size) if m.group_size else 'per channel'}{'' if m.symmetric else ' asym'}"
+        return (
+            f"{self.method} int{m.bits} "
+            f"{'g' + str(m.group_size) if m.group_size else 'per channel'}{'' if m.symmetric else ' asym'}"
+        )
 
 
 def open_quantized(raw: Checkpoint) -> Checkpoint:
@@ -101,8 +104,10 @@ def open_quantized(raw: Checkpoint) -> Checkpoint:
     if method is None or not any(n.endswith(_MARKERS.get(method, ("\0",))) for n in raw.tensors):
         return raw  # e.g. a float checkpoint, or a qconvert native output (read by qconvert.load)
     if method not in _MODULES:
-        raise SourceError(f"{raw.source} is quantized with {method!r}, which qconvert does not read "
-                          "(it reads gptq, awq and compressed-tensors).")
+        raise SourceError(
+            f"{raw.source} is quantized with {method!r}, which qconvert does not read "
+            "(it reads gptq, awq and compressed-tensors)."
+        )
     modules = _MODULES[method](raw, quantization)
     dtype = _float_dtype(raw)
     consumed = {n for m in modules.values() for n in m.parts.values()}
@@ -114,9 +119,19 @@ def open_quantized(raw: Checkpoint) -> Checkpoint:
             tensors[module] = TensorInfo(module, dtype, modules[module].shape, info.file)
         elif name not in consumed:
             tensors[name] = info
-    return QuantizedCheckpoint(raw.source, raw.folder, raw.files, tensors, raw.hub_id, raw.revision,
-                               method=method, stored=raw, modules=modules,
-                               checkpoint_format=quantization.get("checkpoint_format", "gptq"), float_dtype=dtype)
+    return QuantizedCheckpoint(
+        raw.source,
+        raw.folder,
+        raw.files,
+        tensors,
+        raw.hub_id,
+        raw.revision,
+        method=method,
+        stored=raw,
+        modules=modules,
+        checkpoint_format=quantization.get("checkpoint_format", "gptq"),
+        float_dtype=dtype,
+    )
 
 
 # Where quantization tools write their settings besides config.json, and the method each file implies.
@@ -149,8 +164,10 @@ def quantization_settings(raw: Checkpoint) -> dict:
     for where, settings in sources:
         for key, value in settings.items():
             if key in merged and key in (*SETTINGS_KEYS, "quant_method") and merged[key] != value:
-                raise SourceError(f"{raw.source}: {origin[key]} says {key} = {merged[key]!r} but {where} says {value!r}; "
-                                  "fix the one that is wrong before converting.")
+                raise SourceError(
+                    f"{raw.source}: {origin[key]} says {key} = {merged[key]!r} but {where} says {value!r}; "
+                    "fix the one that is wrong before converting."
+                )
             if key not in merged:
                 merged[key], origin[key] = value, where
     return merged
@@ -164,23 +181,33 @@ def _float_dtype(raw: Checkpoint) -> torch.dtype:
 def _gptq_modules(raw: Checkpoint, quantization: dict) -> dict[str, _Module]:
     bits, group = quantization.get("bits"), quantization.get("group_size", -1)
     if bits not in (2, 4, 8):
-        raise SourceError(f"{raw.source} is {bits}-bit GPTQ; qconvert reads 2, 4 and 8-bit GPTQ (3-bit packs across words).")
+        raise SourceError(
+            f"{raw.source} is {bits}-bit GPTQ; qconvert reads 2, 4 and 8-bit GPTQ (3-bit packs across words)."
+        )
     modules = {}
     for name in raw.tensors:
         if name.endswith(".qweight"):
             prefix = name.removesuffix("qweight")
-            parts = {role: prefix + role for role in ("qweight", "qzeros", "scales", "g_idx") if prefix + role in raw.tensors}
+            parts = {
+                role: prefix + role for role in ("qweight", "qzeros", "scales", "g_idx") if prefix + role in raw.tensors
+            }
             rows, columns = raw.tensors[prefix + "scales"].shape[1], raw.tensors[name].shape[0] * 32 // bits
-            modules[prefix + "weight"] = _Module(parts, (rows, columns), bits, group if group > 0 else 0,
-                                                 bool(quantization.get("sym", True)))
+            modules[prefix + "weight"] = _Module(
+                parts, (rows, columns), bits, group if group > 0 else 0, bool(quantization.get("sym", True))
+            )
     return modules
 
 
 def _awq_modules(raw: Checkpoint, quantization: dict) -> dict[str, _Module]:
-    bits, group, version = quantization.get("bits", quantization.get("w_bit")), \
-        quantization.get("group_size", quantization.get("q_group_size")), str(quantization.get("version", "gemm")).lower()
+    bits, group, version = (
+        quantization.get("bits", quantization.get("w_bit")),
+        quantization.get("group_size", quantization.get("q_group_size")),
+        str(quantization.get("version", "gemm")).lower(),
+    )
     if bits != 4 or version != "gemm":
-        raise SourceError(f"{raw.source} is AWQ {version} with {bits} bits; qconvert reads 4-bit AWQ in the gemm layout.")
+        raise SourceError(
+            f"{raw.source} is AWQ {version} with {bits} bits; qconvert reads 4-bit AWQ in the gemm layout."
+        )
     modules = {}
     for name in raw.tensors:
         if name.endswith(".qweight"):
@@ -196,7 +223,9 @@ def _compressed_tensors_modules(raw: Checkpoint, quantization: dict) -> dict[str
 
     prefixes = [n.removesuffix("weight_packed") for n in raw.tensors if n.endswith(".weight_packed")]
     skeleton = raw.skeleton()
-    schemes = schemes_from_config(quantization, {p.rstrip(".") for p in prefixes}, skeleton.runtime_name if skeleton else None)
+    schemes = schemes_from_config(
+        quantization, {p.rstrip(".") for p in prefixes}, skeleton.runtime_name if skeleton else None
+    )
     shapes = dict(raw.iter_tensors([p + "weight_shape" for p in prefixes], hash_on_the_way=False))
     modules = {}
     for prefix in prefixes:
@@ -204,9 +233,14 @@ def _compressed_tensors_modules(raw: Checkpoint, quantization: dict) -> dict[str
         if scheme is None:
             raise SourceError(f"{prefix}weight_packed is stored packed but no config group of {raw.source} targets it.")
         bits, group, symmetric = scheme
-        parts = {role: prefix + role for role in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
-                 if prefix + role in raw.tensors}
-        modules[prefix + "weight"] = _Module(parts, tuple(shapes[prefix + "weight_shape"].tolist()), bits, group, symmetric)
+        parts = {
+            role: prefix + role
+            for role in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+            if prefix + role in raw.tensors
+        }
+        modules[prefix + "weight"] = _Module(
+            parts, tuple(shapes[prefix + "weight_shape"].tolist()), bits, group, symmetric
+        )
     return modules
 
 
@@ -215,24 +249,28 @@ def _unpack_words(words: torch.Tensor, bits: int, order: tuple[int, ...] | None 
     bits, or at the positions `order` gives)."""
     per_word = 32 // bits
     values = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.stack([(values >> (bits * i)) & (2 ** bits - 1) for i in range(per_word)], dim=-1)
+    codes = torch.stack([(values >> (bits * i)) & (2**bits - 1) for i in range(per_word)], dim=-1)
     if order is not None:
         codes = codes[..., [order.index(c) for c in range(per_word)]]
     return codes.reshape(*words.shape[:-1], -1)
 
 
-def _decode_gptq(checkpoint: QuantizedCheckpoint, module: _Module, parts: dict) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
+def _decode_gptq(
+    checkpoint: QuantizedCheckpoint, module: _Module, parts: dict
+) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
     bits, (rows, columns) = module.bits, module.shape
     codes = _unpack_words(parts["qweight"].t(), bits).t()[:columns].t()  # (out, in)
     zeros = _unpack_words(parts["qzeros"], bits)[:, :rows].t()  # (out, groups)
     if checkpoint.checkpoint_format != "gptq_v2":
-        zeros = (zeros + 1) & (2 ** bits - 1)  # v1 stores zero - 1
+        zeros = (zeros + 1) & (2**bits - 1)  # v1 stores zero - 1
     if module.symmetric and not bool((zeros == 2 ** (bits - 1)).all()):
         found = sorted(set(zeros.unique().tolist()))[:4]
-        raise SourceError(f"{next(iter(module.parts.values()))}: a symmetric {bits}-bit GPTQ checkpoint in the "
-                          f"{checkpoint.checkpoint_format} convention must decode every zero point to {2 ** (bits - 1)}, "
-                          f"but these decode to {found}: its checkpoint_format (v1 stores zero - 1, gptq_v2 the zero "
-                          "itself) or sym setting is wrong.")
+        raise SourceError(
+            f"{next(iter(module.parts.values()))}: a symmetric {bits}-bit GPTQ checkpoint in the "
+            f"{checkpoint.checkpoint_format} convention must decode every zero point to {2 ** (bits - 1)}, "
+            f"but these decode to {found}: its checkpoint_format (v1 stores zero - 1, gptq_v2 the zero "
+            "itself) or sym setting is wrong."
+        )
     scales = parts["scales"].t().contiguous()
     group = module.group_size or columns
     g_idx = parts.get("g_idx")
@@ -250,7 +288,9 @@ def _decode_awq(checkpoint: QuantizedCheckpoint, module: _Module, parts: dict) -
     return _quantized(codes, parts["scales"].t().contiguous(), zeros, 4, module.group_size, module, checkpoint), None
 
 
-def _decode_compressed_tensors(checkpoint: QuantizedCheckpoint, module: _Module, parts: dict) -> tuple[QuantizedTensor, None]:
+def _decode_compressed_tensors(
+    checkpoint: QuantizedCheckpoint, module: _Module, parts: dict
+) -> tuple[QuantizedTensor, None]:
     from qconvert.formats.compressed_tensors import unpack_from_words
 
     rows, columns = module.shape
@@ -258,16 +298,24 @@ def _decode_compressed_tensors(checkpoint: QuantizedCheckpoint, module: _Module,
     if zeros is not None:
         zeros = unpack_from_words(zeros.T, module.bits, rows).T.contiguous()
     codes = unpack_from_words(parts["weight_packed"], module.bits, columns)
-    return _quantized(codes, parts["weight_scale"], zeros, module.bits, module.group_size or columns, module, checkpoint), None
+    return _quantized(
+        codes, parts["weight_scale"], zeros, module.bits, module.group_size or columns, module, checkpoint
+    ), None
 
 
 def _quantized(codes, scales, zeros, bits, group, module: _Module, checkpoint: QuantizedCheckpoint) -> QuantizedTensor:
     """A QuantizedTensor; zero points equal to the symmetric centre everywhere become a symmetric grid."""
     if zeros is not None and bool((zeros == 2 ** (bits - 1)).all()):
         zeros = None
-    return QuantizedTensor(codes=codes.to(torch.uint8).contiguous(), scales=scales,
-                           zeros=None if zeros is None else zeros.to(torch.uint8).contiguous(), bits=bits,
-                           group_size=group, shape=module.shape, dtype=checkpoint.float_dtype)
+    return QuantizedTensor(
+        codes=codes.to(torch.uint8).contiguous(),
+        scales=scales,
+        zeros=None if zeros is None else zeros.to(torch.uint8).contiguous(),
+        bits=bits,
+        group_size=group,
+        shape=module.shape,
+        dtype=checkpoint.float_dtype,
+    )
 
 
 _MODULES = {"gptq": _gptq_modules, "awq": _awq_modules, "compressed-tensors": _compressed_tensors_modules}

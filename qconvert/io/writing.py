@@ -59,8 +59,11 @@ class SafetensorsStreamWriter:
         self._entries: dict[str, dict] = {}
         offset = 0
         for spec in specs:
-            self._entries[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
-                                        "data_offsets": [offset, offset + spec.nbytes]}
+            self._entries[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
             offset += spec.nbytes
         self.data_bytes = offset
         placeholder = self._header_json({"": " " * metadata_bytes})
@@ -138,7 +141,9 @@ def check_destination(destination: Path, force: bool, protected: Iterable[Path] 
             relation = "is" if where == source else "contains" if where in source.parents else "lies inside"
             raise OutputError(f"the output {destination} {relation} the source {path}; choose an output outside it.")
     if os.path.lexists(destination) and not force:
-        kind = " (a symbolic link; --force replaces the link, not what it points to)" if destination.is_symlink() else ""
+        kind = (
+            " (a symbolic link; --force replaces the link, not what it points to)" if destination.is_symlink() else ""
+        )
         raise OutputError(f"{destination} already exists; pass --force to overwrite it{kind}.")
 
 
@@ -148,7 +153,9 @@ def _unfollowed(path: Path) -> Path:
 
 
 @contextmanager
-def staged_output(destination: Path, force: bool, protected: Iterable[Path] = (), folder: bool = True) -> Iterator[Path]:
+def staged_output(
+    destination: Path, force: bool, protected: Iterable[Path] = (), folder: bool = True
+) -> Iterator[Path]:
     """Yield a staging path beside `destination` (an empty folder, or a file name when `folder` is
     false); on success it replaces `destination` in one atomic rename.
 
@@ -257,8 +264,9 @@ def output_lock(destination: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(f"another qconvert run is writing {destination}; wait for it to finish "
-                              "or choose another output.") from None
+            raise OutputError(
+                f"another qconvert run is writing {destination}; wait for it to finish or choose another output."
+            ) from None
         try:  # the holder before us may have removed the file between our open and our lock: retry on the new one
             same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
         except FileNotFoundError:

@@ -40,8 +40,9 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: tor
     return float((delta @ hessian).mul_(delta).sum())
 
 
-def search_scales(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, grid: int = GRID,
-                  name: str = "weight") -> torch.Tensor:
+def search_scales(
+    weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, grid: int = GRID, name: str = "weight"
+) -> torch.Tensor:
     """Per input channel scales s = rms(x)^α, α chosen to minimise the output error of rtn(W·s)/s."""
     rms = torch.diagonal(hessian).div(2).clamp(min=0).sqrt()
     best, best_error = torch.ones_like(rms), float("inf")
@@ -65,8 +66,12 @@ class AWQQuantizer(CalibratedQuantizer):
         replaced = self.fold_scales(block, hessians)
         # Then clip each group's range where the (scaled) activations say it matters, as AutoAWQ's
         # auto_clip does: the error of column j counts in proportion to E[x_j²] = H_jj / 2.
-        results = {name: clip_quantize(name, block.weight(name), block.configs[name], _column_importance(block, name, hessians))
-                   for name in block.linears}
+        results = {
+            name: clip_quantize(
+                name, block.weight(name), block.configs[name], _column_importance(block, name, hessians)
+            )
+            for name in block.linears
+        }
         return {**replaced, **results}
 
     def fold_scales(self, block, hessians: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -117,10 +122,14 @@ def norm_offset(module: torch.nn.Module, name: str) -> float:
     # (offset + w) · n(x) is linear in w: zero at w = -offset, and twice as far from it at 2 as at 1 (for offset 0).
     if at_zero.abs().max() <= 1e-6 * at_one.abs().max() and torch.allclose(at_two, 2 * at_one, rtol=1e-4, atol=1e-6):
         return 0.0
-    if torch.allclose(at_one, 2 * at_zero, rtol=1e-4, atol=1e-6) and torch.allclose(at_two, 3 * at_zero, rtol=1e-4, atol=1e-6):
+    if torch.allclose(at_one, 2 * at_zero, rtol=1e-4, atol=1e-6) and torch.allclose(
+        at_two, 3 * at_zero, rtol=1e-4, atol=1e-6
+    ):
         return 1.0
-    raise UnsupportedModelError(f"awq folds its scales into {name}, a {type(module).__name__} that applies its weight "
-                                "neither as w nor as 1 + w, so no exact fold is known; use gptq or clip for this model.")
+    raise UnsupportedModelError(
+        f"awq folds its scales into {name}, a {type(module).__name__} that applies its weight "
+        "neither as w nor as 1 + w, so no exact fold is known; use gptq or clip for this model."
+    )
 
 
 def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -128,8 +137,10 @@ def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
     try:
         module = block.module.get_submodule(feeder)
     except AttributeError as exc:
-        raise UnsupportedModelError(f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
-                          "awq supports Llama-style blocks (use gptq or clip for others).") from exc
+        raise UnsupportedModelError(
+            f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
+            "awq supports Llama-style blocks (use gptq or clip for others)."
+        ) from exc
     weight = module.weight.data
     offset = 0.0 if isinstance(module, torch.nn.Linear) else norm_offset(module, f"{block.prefix}{feeder}")
     # A norm that multiplies by (offset + w) folds 1/s as (offset + w) / s - offset.

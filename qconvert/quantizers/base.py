@@ -122,7 +122,9 @@ class Quantizer(ABC):
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             accepted = ", ".join(self.options) or "none"
-            raise SchemeError(f"quantizer {self.name!r} takes no option {', '.join(unknown)} (its options: {accepted}).")
+            raise SchemeError(
+                f"quantizer {self.name!r} takes no option {', '.join(unknown)} (its options: {accepted})."
+            )
         self.config = config
         self.settings = {**self.options, **options}
 
@@ -154,5 +156,7 @@ class CalibratedQuantizer(Quantizer):
         """
 
     def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
-        raise SchemeError(f"{self.name} quantizes linear layers inside decoder blocks only, from their calibration "
-                          f"activations; {name} is outside them (leave it in float or exclude it).")
+        raise SchemeError(
+            f"{self.name} quantizes linear layers inside decoder blocks only, from their calibration "
+            f"activations; {name} is outside them (leave it in float or exclude it)."
+        )

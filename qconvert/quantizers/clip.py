@@ -22,8 +22,9 @@ from qconvert.quantizers.rtn import codes_on_grid, grid_for_range, group_view, q
 RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
 
 
-def _error(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-           importance: torch.Tensor) -> torch.Tensor:
+def _error(
+    groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, importance: torch.Tensor
+) -> torch.Tensor:
     return (codes - zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).sub_(groups).square_().mul_(importance).sum(-1)
 
 
@@ -37,8 +38,9 @@ def importance_of(groups: torch.Tensor) -> torch.Tensor:
     return groups.abs() + groups.square().mean(-1, keepdim=True).sqrt()
 
 
-def clip_quantize(name: str, weight: torch.Tensor, config: QuantConfig,
-                  column_importance: torch.Tensor | None = None) -> QuantizedTensor:
+def clip_quantize(
+    name: str, weight: torch.Tensor, config: QuantConfig, column_importance: torch.Tensor | None = None
+) -> QuantizedTensor:
     """Clipping search on `weight`; with `column_importance` (one weight per input column, e.g. the
     mean square of the activations that column meets, as AWQ passes it) that weights the error
     instead of the weights' own magnitude."""
@@ -71,8 +73,9 @@ def _search_block(name: str, weight: torch.Tensor, config: QuantConfig, column_i
     # Weighted least-squares scale for these codes: s = Σ i·w·(q-z) / Σ i·(q-z)².
     centred = codes - best_zero.unsqueeze(-1)
     weighted = centred * importance
-    refit = stored_scales((groups * weighted).sum(-1) / (centred * weighted).sum(-1).clamp(min=1e-12), config.scale_dtype,
-                           strict=False).float()
+    refit = stored_scales(
+        (groups * weighted).sum(-1) / (centred * weighted).sum(-1).clamp(min=1e-12), config.scale_dtype, strict=False
+    ).float()
     refit = torch.where(refit > 0, refit, best_scale)
     refit_codes = codes_on_grid(groups, refit, best_zero, config)
     better = (_error(groups, refit_codes, refit, best_zero, importance) < best_error).unsqueeze(-1)

@@ -32,8 +32,9 @@ BLOCK_COLUMNS = 128
 MAX_DAMP_RETRIES = 6
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = 0.01,
-                  act_order: bool = True) -> QuantizedTensor:
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = 0.01, act_order: bool = True
+) -> QuantizedTensor:
     """Quantize `weight` (rows, columns) given the input Hessian (columns, columns).
 
     Raises:
@@ -80,9 +81,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
 
     codes = codes_t.T[:, torch.argsort(order)]
     return QuantizedTensor(
-        codes=codes.to(torch.uint8).contiguous(), scales=scales_t.T.to(SCALE_DTYPES[config.scale_dtype]).contiguous(),
-        zeros=None if config.symmetric else zeros_t.T.to(torch.uint8).contiguous(), bits=config.bits,
-        group_size=group_size, shape=(rows, columns), dtype=weight.dtype)
+        codes=codes.to(torch.uint8).contiguous(),
+        scales=scales_t.T.to(SCALE_DTYPES[config.scale_dtype]).contiguous(),
+        zeros=None if config.symmetric else zeros_t.T.to(torch.uint8).contiguous(),
+        bits=config.bits,
+        group_size=group_size,
+        shape=(rows, columns),
+        dtype=weight.dtype,
+    )
 
 
 def block_columns_for(group_size: int) -> int:
@@ -133,14 +139,22 @@ class GPTQQuantizer(CalibratedQuantizer):
 
     def quantize_block(self, block) -> dict[str, QuantizedTensor]:
         # Linears sharing an input and a grid are solved as one stacked problem.
-        groups = [([n for n in names if block.configs[n] == config], hessian)
-                  for names, hessian in block.input_hessians() for config in dict.fromkeys(block.configs[n] for n in names)]
+        groups = [
+            ([n for n in names if block.configs[n] == config], hessian)
+            for names, hessian in block.input_hessians()
+            for config in dict.fromkeys(block.configs[n] for n in names)
+        ]
 
         def solve(group: tuple[list[str], torch.Tensor]) -> QuantizedTensor:
             names, hessian = group
             torch.set_num_threads(1)  # the column loop is latency-bound: one problem per core beats shared cores
-            return gptq_quantize(torch.cat([block.weight(n) for n in names]), hessian, block.configs[names[0]],
-                                 self.settings["damp"], self.settings["act_order"])
+            return gptq_quantize(
+                torch.cat([block.weight(n) for n in names]),
+                hessian,
+                block.configs[names[0]],
+                self.settings["damp"],
+                self.settings["act_order"],
+            )
 
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
             stacked = list(pool.map(solve, groups))
@@ -154,9 +168,16 @@ def _split_rows(q: QuantizedTensor, counts: list[int]) -> list[QuantizedTensor]:
     parts, start = [], 0
     for count in counts:
         rows = slice(start, start + count)
-        parts.append(QuantizedTensor(
-            codes=q.codes[rows].clone(), scales=q.scales[rows].clone(),
-            zeros=None if q.zeros is None else q.zeros[rows].clone(), bits=q.bits, group_size=q.group_size,
-            shape=(count, q.shape[1]), dtype=q.dtype))
+        parts.append(
+            QuantizedTensor(
+                codes=q.codes[rows].clone(),
+                scales=q.scales[rows].clone(),
+                zeros=None if q.zeros is None else q.zeros[rows].clone(),
+                bits=q.bits,
+                group_size=q.group_size,
+                shape=(count, q.shape[1]),
+                dtype=q.dtype,
+            )
+        )
         start += count
     return parts

@@ -43,10 +43,11 @@ def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -
     """Round scales to their stored dtype, keeping their sign.
 
     Below the dtype's smallest normal value magnitudes round up, so the group's extremes still reach the
-    grid (codes are computed against the stored scale); above it they round to nearest. A scale of zero (a group of zeros, whose codes all sit on the zero point)
-    is stored as the dtype's smallest normal value. Any other scale must survive the rounding within
-    SCALE_TOLERANCE: one that would overflow to infinity or lose its precision among float16's
-    subnormals (weights far larger or smaller than float16 reaches) is refused, never clamped silently.
+    grid (codes are computed against the stored scale); above it they round to nearest. A scale of zero
+    (a group of zeros, whose codes all sit on the zero point) is stored as the dtype's smallest normal
+    value. Any other scale must survive the rounding within SCALE_TOLERANCE: one that would overflow to
+    infinity or lose its precision among float16's subnormals (weights far larger or smaller than
+    float16 reaches) is refused, never clamped silently.
 
     A search weighing candidate scales passes `strict=False`: a candidate out of range is clamped, and
     its error, measured on the clamped scale, rules it out.
@@ -69,10 +70,15 @@ def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -
     if not torch.isfinite(magnitude).all() or bool((nonzero & drift).any()):
         low, high = magnitude[nonzero].min().item(), magnitude[nonzero].max().item()
         other = "bfloat16" if scale_dtype == "float16" else None
-        advice = (f"pass --scale-dtype {other} (a recipe rule can give it to this tensor alone)" if other and high < 3e38
-                  else "its values are too large to quantize; keep it in float with --exclude")
-        raise ScaleRangeError(f"needs scales from {low:.3g} to {high:.3g}, which {scale_dtype} cannot hold "
-                              f"(normal range {info.tiny:.3g} to {info.max:.3g}); {advice}.")
+        advice = (
+            f"pass --scale-dtype {other} (a recipe rule can give it to this tensor alone)"
+            if other and high < 3e38
+            else "its values are too large to quantize; keep it in float with --exclude"
+        )
+        raise ScaleRangeError(
+            f"needs scales from {low:.3g} to {high:.3g}, which {scale_dtype} cannot hold "
+            f"(normal range {info.tiny:.3g} to {info.max:.3g}); {advice}."
+        )
     stored = torch.where(nonzero, stored, torch.full_like(stored, info.tiny))
     return torch.where(scales < 0, -stored, stored)
 
@@ -84,7 +90,9 @@ def symmetric_scales(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.
     return extreme / -(2 ** (bits - 1))
 
 
-def grid_for_range(low: torch.Tensor, high: torch.Tensor, config: QuantConfig, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_for_range(
+    low: torch.Tensor, high: torch.Tensor, config: QuantConfig, strict: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) as float32 for ranges [low, high] that include 0; scales are rounded to their stored
     dtype first, so codes are computed against the scale the file will hold. Symmetric zero is 2**(bits-1)."""
     if config.symmetric:
@@ -124,7 +132,7 @@ def check_scale_range(name: str, weight: torch.Tensor, config: QuantConfig) -> N
     rows, columns = weight.shape
     blocks = row_blocks(rows, columns)
     for start in blocks:
-        low, high = torch.aminmax(group_view(weight[start:start + blocks.step], config), dim=-1)
+        low, high = torch.aminmax(group_view(weight[start : start + blocks.step], config), dim=-1)
         low, high = low.clamp(max=0), high.clamp(min=0)
         scales = symmetric_scales(low, high, config.bits) if config.symmetric else (high - low) / (2**config.bits - 1)
         try:
@@ -152,8 +160,15 @@ def quantize_in_row_blocks(name: str, weight: torch.Tensor, config: QuantConfig,
         codes[block], scales[block], block_zeros = quantize_block(name, weight[block], config)
         if zeros is not None:
             zeros[block] = block_zeros
-    return QuantizedTensor(codes=codes, scales=scales, zeros=zeros, bits=config.bits,
-                           group_size=config.group_size_for(columns), shape=(rows, columns), dtype=weight.dtype)
+    return QuantizedTensor(
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        bits=config.bits,
+        group_size=config.group_size_for(columns),
+        shape=(rows, columns),
+        dtype=weight.dtype,
+    )
 
 
 def _rtn_block(name: str, weight: torch.Tensor, config: QuantConfig):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import make_tiny_lm
 
 from qconvert import Settings, convert
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
@@ -17,7 +18,6 @@ from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers import dequantize
 from qconvert.quantizers.gptq import gptq_quantize
-from conftest import make_tiny_lm
 
 TEXT = "\n".join(f"Sentence {i}: the quick brown fox jumps over the lazy dog near the river bank." for i in range(300))
 
@@ -37,7 +37,9 @@ def whole_model_gptq(folder, windows, config, batch_size):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     results = {}
     for index, layer in enumerate(model.model.layers):
-        linears = {f"model.layers.{index}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        linears = {
+            f"model.layers.{index}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
+        }
         sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
 
@@ -46,6 +48,7 @@ def whole_model_gptq(folder, windows, config, batch_size):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 sums[name] += x.T @ x
                 counts[name] += x.shape[0]
+
             return accumulate
 
         handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
@@ -66,7 +69,9 @@ def test_block_by_block_equals_whole_model_calibration(tmp_path, real_models, ca
     calibration = CalibrationSettings(text=str(calib_text), samples=8, seqlen=64, batch_size=4)
     settings = Settings(quantizer="gptq", bits=4, group_size=32, calibration=calibration)
     out = convert(source, tmp_path / "out", settings).output
-    reference = whole_model_gptq(source, calibration_windows(source, calibration), settings.config, calibration.batch_size)
+    reference = whole_model_gptq(
+        source, calibration_windows(source, calibration), settings.config, calibration.batch_size
+    )
 
     manifest = read_manifest(out)
     compared = 0
@@ -87,8 +92,25 @@ def test_block_by_block_equals_whole_model_calibration(tmp_path, real_models, ca
 def test_killed_run_resumes_to_a_byte_identical_output(tmp_path, real_models, calib_text):
     source = make_tiny_lm(tmp_path / "tiny", real_models, layers=8, hidden=128)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "qconvert.cli", "model", str(source), "-q", "gptq", "--group-size", "64",
-               "--calib", str(calib_text), "--calib-samples", "32", "--calib-seqlen", "128", "-o", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "qconvert.cli",
+        "model",
+        str(source),
+        "-q",
+        "gptq",
+        "--group-size",
+        "64",
+        "--calib",
+        str(calib_text),
+        "--calib-samples",
+        "32",
+        "--calib-seqlen",
+        "128",
+        "-o",
+        str(out),
+    ]
     subprocess.run(command, check=True, capture_output=True)
     out.rename(tmp_path / "uninterrupted")
 
@@ -115,8 +137,15 @@ def test_calibrated_quantizer_needs_text_and_others_refuse_it(tiny_lm, tmp_path,
     with pytest.raises(SchemeError, match="uses no calibration"):
         convert(tiny_lm, tmp_path / "b", Settings(calibration=CalibrationSettings(text=str(calib_text))))
     with pytest.raises(SchemeError, match="outside the decoder blocks"):
-        convert(tiny_lm, tmp_path / "c", Settings(quantizer="gptq", include=("embed_tokens",),
-                                                  calibration=CalibrationSettings(text=str(calib_text), samples=2, seqlen=32)))
+        convert(
+            tiny_lm,
+            tmp_path / "c",
+            Settings(
+                quantizer="gptq",
+                include=("embed_tokens",),
+                calibration=CalibrationSettings(text=str(calib_text), samples=2, seqlen=32),
+            ),
+        )
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
 
 
@@ -142,8 +171,15 @@ def test_gptq_works_on_an_encoder_and_beats_rtn(real_models, tmp_path, calib_tex
 
     reference = embeddings()
     similarity = {}
-    for name, calibration in (("rtn", None), ("gptq", CalibrationSettings(text=str(calib_text), samples=16, seqlen=128))):
-        out = convert(source, tmp_path / name, Settings(quantizer=name, bits=4, group_size=64, calibration=calibration)).output
-        similarity[name] = torch.nn.functional.cosine_similarity(reference, embeddings(qconvert.load(out))).mean().item()
+    for name, calibration in (
+        ("rtn", None),
+        ("gptq", CalibrationSettings(text=str(calib_text), samples=16, seqlen=128)),
+    ):
+        out = convert(
+            source, tmp_path / name, Settings(quantizer=name, bits=4, group_size=64, calibration=calibration)
+        ).output
+        similarity[name] = (
+            torch.nn.functional.cosine_similarity(reference, embeddings(qconvert.load(out))).mean().item()
+        )
     assert similarity["gptq"] > similarity["rtn"] and similarity["gptq"] > 0.97
     assert sum(r.action == "quantized" for r in read_manifest(tmp_path / "gptq").tensors) == 6 * 6

@@ -22,13 +22,32 @@ def test_packed_words_equal_compressed_tensors_pack_to_int32(bits, shape):
 
 
 def record_for(name, shape, config):
-    return TensorRecord(name=name, shape=list(shape), source_dtype="F32", action="quantized", reason="", stored={},
-                        quantizer="rtn", bits=config.bits, group_size=config.group_size_for(shape[1]),
-                        symmetric=config.symmetric, scale_dtype=config.scale_dtype)
+    return TensorRecord(
+        name=name,
+        shape=list(shape),
+        source_dtype="F32",
+        action="quantized",
+        reason="",
+        stored={},
+        quantizer="rtn",
+        bits=config.bits,
+        group_size=config.group_size_for(shape[1]),
+        symmetric=config.symmetric,
+        scale_dtype=config.scale_dtype,
+    )
 
 
 @pytest.mark.parametrize("layout", [CompressedTensorsLayout(), NativeLayout()])
-@pytest.mark.parametrize("config", [QuantConfig(4, 32, False), QuantConfig(3, 0, True), QuantConfig(8, 64, False), QuantConfig(2, 16, True), QuantConfig(8, 0, False)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(4, 32, False),
+        QuantConfig(3, 0, True),
+        QuantConfig(8, 64, False),
+        QuantConfig(2, 16, True),
+        QuantConfig(8, 0, False),
+    ],
+)
 def test_encode_matches_specs_and_decodes_exactly(layout, config):
     name, shape = "model.layers.0.mlp.up_proj.weight", (40, 128)
     q = get("rtn")(config).quantize(name, torch.randn(shape))
@@ -49,7 +68,9 @@ def test_asymmetric_zero_points_match_compressed_tensors_decompression():
     weight = torch.randn(24, 96)
     q = get("rtn")(config).quantize(name, weight)
     stored = CompressedTensorsLayout().encode(name, q)
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32))
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=4, symmetric=False, strategy="group", group_size=32)
+    )
     local = {k.removeprefix("layer."): v for k, v in stored.items()}
     theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
     torch.testing.assert_close(theirs.float(), dequantize(q), rtol=2e-3, atol=1e-4)
@@ -57,7 +78,9 @@ def test_asymmetric_zero_points_match_compressed_tensors_decompression():
 
 def test_partial_groups_are_not_expressible():
     layout = CompressedTensorsLayout()
-    assert "not a multiple of group size 128" in layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=128))
+    assert "not a multiple of group size 128" in layout.unsupported_reason(
+        "a.weight", (8, 576), QuantConfig(group_size=128)
+    )
     assert layout.unsupported_reason("a.weight", (16, 576), QuantConfig(group_size=64)) is None
     # 8 rows of 4-bit zero points fill one word per group, which compressed-tensors' loader cannot read
     assert "single word" in layout.unsupported_reason("a.weight", (8, 576), QuantConfig(group_size=64))

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_tensors, write_checkpoint
 from safetensors.torch import save_file
 
-from conftest import tiny_tensors, write_checkpoint
 from qconvert.errors import SourceError
 from qconvert.io.loading import open_checkpoint
 
@@ -75,8 +75,10 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path):
     write_checkpoint(snapshot, tiny_tensors(), config={"model_type": "llama"})
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    code = ("from qconvert.io.loading import open_checkpoint; c = open_checkpoint('acme/tiny'); "
-            "print(c.hub_id, c.revision, len(c.tensors))")
+    code = (
+        "from qconvert.io.loading import open_checkpoint; c = open_checkpoint('acme/tiny'); "
+        "print(c.hub_id, c.revision, len(c.tensors))"
+    )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

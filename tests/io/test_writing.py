@@ -11,8 +11,12 @@ from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, split_into_
 
 
 def test_streamed_file_reads_back_with_the_safetensors_library(tmp_path):
-    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.uint8),
-               "c": torch.tensor([4, 5], dtype=torch.int64), "d": torch.randn(2, 2).to(torch.float16)}
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.arange(7, dtype=torch.uint8),
+        "c": torch.tensor([4, 5], dtype=torch.int64),
+        "d": torch.randn(2, 2).to(torch.float16),
+    }
     specs = [TensorSpec(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
     writer = SafetensorsStreamWriter(tmp_path / "x.safetensors", specs, metadata_bytes=100)
     for name, t in tensors.items():

@@ -22,8 +22,15 @@ class PowerOfTwoQuantizer(Quantizer):
         half = 2 ** (self.config.bits - 1)
         scales = torch.exp2(torch.ceil(torch.log2(w.abs().amax(-1).clamp(min=1e-8) / (half - 1))))
         codes = (w / scales.unsqueeze(-1)).round().clamp(-half, half - 1) + half
-        return QuantizedTensor(codes=codes.view(rows, -1)[:, :columns].to(torch.uint8), scales=scales.to(torch.float16),
-                               zeros=None, bits=self.config.bits, group_size=size, shape=(rows, columns), dtype=weight.dtype)
+        return QuantizedTensor(
+            codes=codes.view(rows, -1)[:, :columns].to(torch.uint8),
+            scales=scales.to(torch.float16),
+            zeros=None,
+            bits=self.config.bits,
+            group_size=size,
+            shape=(rows, columns),
+            dtype=weight.dtype,
+        )
 
 
 class Broken:

@@ -20,7 +20,9 @@ def first_block(source, tmp_path):
     inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
     module = blocks.load(0)
     names = [n for n in checkpoint.tensors if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
-    return CalibrationBlock(module, blocks.block_prefix(0), {n: QuantConfig(bits=3, group_size=32) for n in names}, inputs)
+    return CalibrationBlock(
+        module, blocks.block_prefix(0), {n: QuantConfig(bits=3, group_size=32) for n in names}, inputs
+    )
 
 
 def test_folding_scales_leaves_the_float_block_unchanged(tiny_lm, tmp_path):
@@ -45,4 +47,6 @@ def test_scale_search_never_loses_to_unscaled_rtn():
     awq = dequantize(rtn_quantize("w", weight * scales, config)) / scales
     plain = dequantize(rtn_quantize("w", weight, config))
     assert output_error(weight, awq, hessian) < 0.9 * output_error(weight, plain, hessian)
-    assert output_error(weight, plain, hessian) == pytest.approx(((x @ (plain - weight).T) ** 2).sum().item() * 2 / x.shape[0], rel=1e-3)
+    assert output_error(weight, plain, hessian) == pytest.approx(
+        ((x @ (plain - weight).T) ** 2).sum().item() * 2 / x.shape[0], rel=1e-3
+    )

@@ -17,11 +17,17 @@ def output_error(weight, q, x):
     return ((x @ weight.T - x @ dequantize(q).T) ** 2).mean().item()
 
 
-@pytest.mark.parametrize("bits, group_size, symmetric, act_order", [
-    (4, 64, False, False), (4, 64, True, False), (3, 64, False, True), (4, 0, False, False),
-    (4, 48, False, False),  # 200 columns: the last group of each row is partial
-    (2, 32, False, True),
-])
+@pytest.mark.parametrize(
+    "bits, group_size, symmetric, act_order",
+    [
+        (4, 64, False, False),
+        (4, 64, True, False),
+        (3, 64, False, True),
+        (4, 0, False, False),
+        (4, 48, False, False),  # 200 columns: the last group of each row is partial
+        (2, 32, False, True),
+    ],
+)
 def test_gptq_reduces_output_error_against_rtn(bits, group_size, symmetric, act_order):
     g = torch.Generator().manual_seed(1)
     columns = 200 if group_size == 48 else 256

@@ -45,9 +45,11 @@ def test_unknown_name_lists_what_exists():
 
 def test_duplicate_and_non_quantizer_registrations_are_refused():
     with pytest.raises(ValueError, match="already registered"):
+
         @register("rtn")
         class Other(Quantizer):
             def quantize(self, name, weight, stats=None): ...
+
     with pytest.raises(TypeError, match="not a Quantizer"):
         register("thing")(dict)
 
@@ -62,7 +64,9 @@ def test_entry_point_plugin_is_found_lazily_and_converts(tmp_path, monkeypatch, 
 
     import qconvert
 
-    result = qconvert.convert(tiny_checkpoint, tmp_path / "out", qconvert.Settings(quantizer="pow2", symmetric=True, layout="native"))
+    result = qconvert.convert(
+        tiny_checkpoint, tmp_path / "out", qconvert.Settings(quantizer="pow2", symmetric=True, layout="native")
+    )
     record = next(t for t in result.manifest.tensors if t.action == "quantized")
     assert record.quantizer == "pow2"
     loaded = qconvert.load(result.output)
@@ -81,10 +85,19 @@ def _stored(output):
 
 
 def test_cli_lists_and_uses_a_plugin_and_survives_a_broken_one(tmp_path, tiny_checkpoint):
-    site = install_plugin(tmp_path / "site", {"pow2": "qconvert_toy:PowerOfTwoQuantizer", "broken": "qconvert_toy:Broken",
-                                              "missing": "no_such_module:Thing"})
+    site = install_plugin(
+        tmp_path / "site",
+        {
+            "pow2": "qconvert_toy:PowerOfTwoQuantizer",
+            "broken": "qconvert_toy:Broken",
+            "missing": "no_such_module:Thing",
+        },
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "qconvert.cli", *args], capture_output=True, text=True, env=env)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "qconvert.cli", *args], capture_output=True, text=True, env=env)
+
     assert run("--help").returncode == 0
     listed = run("quantizers", "--json")
     assert listed.returncode == 0, listed.stderr

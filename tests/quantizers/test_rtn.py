@@ -12,8 +12,12 @@ from qconvert.quantizers.rtn import ScaleRangeError
 @st.composite
 def weights_and_config(draw):
     rows, columns = draw(st.integers(1, 12)), draw(st.integers(1, 300))
-    config = QuantConfig(bits=draw(st.sampled_from(SUPPORTED_BITS)), group_size=draw(st.sampled_from([0, 7, 32, 64, 128])),
-                         symmetric=draw(st.booleans()), scale_dtype=draw(st.sampled_from(["float16", "bfloat16"])))
+    config = QuantConfig(
+        bits=draw(st.sampled_from(SUPPORTED_BITS)),
+        group_size=draw(st.sampled_from([0, 7, 32, 64, 128])),
+        symmetric=draw(st.booleans()),
+        scale_dtype=draw(st.sampled_from(["float16", "bfloat16"])),
+    )
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     scale = draw(st.sampled_from([1e-3, 0.05, 1.0, 30.0]))
     return torch.randn(rows, columns, generator=g) * scale, config
@@ -34,7 +38,7 @@ def test_rtn_error_is_within_half_a_step(case):
         # smallest normal, 6.1e-5, precision thins out to steps of 6e-8)
         from qconvert.quantizers.rtn import group_view
 
-        smallest = group_view(weight, config).abs().amax(-1).min().item() / (2 ** config.bits - 1)
+        smallest = group_view(weight, config).abs().amax(-1).min().item() / (2**config.bits - 1)
         assert config.scale_dtype == "float16" and smallest < 2.5e-5
         return
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < 2**config.bits
@@ -53,7 +57,9 @@ def test_rtn_error_is_within_half_a_step(case):
 def test_more_bits_means_less_error(bits):
     torch.manual_seed(0)
     weight = torch.randn(64, 256)
-    errors = [((weight - dequantize(get("rtn")(QuantConfig(bits=b)).quantize("w", weight))) ** 2).mean() for b in (bits, 8)]
+    errors = [
+        ((weight - dequantize(get("rtn")(QuantConfig(bits=b)).quantize("w", weight))) ** 2).mean() for b in (bits, 8)
+    ]
     assert errors[1] <= errors[0]
 
 
