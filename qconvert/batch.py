@@ -177,7 +177,7 @@ def is_current(job: Job) -> bool:
         return False
     try:
         manifest = read_manifest(job.output)
-        from qconvert.io.loading import open_checkpoint
+        from qconvert.io.sources import open_checkpoint
 
         checkpoint = open_checkpoint(job.source)
     except QConvertError:

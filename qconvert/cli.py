@@ -492,7 +492,7 @@ def _exported_as(
     when it holds finished calibration blocks (the interruption's note says where)."""
     from qconvert.conversion import default_output, source_paths
     from qconvert.exporting import default_destination, export
-    from qconvert.io.loading import open_checkpoint
+    from qconvert.io.sources import open_checkpoint
     from qconvert.io.writing import check_destination, output_lock, remove_path
 
     if output_format in ("qconvert", "compressed-tensors"):
@@ -616,7 +616,7 @@ def _print_plan(
     """The table of what a conversion would do to each tensor, with totals (and the resource prediction)."""
     from qconvert.conversion import default_output, planned_with_budget
     from qconvert.inspection import fold_layers, plan_rows
-    from qconvert.io.loading import open_checkpoint
+    from qconvert.io.sources import open_checkpoint
     from qconvert.prediction import predict
 
     checkpoint = open_checkpoint(source)

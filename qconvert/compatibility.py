@@ -31,8 +31,8 @@ import torch
 
 from qconvert.errors import SourceError
 from qconvert.formats.compressed_tensors import schemes_from_config
+from qconvert.libraries import quiet_libraries
 from qconvert.manifest import MANIFEST_FILE
-from qconvert.runtime import quiet_libraries
 from qconvert.skeleton import build_skeleton
 
 RUNTIMES = ("transformers", "llama.cpp", "mlx", "vllm")
@@ -138,9 +138,9 @@ def _transformers_load(path: Path, **kwargs):
     """transformers' AutoModelForCausalLM (or AutoModel) loading of `path`, with its loading report."""
     import transformers
 
-    from qconvert.runtime import _quiet_transformers
+    from qconvert.libraries import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     config = _config(path)
     causal = any(
         a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
@@ -578,7 +578,7 @@ def _config(path: Path) -> dict:
 
 
 def _headers(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    from qconvert.io.loading import open_checkpoint
+    from qconvert.io.sources import open_checkpoint
 
     checkpoint = open_checkpoint(path)
     stored = getattr(checkpoint, "stored", None) or checkpoint  # the stored tensors, not a quantized source's weights

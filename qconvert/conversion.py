@@ -20,8 +20,9 @@ from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, cali
 from qconvert.calibration.store import BlockStore, calibration_folder
 from qconvert.errors import SchemeError, VerificationError
 from qconvert.formats.base import Layout
-from qconvert.io.loading import Checkpoint, open_checkpoint
+from qconvert.io.loading import Checkpoint
 from qconvert.io.quantized_sources import QuantizedCheckpoint
+from qconvert.io.sources import open_checkpoint
 from qconvert.io.threads import BackgroundWorker, prefetched
 from qconvert.io.writing import (
     SafetensorsStreamWriter,

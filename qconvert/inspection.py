@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-from qconvert.io.loading import DTYPE_NAMES, open_checkpoint
+from qconvert.io.dtypes import DTYPE_NAMES
+from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, TensorRecord, read_manifest
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config, recomputed_by_runtimes
-from qconvert.io.loading import DTYPE_NAMES
+from qconvert.io.dtypes import DTYPE_NAMES
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor

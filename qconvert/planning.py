@@ -11,7 +11,8 @@ import torch
 from qconvert.errors import SchemeError
 from qconvert.formats import choose_layout
 from qconvert.formats.base import Layout
-from qconvert.io.loading import DTYPE_NAMES, FLOAT_DTYPES, Checkpoint
+from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES
+from qconvert.io.loading import Checkpoint
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import Manifest, StoredRecord, TensorRecord
 from qconvert.quantizers import Quantizer, get

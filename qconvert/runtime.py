@@ -1,18 +1,13 @@
 """Build runnable transformers models for evaluation: float checkpoints, GGUF files, and qconvert
 outputs whose linear layers stay quantized in memory (`QuantizedLinear`)."""
 
-import io
-import os
-import sys
-import tempfile
-from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.libraries import quiet_libraries, quiet_transformers
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.qlinear import QuantizedLinear
@@ -54,59 +49,10 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # its loading bars would interleave with ours on stderr
-
-
-class LibraryLog:
-    """What the libraries wrote while silenced (`quiet_libraries`), for an error message to quote."""
-
-    text = ""
-
-    def errors(self, most: int = 2) -> str:
-        lines = [line.strip() for line in self.text.splitlines() if "Error" in line or "error" in line]
-        return "; ".join(dict.fromkeys(lines[-most:]))
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[LibraryLog]:
-    """transformers' and compressed-tensors' own reports and progress bars off while qconvert drives them:
-    qconvert says what matters once, in its own words. What they wrote is kept in the yielded log."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    _quiet_transformers()
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(logging.WARNING)  # its loading report (kept in the log, not shown) is a warning
-    # Progress bars the libraries draw whatever they are told (some hold on to the stream they first saw),
-    # so stderr goes to a file at the file descriptor as well as in Python.
-    sys.stderr.flush()
-    sys.__stderr__.flush()
-    saved = os.dup(2)
-    log = LibraryLog()
-    captured = io.StringIO()
-    try:
-        with tempfile.TemporaryFile("w+") as sink, redirect_stderr(captured):
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield log
-            finally:
-                sys.__stderr__.flush()  # the libraries' log handlers hold the real stream, not sys.stderr
-                os.dup2(saved, 2)
-                sink.seek(0)
-                log.text = sink.read() + captured.getvalue()
-    finally:
-        os.close(saved)
-        hf_logging.set_verbosity(previous)
-
-
 def _from_pretrained(folder: Path, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         with quiet_libraries():
             return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
@@ -128,7 +74,7 @@ def build_quantized_model(
     import transformers
     from accelerate import init_empty_weights
 
-    _quiet_transformers()
+    quiet_transformers()
     if not (output / "config.json").is_file():
         raise SourceError(f"{output} has no config.json, so it cannot be run as a model.")
     config = transformers.AutoConfig.from_pretrained(output)

@@ -67,7 +67,7 @@ def _meta_model(folder, config: dict):
         from accelerate import init_empty_weights
     except ImportError:
         return None
-    from qconvert.runtime import quiet_libraries
+    from qconvert.libraries import quiet_libraries
 
     architectures = config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None

@@ -17,7 +17,8 @@ from qconvert.calibration.samples import CalibrationSettings
 from qconvert.conversion import convert
 from qconvert.errors import QConvertError
 from qconvert.evaluation import EvalSettings
-from qconvert.io.loading import open_checkpoint, sha256_file
+from qconvert.io.loading import sha256_file
+from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.quantizers import get
 from qconvert.settings import Settings, settings_dict

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from qconvert.errors import QConvertError
 from qconvert.formats import LAYOUTS, get_layout
 from qconvert.formats.base import record_config
-from qconvert.io.loading import DTYPE_NAMES, FLOAT_DTYPES, SAFETENSORS_DTYPES
+from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES, SAFETENSORS_DTYPES
 from qconvert.manifest import METADATA_KEY, Manifest, TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers import dequantize

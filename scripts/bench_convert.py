@@ -57,7 +57,7 @@ def make_synthetic(folder: Path, target_gb: float) -> Path:
 def write_synthetic(folder: Path, target_gb: float) -> None:
     import torch
 
-    from qconvert.io.loading import DTYPE_NAMES
+    from qconvert.io.dtypes import DTYPE_NAMES
     from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def test_block_by_block_fisher_equals_the_whole_model_gradient(tmp_path, tiny_lm
 
     from qconvert.calibration.fisher import loss_fisher
     from qconvert.calibration.samples import CalibrationSettings, calibration_windows
-    from qconvert.io.loading import open_checkpoint
+    from qconvert.io.sources import open_checkpoint
 
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"Sentence {i} about rivers, foxes and the weather." for i in range(300)))

@@ -122,7 +122,7 @@ def test_act_order_gptq_is_read_through_its_group_index(original, tmp_path):
     order = torch.randperm(columns, generator=torch.Generator().manual_seed(0))
     tensors[f"{name}.g_idx"] = tensors[f"{name}.g_idx"][order].contiguous()
     save_file(tensors, gptq / "model.safetensors", metadata={"format": "pt"})
-    from qconvert.io.loading import open_checkpoint
+    from qconvert.io.sources import open_checkpoint
 
     checkpoint = open_checkpoint(gptq)
     weight = dict(checkpoint.iter_tensors([f"{name}.weight"]))[f"{name}.weight"].float()

@@ -849,7 +849,7 @@ def test_every_architecture_loads_in_transformers_as_qconvert_reads_it(architect
 
 
 def test_the_vlm_quantizes_its_nested_language_model_by_module(architectures):
-    skeleton = qconvert.io.loading.open_checkpoint(architectures["llava"]).skeleton()
+    skeleton = qconvert.io.sources.open_checkpoint(architectures["llava"]).skeleton()
     roles = skeleton.roles
     language = [n for n, role in roles.items() if "language_model" in n and ".layers.0." in n and role == "linear"]
     assert language, roles

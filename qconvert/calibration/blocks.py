@@ -163,9 +163,9 @@ def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
     import transformers
     from accelerate import init_empty_weights
 
-    from qconvert.runtime import _quiet_transformers
+    from qconvert.libraries import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     if checkpoint.folder is None or checkpoint.config is None:
         raise UnsupportedModelError(
             f"calibration runs the model, which needs config.json beside the weights; {checkpoint.source} has none."

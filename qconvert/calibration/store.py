@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qconvert.io.loading import DTYPE_NAMES, SAFETENSORS_DTYPES
+from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from qconvert.quantizers.base import QuantizedTensor
 
 BlockResults = dict[str, "QuantizedTensor | torch.Tensor"]

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from qconvert.io.loading import DTYPE_NAMES, SAFETENSORS_DTYPES
+from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import TensorRecord
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor

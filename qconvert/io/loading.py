@@ -18,24 +18,7 @@ from typing import Iterator
 import torch
 
 from qconvert.errors import SourceError
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U32": torch.uint32,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from qconvert.io.dtypes import SAFETENSORS_DTYPES
 
 # Files copied next to the output: everything a runtime needs besides the weights.
 AUXILIARY_PATTERNS = (
@@ -183,8 +166,9 @@ def _tensor_from_bytes(data: bytearray, info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
 
 
-def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
-    """Resolve `source` to its weight files and read every tensor's name, dtype and shape.
+def read_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
+    """Resolve `source` to its weight files and read every tensor's name, dtype and shape, as stored
+    (`qconvert.io.sources.open_checkpoint` also reads an already-quantized checkpoint as its weights).
 
     Raises:
         SourceError: nothing usable at `source`, or its files are unreadable.
@@ -209,9 +193,7 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
             )
     if not tensors:
         raise SourceError(f"{source} holds no tensors.")
-    from qconvert.io.quantized_sources import open_quantized
-
-    return open_quantized(Checkpoint(str(source), folder, files, tensors, hub_id=hub_id, revision=revision))
+    return Checkpoint(str(source), folder, files, tensors, hub_id=hub_id, revision=revision)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 23) -> str:

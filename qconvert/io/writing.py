@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 
 from qconvert.errors import OutputError
-from qconvert.io.loading import DTYPE_NAMES, SAFETENSORS_DTYPES
+from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 
 
 @dataclass(frozen=True)

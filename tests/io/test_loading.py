@@ -9,7 +9,7 @@ from conftest import tiny_tensors, write_checkpoint
 from safetensors.torch import save_file
 
 from qconvert.errors import SourceError
-from qconvert.io.loading import open_checkpoint
+from qconvert.io.sources import open_checkpoint
 
 
 def read_all(checkpoint):
@@ -76,7 +76,7 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     code = (
-        "from qconvert.io.loading import open_checkpoint; c = open_checkpoint('acme/tiny'); "
+        "from qconvert.io.sources import open_checkpoint; c = open_checkpoint('acme/tiny'); "
         "print(c.hub_id, c.revision, len(c.tensors))"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qconvert.errors import OutputError
-from qconvert.io.loading import DTYPE_NAMES
+from qconvert.io.dtypes import DTYPE_NAMES
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, split_into_shards, staged_directory
 
 

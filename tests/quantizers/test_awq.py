@@ -4,7 +4,7 @@ import torch
 from qconvert.calibration.blocks import DecoderBlocks
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
 from qconvert.calibration.statistics import CalibrationBlock
-from qconvert.io.loading import open_checkpoint
+from qconvert.io.sources import open_checkpoint
 from qconvert.quantizers import QuantConfig, dequantize, get
 from qconvert.quantizers.awq import output_error, search_scales
 from qconvert.quantizers.rtn import rtn_quantize

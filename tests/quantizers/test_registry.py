@@ -72,7 +72,7 @@ def test_entry_point_plugin_is_found_lazily_and_converts(tmp_path, monkeypatch, 
     loaded = qconvert.load(result.output)
     scales = torch.log2(next(iter(v for k, v in _stored(result.output).items() if k.endswith(".scales"))).float())
     assert torch.equal(scales, scales.round())  # the plugin's own scales landed in the file
-    original = qconvert.io.loading.open_checkpoint(tiny_checkpoint)
+    original = qconvert.io.sources.open_checkpoint(tiny_checkpoint)
     name = record.name
     w = next(t for n, t in original.iter_tensors([name]))
     assert (loaded[name].float() - w.float()).abs().max() < 0.05
