@@ -517,7 +517,7 @@ def _exported_as(
 
 def _settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
     """Settings from the recipe and the flags as typer gives them (lists, size strings, paths)."""
-    from qconvert.recipes import load_recipe
+    from qconvert.plan.recipes import load_recipe
     from qconvert.settings import build_settings
 
     flags = dict(flags)
@@ -547,7 +547,7 @@ def recipe_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Validate a recipe; with --model, print each tensor's scheme, bits per weight and size."""
-    from qconvert.recipes import load_recipe
+    from qconvert.plan.recipes import load_recipe
 
     def action() -> None:
         recipe = load_recipe(file)
@@ -617,7 +617,7 @@ def _print_plan(
     from qconvert.conversion import default_output, planned_with_budget
     from qconvert.inspection import fold_layers, plan_rows
     from qconvert.io.sources import open_checkpoint
-    from qconvert.prediction import predict
+    from qconvert.plan.prediction import predict
 
     checkpoint = open_checkpoint(source)
     conversion_plan = planned_with_budget(checkpoint, settings)
@@ -1070,7 +1070,8 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Perplexity, size, memory and speed of a model; with --baseline, how far it drifted."""
-    from qconvert.evaluation import EvalSettings, check_quality_gate, evaluate, read_text
+    from qconvert.evaluate.evaluation import EvalSettings, check_quality_gate, evaluate
+    from qconvert.io.text import read_text
 
     def action() -> None:
         settings = EvalSettings(
@@ -1142,9 +1143,10 @@ def sweep(
 ) -> None:
     """Convert at every setting, evaluate each and the float model on the same text, and draw the trade-off."""
     from qconvert.calibration.samples import CalibrationSettings
-    from qconvert.evaluation import EvalSettings, read_text
-    from qconvert.report import require_plotting, write_report
-    from qconvert.sweep import rows_as_dicts, run_sweep, setting_grid
+    from qconvert.evaluate.evaluation import EvalSettings
+    from qconvert.evaluate.report import require_plotting, write_report
+    from qconvert.evaluate.sweep import rows_as_dicts, run_sweep, setting_grid
+    from qconvert.io.text import read_text
 
     def action() -> int:
         calibration = (

@@ -31,9 +31,9 @@ import torch
 
 from qconvert.errors import SourceError
 from qconvert.formats.compressed_tensors import schemes_from_config
+from qconvert.io.skeleton import build_skeleton
 from qconvert.libraries import quiet_libraries
 from qconvert.manifest import MANIFEST_FILE
-from qconvert.skeleton import build_skeleton
 
 RUNTIMES = ("transformers", "llama.cpp", "mlx", "vllm")
 FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})

@@ -36,7 +36,7 @@ from qconvert.io.writing import (
     write_json,
 )
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
-from qconvert.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
+from qconvert.plan.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
 from qconvert.quantizers.rtn import ScaleRangeError
 from qconvert.settings import Settings, settings_dict
@@ -106,8 +106,8 @@ def convert(
     check_destination(destination, force, protected)
     plan = planned_with_budget(checkpoint, settings)
     if check_resources:
-        from qconvert.prediction import check_resources as check
-        from qconvert.prediction import predict
+        from qconvert.plan.prediction import check_resources as check
+        from qconvert.plan.prediction import predict
 
         check(predict(checkpoint, plan, settings, destination))
     planned, layout = plan.tensors, plan.layout
@@ -228,7 +228,7 @@ def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> Conversio
     plan = plan_conversion(checkpoint, settings)
     if settings.target_bpw is None and settings.target_size is None:
         return plan
-    from qconvert.allocation import Sensitivity
+    from qconvert.plan.allocation import Sensitivity
 
     sensitivity = Sensitivity(checkpoint, plan, settings)
     # A mix of widths may change the layout (and so the bytes of each width): price it in the new one.

@@ -8,8 +8,8 @@ import torch
 from qconvert.calibration.samples import CalibrationSettings
 from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES
+from qconvert.plan.recipes import Recipe, Rule
 from qconvert.quantizers import QuantConfig
-from qconvert.recipes import Recipe, Rule
 
 PASSTHROUGH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

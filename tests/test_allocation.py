@@ -6,10 +6,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from qconvert.allocation import _choose, _lower_hull, _Option
 from qconvert.cli import app
 from qconvert.conversion import convert
 from qconvert.errors import SchemeError
+from qconvert.plan.allocation import _choose, _lower_hull, _Option
 from qconvert.settings import Settings
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from qconvert import prediction
 from qconvert.cli import app
+from qconvert.plan import prediction
 
 runner = CliRunner()
 

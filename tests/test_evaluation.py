@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 import qconvert
 from qconvert import Settings, convert
 from qconvert.cli import app
-from qconvert.evaluation import EvalSettings, evaluate, score, token_windows
-from qconvert.qlinear import QuantizedLinear
+from qconvert.evaluate.evaluation import EvalSettings, evaluate, score, token_windows
+from qconvert.evaluate.qlinear import QuantizedLinear
+from qconvert.evaluate.runtime import build_quantized_model
 from qconvert.quantizers import QuantConfig, dequantize, get
-from qconvert.runtime import build_quantized_model
 
 torch.set_grad_enabled(False)
 TEXT = "Quantization maps floating point weights to a few bits. " * 60
@@ -34,7 +34,7 @@ def test_perplexity_agrees_with_transformers_own_loss(tiny_lm):
 def test_quantized_model_scores_like_its_dequantized_copy(tiny_lm, tmp_path, settings):
     out = convert(tiny_lm, tmp_path / "out", settings).output
     result = evaluate(out, TEXT, small_settings(use_kernels=False))
-    windows = token_windows(qconvert.evaluation.load_tokenizer((out, None)), TEXT, small_settings())
+    windows = token_windows(qconvert.evaluate.evaluation.load_tokenizer((out, None)), TEXT, small_settings())
     assert result.perplexity == pytest.approx(score(qconvert.load_model(out), windows)["perplexity"], rel=1e-5)
     assert result.kind == "qconvert" and result.bits_per_weight < 16
 

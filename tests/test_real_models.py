@@ -114,7 +114,7 @@ def test_minilm_embeddings_survive(real_models, tmp_path, bits, group_size, min_
 
 
 def test_smollm2_mixed_recipe_quantizes_the_tied_embedding_once(smollm2, tmp_path, eval_windows, float_logits):
-    from qconvert.recipes import load_recipe
+    from qconvert.plan.recipes import load_recipe
     from qconvert.settings import build_settings
 
     recipe = load_recipe(REPO / "configs" / "mixed-q4km.toml")
@@ -151,7 +151,7 @@ def test_smollm2_symmetric_mixed_bits_load_in_transformers(smollm2, tmp_path, ev
 
 
 def load_rules(tmp_path, text):
-    from qconvert.recipes import load_recipe
+    from qconvert.plan.recipes import load_recipe
 
     (tmp_path / "r.toml").write_text(text)
     return load_recipe(tmp_path / "r.toml").rules

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from qconvert.cli import app
 from qconvert.conversion import convert
 from qconvert.errors import SchemeError
-from qconvert.recipes import load_recipe
+from qconvert.plan.recipes import load_recipe
 from qconvert.settings import build_settings
 
 REPO = Path(__file__).resolve().parents[1]

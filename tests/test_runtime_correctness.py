@@ -121,7 +121,7 @@ def test_moe_router_stays_float_and_the_runtime_matches_qconvert(moe_models, tmp
 
 
 def test_a_quantized_router_is_caught_by_check_and_never_published(moe_models, tmp_path, monkeypatch):
-    import qconvert.skeleton as skeleton
+    import qconvert.io.skeleton as skeleton
 
     real_roles = skeleton._roles
 
@@ -166,7 +166,7 @@ def test_gpt2_conv1d_is_refused_in_one_sentence(gpt2, tmp_path):
 
 
 def test_gpt2_named_like_linears_would_be_caught_before_publishing(gpt2, tmp_path, monkeypatch):
-    import qconvert.skeleton as skeleton
+    import qconvert.io.skeleton as skeleton
 
     monkeypatch.setattr(skeleton, "build_skeleton", lambda *args: None)  # decide by name, as before
     # symmetric: transformers loads compressed-tensors linears only, so every Conv1D weight would be random

@@ -57,8 +57,8 @@ def test_sweep_writes_every_file_and_plots_every_point(tiny_lm, tmp_path, text):
         assert (report / name).read_bytes()[:8] == PNG_SIGNATURE
         height, width, _ = matplotlib.image.imread(report / name).shape
         assert height > 200 and width > 200
-    from qconvert.report import plotted
-    from qconvert.sweep import SweepRow
+    from qconvert.evaluate.report import plotted
+    from qconvert.evaluate.sweep import SweepRow
 
     assert len(plotted([SweepRow(**r) for r in rows])) == 4  # one point per row
     assert "| rtn int4 g32 |" in (report / "report.md").read_text()

@@ -57,7 +57,7 @@ def calibration_windows(tokenizer_folder: Path, settings: CalibrationSettings) -
     """
     from transformers import AutoTokenizer
 
-    from qconvert.evaluation import read_text
+    from qconvert.io.text import read_text
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)

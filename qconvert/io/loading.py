@@ -95,7 +95,7 @@ class Checkpoint:
     def skeleton(self):
         """The model transformers builds from the config, with each tensor's role (`skeleton.py`), or None."""
         if not self._skeleton:
-            from qconvert.skeleton import build_skeleton
+            from qconvert.io.skeleton import build_skeleton
 
             self._skeleton.append(build_skeleton(self.folder, self.config, list(self.tensors)))
         return self._skeleton[0]

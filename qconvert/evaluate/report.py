@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from qconvert.errors import QConvertError
-from qconvert.sweep import SweepRow, rows_as_dicts
+from qconvert.evaluate.sweep import SweepRow, rows_as_dicts
 
 COLUMNS = [  # (header, row attribute, format)
     ("setting", "label", "{}"),

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.evaluate.qlinear import QuantizedLinear
 from qconvert.libraries import quiet_libraries, quiet_transformers
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.output import iter_records, quantized_tensor
-from qconvert.qlinear import QuantizedLinear
 from qconvert.quantizers.base import dequantize
 
 

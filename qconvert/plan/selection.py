@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 from qconvert.errors import SchemeError
 from qconvert.io.loading import TensorInfo
-from qconvert.recipes import Rule
-from qconvert.skeleton import EMBEDDING, EXPERTS, LINEAR, QUANTIZABLE, UNUSED
+from qconvert.io.skeleton import EMBEDDING, EXPERTS, LINEAR, QUANTIZABLE, UNUSED
+from qconvert.plan.recipes import Rule
 
 # A transformer block's tensors carry its index: model.layers.3., encoder.layer.0., h.11., blocks.2.
 IN_BLOCK = re.compile(r"(^|\.)\d+\.")

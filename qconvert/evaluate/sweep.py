@@ -16,7 +16,7 @@ from typing import Callable
 from qconvert.calibration.samples import CalibrationSettings
 from qconvert.conversion import convert
 from qconvert.errors import QConvertError
-from qconvert.evaluation import EvalSettings
+from qconvert.evaluate.evaluation import EvalSettings
 from qconvert.io.loading import sha256_file
 from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, read_manifest

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from qconvert.errors import QConvertError
 from qconvert.io.loading import Checkpoint
-from qconvert.planning import ConversionPlan
+from qconvert.plan.planning import ConversionPlan
 from qconvert.settings import Settings
 
 GB = 1e9

@@ -25,7 +25,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
-from qconvert.planning import ConversionPlan
+from qconvert.plan.planning import ConversionPlan
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.base import dequantize
 from qconvert.quantizers.rtn import rtn_quantize

@@ -15,8 +15,8 @@ from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from qconvert.io.loading import Checkpoint
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import Manifest, StoredRecord, TensorRecord
+from qconvert.plan.selection import command_line_rules, decide
 from qconvert.quantizers import Quantizer, get
-from qconvert.selection import command_line_rules, decide
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
 
 
@@ -117,8 +117,8 @@ def plan_conversion(
 def _nothing_selected(checkpoint: Checkpoint, skeleton) -> SchemeError:
     """Why nothing was selected, and the way out if there is one."""
     from qconvert.errors import UnsupportedModelError
-    from qconvert.selection import IN_BLOCK
-    from qconvert.skeleton import QUANTIZABLE
+    from qconvert.io.skeleton import QUANTIZABLE
+    from qconvert.plan.selection import IN_BLOCK
 
     if skeleton is not None:
         roles = sorted(
