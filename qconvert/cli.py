@@ -491,7 +491,7 @@ def _exported_as(
     run uses it meanwhile. It is removed on success and on error, and kept after an interruption only
     when it holds finished calibration blocks (the interruption's note says where)."""
     from qconvert.conversion import default_output, source_paths
-    from qconvert.exporting import default_destination, export
+    from qconvert.formats.exporting import default_destination, export
     from qconvert.io.sources import open_checkpoint
     from qconvert.io.writing import check_destination, output_lock, remove_path
 
@@ -744,7 +744,7 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout.")] = False,
 ) -> None:
     """Write a qconvert output in another runtime's format, saying which tensors moved exactly."""
-    from qconvert.exporting import export as export_output
+    from qconvert.formats.exporting import export as export_output
 
     def action() -> None:
         report = export_output(output, to.value, destination, force)

@@ -315,7 +315,7 @@ def _stored_in_float32(path: Path) -> bool:
 
 def _mlx_dequantized(path: Path) -> dict:
     """The float weights of an MLX folder, read by qconvert: per module, weight = scales · code + biases
-    over groups, codes a little-endian bit stream in uint32 words (`mlx_export.py`)."""
+    over groups, codes a little-endian bit stream in uint32 words (`formats/mlx.py`)."""
     import torch
     from safetensors.torch import load_file
 

@@ -28,7 +28,7 @@ class Settings:
 
     `quantizer` … `scale_dtype` are the defaults every quantized tensor gets unless a rule (from
     `rules` or `include`) overrides them; `target_bpw` / `target_size` then let qconvert choose
-    each tensor's bits within that budget (see `allocation.py`).
+    each tensor's bits within that budget (see `plan/allocation.py`).
     """
 
     quantizer: str = "rtn"

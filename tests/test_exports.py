@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import qconvert
 from qconvert.cli import app
 from qconvert.conversion import convert
-from qconvert.exporting import export
+from qconvert.formats.exporting import export
 from qconvert.quantizers.base import QuantizedTensor
 from qconvert.settings import Settings
 
@@ -124,7 +124,7 @@ def test_gptq_export_unpacks_to_qconvert_s_weights(tmp_path, tiny_lm, bits, grou
 
 
 def test_gptq_v1_moves_a_zero_of_zero_up_one_code():
-    from qconvert.gptq_export import _v1_codes_and_zeros
+    from qconvert.formats.gptq import _v1_codes_and_zeros
 
     codes = torch.tensor([[0, 3, 14, 2], [15, 0, 1, 1]], dtype=torch.uint8)
     q = QuantizedTensor(

@@ -20,7 +20,7 @@ def choose_layout(
 ) -> Layout:
     """The layout to write: the requested one, or for "auto" compressed-tensors when it can hold
     every quantized tensor (so transformers loads the output with no qconvert code), else native.
-    `roles` are the tensors' roles in the model the runtime builds (`skeleton.py`), where known.
+    `roles` are the tensors' roles in the model the runtime builds (`io/skeleton.py`), where known.
 
     Raises:
         SchemeError: an explicitly requested layout cannot hold one of the tensors.

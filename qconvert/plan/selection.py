@@ -6,7 +6,7 @@ first whose regex matches a tensor's name decides it. A tensor no rule matches f
 (embeddings, norms, biases, the output head) is kept.
 
 "Linear layer" means what the runtime builds, not what the name suggests: where transformers can
-build the model, each tensor's role comes from its module in that model (`skeleton.py`), so a
+build the model, each tensor's role comes from its module in that model (`io/skeleton.py`), so a
 GPT-2 Conv1D or an MoE router stored as a plain parameter stays in float, and no rule can make it
 quantized (a layout could not hold it, and the runtime would load random weights in its place).
 Without a config (a lone weights file) or an architecture transformers knows, names decide.
@@ -50,7 +50,7 @@ def _compile(pattern: str, option: str) -> re.Pattern:
 def decide(info: TensorInfo, rules: Sequence[Rule], role: str | None = None) -> Decision:
     """Decide for one tensor: the first matching rule, else the default rule.
 
-    `role` is the tensor's role in the model the runtime builds (`skeleton.py`), or None when
+    `role` is the tensor's role in the model the runtime builds (`io/skeleton.py`), or None when
     unknown (then names decide).
     """
     is_float_matrix = len(info.shape) == 2 and info.dtype.is_floating_point and info.numel > 0

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from qconvert.errors import SchemeError, UnsupportedModelError
-from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config
 from qconvert.formats import choose_layout
 from qconvert.formats.base import record_config
+from qconvert.formats.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config
 from qconvert.io.skeleton import build_skeleton
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorRecord, read_manifest

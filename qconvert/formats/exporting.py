@@ -8,13 +8,12 @@ rows (dequantized: bigger, never wrong); the report names every tensor in each o
 knows what, if anything, changed on the way.
 """
 
-import importlib
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qconvert.errors import SourceError
+from qconvert.errors import SchemeError, SourceError
 from qconvert.manifest import MANIFEST_FILE
 
 FORMATS = ("gguf", "mlx", "gptq", "compressed-tensors")
@@ -61,9 +60,19 @@ def export(output: Path, to: str, destination: Path | None = None, force: bool =
         UnsupportedModelError: the format cannot describe this model.
         OutputError: `destination` exists and `force` is false.
     """
-    module = importlib.import_module(f"qconvert.{to.replace('-', '_')}_export")  # each pulls in its own libraries
-    exporter = getattr(module, f"export_{to.replace('-', '_')}")
-    return exporter(output, destination or default_destination(output, to), force)
+    # Imported here, not at the top: each exporter reads outputs through qconvert.output, which needs the
+    # layouts of this package, and pulls in its own libraries (gguf, ...).
+    from qconvert.formats import compressed_tensors_export, gguf, gptq, mlx
+
+    exporters = {
+        "gguf": gguf.export_gguf,
+        "mlx": mlx.export_mlx,
+        "gptq": gptq.export_gptq,
+        "compressed-tensors": compressed_tensors_export.export_compressed_tensors,
+    }
+    if to not in exporters:
+        raise SchemeError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}.")
+    return exporters[to](output, destination or default_destination(output, to), force)
 
 
 def read_config(output: Path, needed_by: str) -> dict:

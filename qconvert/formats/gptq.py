@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import UnsupportedModelError
-from qconvert.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config, recomputed_by_runtimes
+from qconvert.formats.exporting import (
+    WEIGHTS_FILE,
+    ExportReport,
+    copy_tokenizer_files,
+    read_config,
+    recomputed_by_runtimes,
+)
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qconvert.errors import SourceError, UnsupportedModelError
-from qconvert.exporting import ExportReport, recomputed_by_runtimes
+from qconvert.formats.exporting import ExportReport, recomputed_by_runtimes
 from qconvert.io.writing import staged_output
 from qconvert.manifest import read_manifest
 from qconvert.output import iter_records, quantized_tensor
