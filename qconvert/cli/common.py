@@ -1,0 +1,264 @@
+"""What every command shares: the Typer app, consoles that never read text as markup, the one place
+errors, OS errors and signals become a sentence and an exit code, and the options several commands take."""
+
+import errno
+import re
+import signal
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from qconvert import __version__
+from qconvert.errors import QConvertError
+
+app = typer.Typer(
+    help="Turn a Hugging Face checkpoint into a compact quantized model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# markup=False everywhere: paths, tensor names and messages are printed as they are ("qconvert[hf]"
+# must not lose its brackets); styles come only from `say`'s Text.
+stderr = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)  # a path is never broken across lines
+
+
+def stdout_console() -> Console:
+    # Tables piped to a file or a CI log should not wrap at 80 columns.
+    console = Console(markup=False, highlight=False)
+    return console if console.is_terminal else Console(width=200, markup=False, highlight=False)
+
+
+def say(label: str, style: str, text: str, console: Console | None = None) -> None:
+    """One line: a styled label, then `text` exactly as given."""
+    (console or stderr).print(Text.assemble((label, style), " ", text), soft_wrap=True)
+
+
+_debug = False
+
+
+class ExportFormat(str, Enum):
+    gguf = "gguf"
+    mlx = "mlx"
+    gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
+
+
+class OutputFormat(str, Enum):
+    qconvert = "qconvert"
+    gguf = "gguf"
+    mlx = "mlx"
+    gptq = "gptq"
+    compressed_tensors = "compressed-tensors"
+
+
+class Layout(str, Enum):
+    auto = "auto"
+    compressed_tensors = "compressed-tensors"
+    native = "native"
+
+
+class FloatDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class ScaleDtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what CI runners and `timeout` send), handled exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def run_command(action: Callable[[], int | None]) -> None:
+    """Run a command body; a user error, an OS error or an interruption becomes one line on stderr and its
+    exit code. Anything else is a bug in qconvert: its traceback is kept, with a request to report it."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (the CLI called from a worker thread): signals stay as they are
+        previous = None
+    try:
+        code = action()
+    except QConvertError as exc:
+        if _debug:
+            raise
+        say("error:", "bold red", str(exc))
+        raise typer.Exit(code=exc.exit_code) from None
+    except KeyboardInterrupt as exc:
+        kept = getattr(exc, "qconvert_note", None)
+        stderr.print(
+            f"{'terminated' if isinstance(exc, _Terminated) else 'interrupted'}; nothing was published."
+            + (f" {kept}" if kept else "")
+        )
+        raise typer.Exit(code=143 if isinstance(exc, _Terminated) else 130) from None
+    except OSError as exc:
+        if _debug:
+            raise
+        code = 6 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 2
+        say("error:", "bold red", _os_error_sentence(exc))
+        raise typer.Exit(code=code) from None
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise  # usage errors: typer prints them itself (exit 2)
+    except Exception:
+        traceback.print_exc()
+        say(
+            "error:", "bold red", f"this is a bug in qconvert {__version__}; please report it with the traceback above."
+        )
+        raise typer.Exit(code=1) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        raise typer.Exit(code=code)
+
+
+def _os_error_sentence(exc: OSError) -> str:
+    """One sentence for an OS error: what failed, on which path, and what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    advice = {
+        errno.ENOSPC: "nothing was published; free some space or write the output elsewhere with -o",
+        errno.EDQUOT: "nothing was published; free some space or write the output elsewhere with -o",
+        errno.EACCES: "check the permissions, or write the output elsewhere with -o",
+        errno.EPERM: "check the permissions, or write the output elsewhere with -o",
+        errno.EROFS: "write the output elsewhere with -o",
+        errno.ENOENT: "check that the path exists and was not moved away while qconvert ran",
+    }.get(exc.errno, "")
+    return f"{reason}{':' if where else ''}{where}" + (f"; {advice}." if advice else ".")
+
+
+def parse_size(text: str) -> int:
+    """ "500MB", "2GiB", "1000000" -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 500MB or 2GiB.")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
+    return int(number * scale)
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for user errors too.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    if version:
+        print(f"qconvert {__version__}")
+        raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
+        raise typer.Exit(code=2)
+
+
+RecipeOption = Annotated[
+    Optional[Path],
+    typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults."),
+]
+BitsOption = Annotated[
+    Optional[int],
+    typer.Option("--bits", help="Bits per weight code: 2, 3, 4, 5, 6 or 8. (default: 4)", show_default=False),
+]
+GroupOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--group-size",
+        help="Weights per scale within a row; 0 = one scale per output channel. (default: 64)",
+        show_default=False,
+    ),
+]
+SymmetricOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--symmetric/--asymmetric",
+        help="Symmetric grid (no zero point) or asymmetric (integer zero point). (default: asymmetric)",
+        show_default=False,
+    ),
+]
+QuantizerOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`. (default: rtn)", show_default=False
+    ),
+]
+TargetBpwOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-bpw",
+        help=(
+            "Choose each tensor's bits to average this many bits per quantized weight (scales and zero points counted)."
+        ),
+    ),
+]
+TargetSizeOption = Annotated[
+    Optional[str],
+    typer.Option("--target-size", help="Choose each tensor's bits so the whole output fits this size, e.g. 90MB."),
+]
+IncludeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Also quantize 2-D tensors whose name matches this regex (repeatable)."),
+]
+ExcludeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Keep tensors whose name matches this regex in float (repeatable)."),
+]
+CalibOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--calib", help="Calibration text file, for calibrated quantizers (gptq, awq).", rich_help_panel="Calibration"
+    ),
+]
+CalibSamplesOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--calib-samples", help="Calibration windows. (default: 128)", show_default=False, rich_help_panel="Calibration"
+    ),
+]
+CalibSeqlenOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--calib-seqlen",
+        help="Tokens per calibration window. (default: 512)",
+        show_default=False,
+        rich_help_panel="Calibration",
+    ),
+]
+OutputOption = Annotated[
+    Optional[Path], typer.Option("-o", "--output", help="Output folder (default: <source>-<scheme> beside the source).")
+]
+
+
+def print_export(report) -> None:
+    stderr.print(
+        f"wrote {report.destination} ({report.format}): {len(report.exact)} tensors exact, "
+        f"{len(report.repacked)} repacked on the same grid (offsets rounded to the scales' float type), "
+        f"{len(report.requantized)} requantized, {len(report.dequantized)} written as float (no block of the "
+        "format fits their rows)"
+    )
+    for name in report.requantized:
+        stderr.print(f"  requantized: {name}")
+    for name in report.dequantized:
+        stderr.print(f"  as float: {name}")
