@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from qconvert.cli import app
 from qconvert.conversion import convert
-from qconvert.formats.exporting import export
+from qconvert.formats.export import export
 from qconvert.settings import Settings
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import qconvert
 from qconvert.cli import app
 from qconvert.conversion import convert
-from qconvert.formats.exporting import export
+from qconvert.formats.export import export
 from qconvert.quantizers.base import QuantizedTensor
 from qconvert.settings import Settings
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import qconvert
 from qconvert.cli import app
 from qconvert.conversion import convert
-from qconvert.formats.exporting import export
+from qconvert.formats.export import export
 from qconvert.settings import Settings
 
 runner = CliRunner()

@@ -266,7 +266,7 @@ def _exported_as(
     run uses it meanwhile. It is removed on success and on error, and kept after an interruption only
     when it holds finished calibration blocks (the interruption's note says where)."""
     from qconvert.conversion import default_output, source_paths
-    from qconvert.formats.exporting import default_destination, export
+    from qconvert.formats.export import default_destination, export
     from qconvert.io.sources import open_checkpoint
     from qconvert.io.writing import check_destination, output_lock, remove_path
 

@@ -28,7 +28,7 @@ def export(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout.")] = False,
 ) -> None:
     """Write a qconvert output in another runtime's format, saying which tensors moved exactly."""
-    from qconvert.formats.exporting import export as export_output
+    from qconvert.formats.export import export as export_output
 
     def action() -> None:
         report = export_output(output, to.value, destination, force)
