@@ -40,3 +40,9 @@ class QualityGateError(QConvertError):
     """A quality or size limit (eval --max-ppl..., verify --max-bpw) was crossed (exit code 4)."""
 
     exit_code = 4
+
+
+class ResourceError(QConvertError):
+    """The plan predicts more memory or disk than the machine has (exit code 6)."""
+
+    exit_code = 6

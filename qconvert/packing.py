@@ -103,3 +103,34 @@ def _unpack_across_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     parts = [(word >> (j * bits)) & mask for j in range(8)]
     return torch.stack(parts, dim=-1).to(torch.uint8).view(rows, -1)
+
+
+def pack_words(codes: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Pack codes along the last dimension into int32 words of 32 / bits codes each, as GPTQ and AWQ store
+    them: slot i of a word (bits i·bits ... i·bits + bits - 1) holds code `order[i]` of its run (code i
+    when `order` is None; AutoAWQ's order is 0 2 4 6 1 3 5 7).
+
+    Args:
+        codes: integers in [0, 2**bits), shape (..., n) with n a multiple of 32 / bits; bits 2, 4 or 8.
+
+    Returns:
+        int32 (..., n·bits / 32), the same 32 bits as the unsigned word.
+    """
+    per_word = 32 // bits
+    values = codes.to(torch.int64) & (2**bits - 1)
+    runs = values.reshape(*values.shape[:-1], -1, per_word)
+    if order is not None:
+        runs = runs[..., list(order)]
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (runs << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_words(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of `pack_words`: int32 (..., w) -> int64 codes (..., w · 32 / bits)."""
+    per_word = 32 // bits
+    values = words.to(torch.int64) & 0xFFFFFFFF
+    slots = torch.stack([(values >> (bits * i)) & (2**bits - 1) for i in range(per_word)], dim=-1)
+    if order is not None:
+        slots = slots[..., [order.index(c) for c in range(per_word)]]
+    return slots.reshape(*words.shape[:-1], -1)

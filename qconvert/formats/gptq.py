@@ -36,6 +36,7 @@ from qconvert.formats.exporting import (
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
 from qconvert.manifest import TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
+from qconvert.packing import pack_words
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
 from qconvert.quantizers.rtn import rtn_quantize
 
@@ -175,16 +176,9 @@ def _v1_codes_and_zeros(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def pack_int32(values: torch.Tensor, bits: int, along_rows: bool = True) -> torch.Tensor:
-    """Pack 32/bits consecutive values (down the rows, or along each row) into one int32, the first in
-    the lowest bits."""
-    per_word = 32 // bits
-    values = values.to(torch.int64) & (2**bits - 1)
-    if not along_rows:
-        return pack_int32(values.t(), bits).t().contiguous()
-    rows, columns = values.shape
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, per_word, 1)
-    words = (values.view(rows // per_word, per_word, columns) << shifts).sum(dim=1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+    """Pack 32/bits consecutive values (down the rows, as qweight; or along each row, as qzeros) into one
+    int32 each, the first in the lowest bits (`packing.pack_words`)."""
+    return pack_words(values.t(), bits).t().contiguous() if along_rows else pack_words(values, bits)
 
 
 def _quantize_config(grid: tuple[int, int, bool], modules: list[str]) -> dict:

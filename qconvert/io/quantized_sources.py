@@ -25,6 +25,7 @@ import torch
 
 from qconvert.errors import SourceError
 from qconvert.io.loading import Checkpoint, TensorInfo
+from qconvert.packing import unpack_words
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 RECENT = 4  # decoded modules kept: the prefetch depth plus the one being converted, and a spare
@@ -244,23 +245,12 @@ def _compressed_tensors_modules(raw: Checkpoint, quantization: dict) -> dict[str
     return modules
 
 
-def _unpack_words(words: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
-    """int32 words -> their 32/bits codes each, along the last dimension (the first code in the lowest
-    bits, or at the positions `order` gives)."""
-    per_word = 32 // bits
-    values = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.stack([(values >> (bits * i)) & (2**bits - 1) for i in range(per_word)], dim=-1)
-    if order is not None:
-        codes = codes[..., [order.index(c) for c in range(per_word)]]
-    return codes.reshape(*words.shape[:-1], -1)
-
-
 def _decode_gptq(
     checkpoint: QuantizedCheckpoint, module: _Module, parts: dict
 ) -> tuple[QuantizedTensor | None, torch.Tensor | None]:
     bits, (rows, columns) = module.bits, module.shape
-    codes = _unpack_words(parts["qweight"].t(), bits).t()[:columns].t()  # (out, in)
-    zeros = _unpack_words(parts["qzeros"], bits)[:, :rows].t()  # (out, groups)
+    codes = unpack_words(parts["qweight"].t(), bits).t()[:columns].t()  # (out, in)
+    zeros = unpack_words(parts["qzeros"], bits)[:, :rows].t()  # (out, groups)
     if checkpoint.checkpoint_format != "gptq_v2":
         zeros = (zeros + 1) & (2**bits - 1)  # v1 stores zero - 1
     if module.symmetric and not bool((zeros == 2 ** (bits - 1)).all()):
@@ -283,8 +273,8 @@ def _decode_gptq(
 
 
 def _decode_awq(checkpoint: QuantizedCheckpoint, module: _Module, parts: dict) -> tuple[QuantizedTensor | None, None]:
-    codes = _unpack_words(parts["qweight"], 4, AWQ_ORDER).t()  # (out, in)
-    zeros = _unpack_words(parts["qzeros"], 4, AWQ_ORDER).t()
+    codes = unpack_words(parts["qweight"], 4, AWQ_ORDER).t()  # (out, in)
+    zeros = unpack_words(parts["qzeros"], 4, AWQ_ORDER).t()
     return _quantized(codes, parts["scales"].t().contiguous(), zeros, 4, module.group_size, module, checkpoint), None
 
 

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qconvert.errors import QConvertError
+from qconvert.errors import ResourceError
 from qconvert.io.loading import Checkpoint
 from qconvert.plan.planning import ConversionPlan
 from qconvert.settings import Settings
@@ -33,12 +33,6 @@ FORWARD_OVERHEAD = (
 STREAM_BYTES_PER_S = 150e6  # source bytes read, quantized, hashed and written per second (rtn)
 STARTUP_S = 3.0
 CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
-
-
-class ResourceError(QConvertError):
-    """The plan predicts more memory or disk than the machine has (exit code 6)."""
-
-    exit_code = 6
 
 
 @dataclass
