@@ -1,5 +1,6 @@
 """What a conversion does, as one value: built from command-line flags, a recipe, or both."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,21 +108,17 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
 
 
 def settings_dict(settings: Settings) -> dict:
-    return {
-        "quantizer": settings.quantizer,
-        "bits": settings.bits,
-        "group_size": settings.group_size,
-        "symmetric": settings.symmetric,
-        "scale_dtype": settings.scale_dtype,
-        "include": list(settings.include),
-        "exclude": list(settings.exclude),
-        "dtype": settings.dtype,
-        "layout": settings.layout,
-        "max_shard_size": settings.max_shard_size,
-        "options": dict(sorted(settings.options.items())),
-        "calibration": settings.calibration.describe() if settings.calibration else None,
-        "recipe": settings.recipe.describe() if settings.recipe else None,
-        "rules": [rule.describe() for rule in settings.rules],
-        "target_bpw": settings.target_bpw,
-        "target_size": settings.target_size,
-    }
+    """Every field of `settings` as plain JSON values: the manifest's record and the key that decides
+    whether a calibration store or a batch output is still current. Derived from the dataclass fields,
+    so a field added to `Settings` can never be left out of the key."""
+    return {f.name: _plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+
+
+def _plain(value):
+    if hasattr(value, "describe"):  # a recipe, its rules, calibration settings
+        return value.describe()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in sorted(value.items())}
+    return value

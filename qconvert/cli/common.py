@@ -15,6 +15,7 @@ from rich.text import Text
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
+from qconvert.packing import SUPPORTED_BITS
 
 app = typer.Typer(
     help="Turn a Hugging Face checkpoint into a compact quantized model.",
@@ -174,13 +175,14 @@ def main(
         raise typer.Exit(code=2)
 
 
+BITS_TEXT = ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"
 RecipeOption = Annotated[
     Optional[Path],
     typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults."),
 ]
 BitsOption = Annotated[
     Optional[int],
-    typer.Option("--bits", help="Bits per weight code: 2, 3, 4, 5, 6 or 8. (default: 4)", show_default=False),
+    typer.Option("--bits", help=f"Bits per weight code: {BITS_TEXT}. (default: 4)", show_default=False),
 ]
 GroupOption = Annotated[
     Optional[int],

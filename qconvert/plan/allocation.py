@@ -25,13 +25,14 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
+from qconvert.packing import SUPPORTED_BITS
 from qconvert.plan.planning import ConversionPlan
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.base import dequantize
 from qconvert.quantizers.rtn import rtn_quantize
 from qconvert.settings import Settings
 
-CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)
+CANDIDATE_BITS = SUPPORTED_BITS
 GROUP_MULTIPLES = (
     0.5,
     1,
