@@ -32,6 +32,7 @@ import torch
 from qconvert.errors import SourceError
 from qconvert.formats.compressed_tensors import schemes_from_config
 from qconvert.io.skeleton import build_skeleton
+from qconvert.io.sources import open_checkpoint
 from qconvert.libraries import quiet_libraries
 from qconvert.manifest import MANIFEST_FILE
 
@@ -135,12 +136,10 @@ def check(path: Path, runtime: str, forward: bool = False) -> tuple[str, list[Pr
 
 
 def _transformers_load(path: Path, **kwargs):
-    """transformers' AutoModelForCausalLM (or AutoModel) loading of `path`, with its loading report."""
+    """transformers' AutoModelForCausalLM (or AutoModel) loading of `path`, with its loading report (callers
+    run it inside `quiet_libraries`)."""
     import transformers
 
-    from qconvert.libraries import quiet_transformers
-
-    quiet_transformers()
     config = _config(path)
     causal = any(
         a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
@@ -162,11 +161,11 @@ def loading_problems(path: Path) -> list[Problem]:
         return [Problem(None, _cannot_load(exc, log))]
     if info.get("mismatched_keys"):
         shapes = _recorded_shapes(path)
-        info["mismatched_keys"] = {m for m in info["mismatched_keys"] if not _shape_recorded(path, m, shapes)}
+        info["mismatched_keys"] = {m for m in info["mismatched_keys"] if not _shape_recorded(m, shapes)}
     return _loading_info_problems(info)
 
 
-def _shape_recorded(path: Path, mismatch: tuple, shapes: dict) -> bool:
+def _shape_recorded(mismatch: tuple, shapes: dict) -> bool:
     """Whether a mismatch on the meta device is only that: a compressed-tensors weight dequantized while
     loading takes its shape from the values of `weight_shape`, which the meta device does not read. True
     when those values (`shapes`, by runtime name) are the shape the model expects."""
@@ -368,10 +367,12 @@ def _transformers_forward_problems(path: Path, found: str) -> list[Problem]:
     problems = _loading_info_problems(info)
     if problems:
         return problems
-    with quiet_libraries():
-        reference = (
-            load_model(path) if found == "compressed-tensors" else _transformers_load(path, dtype=torch.float32)[0]
-        )
+    if found == "compressed-tensors":
+        with quiet_libraries():
+            reference = load_model(path)
+    else:  # a float checkpoint: the weights as qconvert reads them, not transformers' loading a second time
+        checkpoint = open_checkpoint(path)
+        reference = _model_from_state(path, dict(checkpoint.iter_tensors(list(checkpoint.tensors))))
     ids = _token_ids(getattr(model.config, "vocab_size", None))
     with torch.no_grad(), quiet_libraries():
         ours, theirs = _first_output(reference.eval()(ids)), _first_output(model.eval()(ids))
@@ -578,8 +579,6 @@ def _config(path: Path) -> dict:
 
 
 def _headers(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    from qconvert.io.sources import open_checkpoint
-
     checkpoint = open_checkpoint(path)
     stored = getattr(checkpoint, "stored", None) or checkpoint  # the stored tensors, not a quantized source's weights
     return {name: (info.dtype, tuple(info.shape)) for name, info in stored.tensors.items()}

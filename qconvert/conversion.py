@@ -17,7 +17,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, calibrate
-from qconvert.calibration.store import BlockStore, calibration_folder
+from qconvert.calibration.store import BlockStore, calibration_folder, finished_blocks
 from qconvert.errors import SchemeError, VerificationError
 from qconvert.formats.base import Layout
 from qconvert.io.loading import Checkpoint
@@ -32,7 +32,7 @@ from qconvert.io.writing import (
     remove_path,
     shard_file_names,
     split_into_shards,
-    staged_directory,
+    staged_output,
     write_json,
 )
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
@@ -125,7 +125,7 @@ def convert(
         command=command,
     )
     with output_lock(destination), _calibration_kept_only_when_interrupted(destination):
-        with staged_directory(destination, force, protected) as staging:
+        with staged_output(destination, force, protected) as staging:
             calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
             # the reasons of weights read from a quantized source grow by one clause while converting
             extra = 160 * len(checkpoint.modules) if isinstance(checkpoint, QuantizedCheckpoint) else 0
@@ -160,7 +160,7 @@ def _calibration_kept_only_when_interrupted(destination: Path) -> Iterator[None]
         yield
     except KeyboardInterrupt as exc:
         store = calibration_folder(destination)
-        finished = len(list(store.glob("block-*.safetensors"))) if store.is_dir() else 0
+        finished = finished_blocks(store)
         if finished:
             exc.qconvert_note = (
                 f"The calibration of {finished} finished blocks is kept in {store}: the same command "

@@ -16,8 +16,6 @@ compressed-tensors' ``pack_to_int32`` layout (eight codes per word, code 0 in th
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-
 
 def packed_row_bytes(columns: int, bits: int) -> int:
     """Bytes one packed row of `columns` codes occupies."""

@@ -52,8 +52,9 @@ def verify_output(output: Path) -> tuple[list[str], int]:
                 problems.extend(_check_quantized(manifest, record, stored))
     except QConvertError as exc:
         problems.append(str(exc))
-    if not problems and output.is_dir() and measured_totals(output) != manifest.totals:
-        problems.append(f"the manifest's totals {manifest.totals} are not those of the files {measured_totals(output)}")
+    measured = measured_totals(output) if not problems and output.is_dir() else manifest.totals
+    if measured != manifest.totals:
+        problems.append(f"the manifest's totals {manifest.totals} are not those of the files {measured}")
     return problems, checked
 
 

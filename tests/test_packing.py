@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qconvert.packing import SUPPORTED_BITS, pack_codes, packed_row_bytes, unpack_codes
+from qconvert.limits import SUPPORTED_BITS
+from qconvert.packing import pack_codes, packed_row_bytes, unpack_codes
 
 
 @st.composite

@@ -62,6 +62,44 @@ def leftovers(folder, keep=()):
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
+def calibration_text(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text about Python. " * 200)
+    return text
+
+
+def calibrated(text, quantizer="gptq"):
+    """The flags of a small calibrated conversion."""
+    return ["-q", quantizer, "--calib", text, "--calib-samples", 2, "--calib-seqlen", 32]
+
+
+def edited_copy(source, folder, edit):
+    """A copy of checkpoint `source` at `folder` whose tensors `edit` changed in place."""
+    shutil.copytree(source, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def interrupted_at_block(monkeypatch, number):
+    """Calibration raises KeyboardInterrupt when it starts quantizing its `number`-th block (never for 0);
+    returns the list that counts the blocks it started."""
+    import qconvert.calibration.pipeline as pipeline
+
+    real = pipeline._quantize_block
+    calls = []
+
+    def quantize_block(*args):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_quantize_block", quantize_block)
+    return calls
+
+
 def runtime_logits(path):
     import transformers
 
@@ -461,95 +499,32 @@ def test_a_kept_tensor_cast_out_of_range_is_refused(tmp_path):
 
 @pytest.mark.parametrize("quantizer", ["gptq", "awq"])
 def test_nan_under_calibration_names_the_tensor_and_leaves_nothing(tmp_path, tiny_lm, quantizer):
-    source = tmp_path / "nan"
-    shutil.copytree(tiny_lm, source)
-    tensors = load_file(source / "model.safetensors")
-    tensors["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("nan")
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
-    text = tmp_path / "calib.txt"
-    text.write_text("Some calibration text about Python. " * 200)
-    result = run(
-        "model",
-        source,
-        "-o",
-        tmp_path / "out",
-        "-q",
-        quantizer,
-        "--calib",
-        text,
-        "--calib-samples",
-        2,
-        "--calib-seqlen",
-        32,
-    )
+    def poison(tensors):
+        tensors["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("nan")
+
+    source = edited_copy(tiny_lm, tmp_path / "nan", poison)
+    result = run("model", source, "-o", tmp_path / "out", *calibrated(calibration_text(tmp_path), quantizer))
     assert_sentence(result, 2, "model.layers.1.self_attn.k_proj.weight", "NaN")
     assert leftovers(tmp_path, keep={"nan", "calib.txt"}) == []
 
 
 def test_an_interrupted_calibration_keeps_finished_blocks_says_so_and_resumes(tmp_path, tiny_lm, monkeypatch):
-    import qconvert.calibration.pipeline as pipeline
-
-    text = tmp_path / "calib.txt"
-    text.write_text("Some calibration text about Python. " * 200)
-    real = pipeline._quantize_block
-    calls = []
-
-    def interrupted_at_second_block(quantizer, block, names, checkpoint):
-        calls.append(block.prefix)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(quantizer, block, names, checkpoint)
-
-    monkeypatch.setattr(pipeline, "_quantize_block", interrupted_at_second_block)
-    args = [
-        "model",
-        tiny_lm,
-        "-o",
-        tmp_path / "out",
-        "-q",
-        "gptq",
-        "--calib",
-        text,
-        "--calib-samples",
-        2,
-        "--calib-seqlen",
-        32,
-    ]
+    interrupted_at_block(monkeypatch, 2)
+    args = ["model", tiny_lm, "-o", tmp_path / "out", *calibrated(calibration_text(tmp_path))]
     result = run(*args)
     store = tmp_path / ".out.qconvert-calibration"
     assert result.exit_code == 130 and "nothing was published" in result.output and str(store) in result.output
     assert "delete that folder to discard it" in result.output
     assert leftovers(tmp_path, keep={"calib.txt", store.name}) == []
-    monkeypatch.setattr(pipeline, "_quantize_block", real)
+    monkeypatch.undo()
     assert run(*args).exit_code == 0
     assert leftovers(tmp_path, keep={"calib.txt", "out"}) == []
 
 
 def test_an_interruption_before_any_block_leaves_nothing(tmp_path, tiny_lm, monkeypatch):
-    import qconvert.calibration.pipeline as pipeline
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "_quantize_block", interrupted)
-    text = tmp_path / "calib.txt"
-    text.write_text("Some calibration text about Python. " * 200)
-    result = run(
-        "model",
-        tiny_lm,
-        "-o",
-        tmp_path / "out.gguf",
-        "--format",
-        "gguf",
-        "-q",
-        "gptq",
-        "--calib",
-        text,
-        "--calib-samples",
-        2,
-        "--calib-seqlen",
-        32,
-    )
+    interrupted_at_block(monkeypatch, 1)
+    text = calibration_text(tmp_path)
+    result = run("model", tiny_lm, "-o", tmp_path / "out.gguf", "--format", "gguf", *calibrated(text))
     assert result.exit_code == 130
     assert leftovers(tmp_path, keep={"calib.txt"}) == []
 
@@ -891,20 +866,8 @@ def test_model_json_says_whether_the_runtime_check_ran(tmp_path, tiny_llama):
 
 
 def test_an_interrupted_format_export_keeps_its_scratch_store_and_resumes(tmp_path, tiny_lm, monkeypatch):
-    import qconvert.calibration.pipeline as pipeline
-
-    text = tmp_path / "calib.txt"
-    text.write_text("Some calibration text about Python. " * 200)
-    real = pipeline._quantize_block
-    calls = []
-
-    def interrupted_at_second_block(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(pipeline, "_quantize_block", interrupted_at_second_block)
+    interrupted_at_block(monkeypatch, 2)
+    text = calibration_text(tmp_path)
     args = [
         "model",
         tiny_lm,
@@ -912,23 +875,16 @@ def test_an_interrupted_format_export_keeps_its_scratch_store_and_resumes(tmp_pa
         tmp_path / "m.gguf",
         "--format",
         "gguf",
-        "-q",
-        "gptq",
         "--symmetric",
         "--group-size",
         "32",
-        "--calib",
-        text,
-        "--calib-samples",
-        2,
-        "--calib-seqlen",
-        32,
+        *calibrated(text),
     ]
     assert run(*args).exit_code == 130
     scratch = tmp_path / ".m.gguf.qconvert-scratch"
     assert list(scratch.glob(".*.qconvert-calibration/block-00000.safetensors"))
-    monkeypatch.setattr(pipeline, "_quantize_block", lambda *a: calls.append(1) or real(*a))
-    calls.clear()
+    monkeypatch.undo()
+    calls = interrupted_at_block(monkeypatch, 0)  # counts, never interrupts
     assert run(*args).exit_code == 0
     assert len(calls) == 1  # block 0 was replayed from the store, only block 1 quantized anew
     assert leftovers(tmp_path, keep={"calib.txt", "m.gguf"}) == []
@@ -1033,25 +989,9 @@ def test_gguf_disk_full_is_exit_6(tmp_path, tiny_lm, monkeypatch):
 
 
 def test_a_calibrated_scale_refusal_names_its_tensor(tmp_path, tiny_lm):
-    source = tmp_path / "big"
-    shutil.copytree(tiny_lm, source)
-    tensors = load_file(source / "model.safetensors")
-    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].float() * 1e7
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
-    text = tmp_path / "calib.txt"
-    text.write_text("Some calibration text about Python. " * 200)
-    result = run(
-        "model",
-        source,
-        "-o",
-        tmp_path / "out",
-        "-q",
-        "gptq",
-        "--calib",
-        text,
-        "--calib-samples",
-        2,
-        "--calib-seqlen",
-        32,
-    )
+    def enlarge(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].float() * 1e7
+
+    source = edited_copy(tiny_lm, tmp_path / "big", enlarge)
+    result = run("model", source, "-o", tmp_path / "out", *calibrated(calibration_text(tmp_path)))
     assert_sentence(result, 2, "tensor model.layers.0.mlp.up_proj.weight needs scales")

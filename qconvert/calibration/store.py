@@ -27,6 +27,11 @@ def calibration_folder(destination: Path) -> Path:
     return destination.with_name(f".{destination.name}.qconvert-calibration")
 
 
+def finished_blocks(folder: Path) -> int:
+    """How many blocks a store at `folder` holds finished (0 when there is none): what a rerun resumes from."""
+    return len(list(folder.glob("block-*.safetensors"))) if folder.is_dir() else 0
+
+
 class BlockStore:
     def __init__(self, folder: Path, key: dict) -> None:
         self.folder = folder
@@ -83,7 +88,7 @@ class BlockStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _path(self, index: int) -> Path:
-        return self.folder / f"block-{index:05d}.safetensors"
+        return self.folder / f"block-{index:05d}.safetensors"  # `finished_blocks` counts these
 
 
 def _result(f, name: str, meta: dict) -> "QuantizedTensor | torch.Tensor":

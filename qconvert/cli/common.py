@@ -15,7 +15,7 @@ from rich.text import Text
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
-from qconvert.packing import SUPPORTED_BITS
+from qconvert.limits import SUPPORTED_BITS
 
 app = typer.Typer(
     help="Turn a Hugging Face checkpoint into a compact quantized model.",

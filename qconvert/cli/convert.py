@@ -265,6 +265,7 @@ def _exported_as(
     calibration store there and resumes; the final destination's lock is held throughout, so no other
     run uses it meanwhile. It is removed on success and on error, and kept after an interruption only
     when it holds finished calibration blocks (the interruption's note says where)."""
+    from qconvert.calibration.store import calibration_folder, finished_blocks
     from qconvert.conversion import default_output, source_paths
     from qconvert.formats.export import default_destination, export
     from qconvert.io.sources import open_checkpoint
@@ -281,7 +282,7 @@ def _exported_as(
         try:
             yield scratch / "qconvert", lambda converted: export(converted, output_format, final, force)
         except KeyboardInterrupt:
-            if not any(scratch.glob(".*.qconvert-calibration/block-*.safetensors")):
+            if not finished_blocks(calibration_folder(scratch / "qconvert")):
                 remove_path(scratch)
             raise
         except BaseException:

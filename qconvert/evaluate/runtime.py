@@ -52,7 +52,6 @@ def _weight_files(folder: Path) -> list[Path]:
 def _from_pretrained(folder: Path, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
     try:
         with quiet_libraries():
             return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()

@@ -23,6 +23,7 @@ from collections import defaultdict
 import torch
 
 from qconvert.formats.base import Layout, record_config, scale_spec, source_dtype
+from qconvert.io.skeleton import EXPERTS
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import TensorRecord
 from qconvert.packing import pack_codes, unpack_codes
@@ -78,7 +79,7 @@ class CompressedTensorsLayout(Layout):
                 f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
                 "and compressed-tensors has no partial groups"
             )
-        if not config.symmetric and role == "experts":
+        if not config.symmetric and role == EXPERTS:
             # transformers stacks the experts' weights while loading; their zero points never reach
             # compressed-tensors' decompressor ("Asymmetric quant requires zero-point values")
             return (

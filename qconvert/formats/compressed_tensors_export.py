@@ -15,7 +15,7 @@ from qconvert.formats import choose_layout
 from qconvert.formats.base import record_config
 from qconvert.formats.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config
 from qconvert.io.skeleton import build_skeleton
-from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
 
@@ -39,7 +39,7 @@ def export_compressed_tensors(output: Path, destination: Path, force: bool = Fal
     relaid.compute_totals()
     specs = [TensorSpec(name, s.dtype, tuple(s.shape)) for r in records for name, s in r.stored.items()]
     report = ExportReport(destination, "compressed-tensors")
-    with staged_directory(destination, force, [output]) as folder:
+    with staged_output(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(
             folder / WEIGHTS_FILE, specs, metadata_bytes=len(json.dumps(relaid.to_json())) + 80 * len(specs) + 1024
         )

@@ -33,7 +33,7 @@ from qconvert.formats.exporting import (
     read_config,
     recomputed_by_runtimes,
 )
-from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
 from qconvert.manifest import TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.packing import pack_words
@@ -67,7 +67,7 @@ def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportR
     kinds = {_module_kind(r.name) for r in linears}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grid, kinds)]
     report = ExportReport(destination, "gptq")
-    with staged_directory(destination, force, [output]) as folder:
+    with staged_output(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
         try:
             for record, stored in iter_records(output, manifest):

@@ -26,7 +26,7 @@ from qconvert.formats.exporting import (
     recomputed_by_runtimes,
 )
 from qconvert.io.dtypes import DTYPE_NAMES
-from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_directory
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
 from qconvert.manifest import TensorRecord, read_manifest
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.packing import pack_codes
@@ -48,7 +48,7 @@ def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportRe
     grids = {r.name: mlx_grid(r) for r in manifest.tensors if r.action == "quantized"}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grids.get(r.name))]
     report = ExportReport(destination, "mlx")
-    with staged_directory(destination, force, [output]) as folder:
+    with staged_output(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
         try:
             for record, stored in iter_records(output, manifest):

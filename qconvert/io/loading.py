@@ -35,6 +35,8 @@ AUXILIARY_PATTERNS = (
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+_UNBUILT = object()  # a skeleton not yet built (None means: none can be)
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -75,7 +77,7 @@ class Checkpoint:
     hub_id: str | None = None
     revision: str | None = None
     _digests: dict[Path, str] = field(default_factory=dict, repr=False)
-    _skeleton: list = field(default_factory=list, repr=False)  # [Skeleton | None] once built
+    _skeleton: object = field(default=_UNBUILT, repr=False, compare=False)  # a Skeleton, or None, once built
 
     @property
     def config(self) -> dict | None:
@@ -94,11 +96,11 @@ class Checkpoint:
 
     def skeleton(self):
         """The model transformers builds from the config, with each tensor's role (`skeleton.py`), or None."""
-        if not self._skeleton:
-            from qconvert.io.skeleton import build_skeleton
+        if self._skeleton is _UNBUILT:
+            from qconvert.io import skeleton  # looked up at call time, so a test can stand in for it
 
-            self._skeleton.append(build_skeleton(self.folder, self.config, list(self.tensors)))
-        return self._skeleton[0]
+            self._skeleton = skeleton.build_skeleton(self.folder, self.config, list(self.tensors))
+        return self._skeleton
 
     def auxiliary_files(self) -> list[Path]:
         """Config, tokenizer and generation files to copy beside the converted weights."""

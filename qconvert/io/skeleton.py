@@ -32,7 +32,7 @@ class Skeleton:
     model_class: str
     roles: dict[str, str]
     runtime_names: dict[str, str]
-    _rename: Callable[[str], str] = field(repr=False, compare=False, default=lambda key: key)
+    _rename: Callable[[str], tuple[str, str | None]] = field(repr=False, compare=False)
 
     def role(self, name: str) -> str:
         return self.roles.get(name, UNUSED)
@@ -54,7 +54,7 @@ def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | 
         return None
     if model is None:
         return None
-    rename = _renamer(model)
+    rename = _Renamer(model)
     roles, runtime_names = _roles(model, names, rename)
     return Skeleton(type(model).__name__, roles, runtime_names, rename)
 
@@ -81,23 +81,24 @@ def _meta_model(folder, config: dict):
         return transformers.AutoModel.from_config(hf_config, dtype=torch.float32)
 
 
-def _renamer(model) -> Callable[[str], tuple[str, str | None]]:
-    """transformers' own key renaming for `model`: checkpoint key -> (parameter name, converter pattern)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+class _Renamer:
+    """transformers' own key renaming for a model: checkpoint key -> (parameter name, the converter
+    pattern that matched it or None). Keeps only names, no tensor."""
 
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    known = dict.fromkeys(model.state_dict(keep_vars=True), True)  # names only: no tensor is kept
-    prefix = model.base_model_prefix
+    def __init__(self, model) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    def rename(key: str) -> tuple[str, str | None]:
-        return rename_source_key(key, renamings, converters, prefix, known)
+        transforms = get_model_conversion_mapping(model)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.known = dict.fromkeys(model.state_dict(keep_vars=True), True)
+        self.prefix = model.base_model_prefix
 
-    rename.converters = converters
-    rename.known = known
-    return rename
+    def __call__(self, key: str) -> tuple[str, str | None]:
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(key, self.renamings, self.converters, self.prefix, self.known)
 
 
 def _roles(model, names: list[str], rename) -> tuple[dict[str, str], dict[str, str]]:

@@ -186,13 +186,6 @@ def staged_output(
             raise
 
 
-@contextmanager
-def staged_directory(destination: Path, force: bool, protected: Iterable[Path] = ()) -> Iterator[Path]:
-    """`staged_output` for a folder."""
-    with staged_output(destination, force, protected) as staging:
-        yield staging
-
-
 def remove_path(path: Path) -> None:
     """Remove a file, folder or link at `path` (a link itself, never what it points to); absent is fine."""
     if path.is_symlink() or path.is_file():

@@ -25,7 +25,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
-from qconvert.packing import SUPPORTED_BITS
+from qconvert.limits import SUPPORTED_BITS
 from qconvert.plan.planning import ConversionPlan
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.base import dequantize

@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qconvert.errors import SchemeError
+from qconvert.errors import SchemeError, UnsupportedModelError
 from qconvert.formats import choose_layout
 from qconvert.formats.base import Layout
 from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from qconvert.io.loading import Checkpoint
+from qconvert.io.skeleton import QUANTIZABLE
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import Manifest, StoredRecord, TensorRecord
-from qconvert.plan.selection import command_line_rules, decide
+from qconvert.plan.selection import IN_BLOCK, command_line_rules, decide
 from qconvert.quantizers import Quantizer, get
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
 
@@ -116,10 +117,6 @@ def plan_conversion(
 
 def _nothing_selected(checkpoint: Checkpoint, skeleton) -> SchemeError:
     """Why nothing was selected, and the way out if there is one."""
-    from qconvert.errors import UnsupportedModelError
-    from qconvert.io.skeleton import QUANTIZABLE
-    from qconvert.plan.selection import IN_BLOCK
-
     if skeleton is not None:
         roles = sorted(
             {skeleton.role(n) for n, info in checkpoint.tensors.items() if len(info.shape) == 2 and IN_BLOCK.search(n)}

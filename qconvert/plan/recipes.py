@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qconvert.errors import SchemeError
-from qconvert.packing import SUPPORTED_BITS
+from qconvert.limits import SUPPORTED_BITS
 from qconvert.quantizers.base import SCALE_DTYPES
 
 SCHEME_KEYS = {"quantizer": str, "bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str}

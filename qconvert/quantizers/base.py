@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from qconvert.errors import SchemeError
-from qconvert.packing import SUPPORTED_BITS
+from qconvert.limits import SUPPORTED_BITS
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

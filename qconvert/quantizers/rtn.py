@@ -90,17 +90,25 @@ def symmetric_scales(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.
     return extreme / -(2 ** (bits - 1))
 
 
+def range_scales(low: torch.Tensor, high: torch.Tensor, config: QuantConfig, strict: bool = True) -> torch.Tensor:
+    """The stored scales of groups spanning [low, high] (ranges that include 0) on the config's grid.
+
+    Raises:
+        ScaleRangeError: (strict) see `stored_scales`.
+    """
+    raw = symmetric_scales(low, high, config.bits) if config.symmetric else (high - low) / (2**config.bits - 1)
+    return stored_scales(raw, config.scale_dtype, strict)
+
+
 def grid_for_range(
     low: torch.Tensor, high: torch.Tensor, config: QuantConfig, strict: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) as float32 for ranges [low, high] that include 0; scales are rounded to their stored
     dtype first, so codes are computed against the scale the file will hold. Symmetric zero is 2**(bits-1)."""
+    scale = range_scales(low, high, config, strict).float()
     if config.symmetric:
-        scale = stored_scales(symmetric_scales(low, high, config.bits), config.scale_dtype, strict).float()
         return scale, torch.full_like(scale, 2 ** (config.bits - 1))
-    top = 2**config.bits - 1
-    scale = stored_scales((high - low) / top, config.scale_dtype, strict).float()
-    return scale, (-low / scale).round_().clamp_(0, top)
+    return scale, (-low / scale).round_().clamp_(0, 2**config.bits - 1)
 
 
 def codes_on_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, config: QuantConfig) -> torch.Tensor:
@@ -133,10 +141,8 @@ def check_scale_range(name: str, weight: torch.Tensor, config: QuantConfig) -> N
     blocks = row_blocks(rows, columns)
     for start in blocks:
         low, high = torch.aminmax(group_view(weight[start : start + blocks.step], config), dim=-1)
-        low, high = low.clamp(max=0), high.clamp(min=0)
-        scales = symmetric_scales(low, high, config.bits) if config.symmetric else (high - low) / (2**config.bits - 1)
         try:
-            stored_scales(scales, config.scale_dtype)
+            range_scales(low.clamp(max=0), high.clamp(min=0), config)
         except ScaleRangeError as exc:
             raise SchemeError(f"tensor {name} {exc}") from exc
 
@@ -179,14 +185,14 @@ def _rtn_block(name: str, weight: torch.Tensor, config: QuantConfig):
     top = 2**config.bits - 1
     if config.symmetric:
         half = 2 ** (config.bits - 1)
-        scales = stored_scales(symmetric_scales(low, high, config.bits), config.scale_dtype)
+        scales = range_scales(low, high, config)
         inverse = scales.float().reciprocal().unsqueeze(-1)
         codes = groups.mul_(inverse).round_().clamp_(-half, half - 1).add_(half)
         zeros = None
     else:
         low.clamp_(max=0)
         high.clamp_(min=0)
-        scales = stored_scales((high - low) / top, config.scale_dtype)
+        scales = range_scales(low, high, config)
         inverse = scales.float().reciprocal()
         zeros = low.mul_(inverse).neg_().round_().clamp_(0, top)
         codes = groups.mul_(inverse.unsqueeze(-1)).round_().add_(zeros.unsqueeze(-1)).clamp_(0, top)

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from qconvert.errors import OutputError
 from qconvert.io.dtypes import DTYPE_NAMES
-from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, split_into_shards, staged_directory
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, split_into_shards, staged_output
 
 
 def test_streamed_file_reads_back_with_the_safetensors_library(tmp_path):
@@ -47,17 +47,17 @@ def test_shards_keep_groups_whole():
 def test_staged_directory_replaces_only_on_success(tmp_path):
     destination = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with staged_directory(destination, force=False) as staging:
+        with staged_output(destination, force=False) as staging:
             (staging / "half").write_text("x")
             raise RuntimeError("boom")
     assert not destination.exists() and list(tmp_path.iterdir()) == []
-    with staged_directory(destination, force=False) as staging:
+    with staged_output(destination, force=False) as staging:
         (staging / "done").write_text("x")
     assert (destination / "done").exists()
     with pytest.raises(OutputError, match="--force"):
-        with staged_directory(destination, force=False):
+        with staged_output(destination, force=False):
             pass
-    with staged_directory(destination, force=True) as staging:
+    with staged_output(destination, force=True) as staging:
         (staging / "new").write_text("y")
     assert sorted(p.name for p in destination.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

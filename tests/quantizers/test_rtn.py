@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qconvert.errors import SchemeError
-from qconvert.packing import SUPPORTED_BITS
+from qconvert.limits import SUPPORTED_BITS
 from qconvert.quantizers import QuantConfig, dequantize, get
 from qconvert.quantizers.rtn import ScaleRangeError
 

@@ -1,0 +1,4 @@
+"""What qconvert's grids support, stated once and importable without torch (the command line's help
+texts are built from it, and `qconvert --help` must not pay for importing torch)."""
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
