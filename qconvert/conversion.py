@@ -35,14 +35,22 @@ from qconvert.io.writing import (
     staged_output,
     write_json,
 )
-from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, Manifest, StoredRecord, TensorRecord
+from qconvert.manifest import (
+    MANIFEST_FILE,
+    METADATA_KEY,
+    REPACKED,
+    REQUANTIZED,
+    RESCALED,
+    Manifest,
+    StoredRecord,
+    TensorRecord,
+)
 from qconvert.plan.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
 from qconvert.quantizers.rtn import ScaleRangeError
 from qconvert.settings import Settings, settings_dict
 
 # Called after each source tensor with (its manifest record, source bytes done, source bytes in all, tensors in all).
-REQUANTIZED = "dequantized and quantized again from its"  # in a record's reason: not an exact move
 ProgressCallback = Callable[[TensorRecord, int, int, int], None]
 
 
@@ -127,9 +135,7 @@ def convert(
     with output_lock(destination), _calibration_kept_only_when_interrupted(destination):
         with staged_output(destination, force, protected) as staging:
             calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
-            # the reasons of weights read from a quantized source grow by one clause while converting
-            extra = 160 * len(checkpoint.modules) if isinstance(checkpoint, QuantizedCheckpoint) else 0
-            writers = _open_writers(staging, file_names, shards, manifest, extra)
+            writers = _open_writers(staging, file_names, shards, manifest)
             try:
                 _stream(checkpoint, plan, settings, writers, progress, calibrated)
             except BaseException:
@@ -271,12 +277,10 @@ def _stored_record(planned: list[PlannedTensor], stored_name: str) -> StoredReco
 
 
 def _open_writers(
-    staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest, extra: int = 0
+    staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest
 ) -> list[SafetensorsStreamWriter]:
     manifest.compute_totals()
-    placeholder = {"format": "pt", METADATA_KEY: manifest.to_json()}
-    # Totals and checksums change length a little once known; reserve generously.
-    reserve = len(json.dumps(placeholder)) + 16 * len(manifest.tensors) + 1024 + extra
+    reserve = len(json.dumps({"format": "pt", METADATA_KEY: manifest.widest_json()}))
     return [SafetensorsStreamWriter(staging / name, shard, reserve) for name, shard in zip(file_names, shards)]
 
 
@@ -331,7 +335,7 @@ def _convert_one(
         record.relative_mse = error if error is not None else relative_error(tensor, q)
         return plan.layout.encode(name, q)
     if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
-        tensor, record.reason = result, f"{record.reason}; rescaled by {plan.calibrated.name}"
+        tensor, record.origin = result, RESCALED
     return {name: _cast_kept(name, tensor, kept_dtype(tensor.dtype, settings))}
 
 
@@ -359,10 +363,9 @@ def _cast_kept(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 def _from_quantized_source(
     checkpoint: QuantizedCheckpoint, name: str, config: QuantConfig, record: TensorRecord
 ) -> QuantizedTensor | None:
-    """The source's own codes and scales when they are on the requested grid (repacked exactly), else
-    None, and the record says the weight was dequantized and quantized again."""
+    """The source's own codes and scales when they are on the requested grid (the record's origin
+    becomes "repacked"), else None ("requantized": the weight is dequantized and quantized again)."""
     source = checkpoint.quantized(name)
-    described = checkpoint.describe(name)
     columns = checkpoint.tensors[name].shape[1]
     same = (
         source is not None
@@ -371,10 +374,9 @@ def _from_quantized_source(
         and source.scales.dtype == SCALE_DTYPES[config.scale_dtype]
         and (source.zeros is None or not config.symmetric)
     )
+    record.origin = REPACKED if same else REQUANTIZED
     if not same:
-        record.reason += f"; {REQUANTIZED} {described} source"
         return None
-    record.reason += f"; codes and scales repacked exactly from the {described} source"
     if source.zeros is None and not config.symmetric:  # a symmetric grid is an asymmetric one with centred zeros
         source = dataclasses.replace(
             source, zeros=torch.full(source.scales.shape, 2 ** (source.bits - 1), dtype=torch.uint8)

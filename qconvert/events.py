@@ -108,6 +108,7 @@ class EventLog:
             bytes_total=total,
             eta_s=self._eta("tensor", done, total),
             action=record.action,
+            origin=record.origin,
             bits=record.bits,
             relative_mse=record.relative_mse,
         )

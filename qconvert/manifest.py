@@ -3,15 +3,31 @@
 Written as `qconvert.json` beside the weights and, as the same sorted-key JSON string, under the
 `"qconvert"` key of every safetensors file's `__metadata__`, so a lone weights file still explains
 itself. No timestamps: the same command gives byte-identical output.
+
+Schema 2 adds two structured fields to every tensor record, so tools need not parse `reason` (which
+stays human text): `decided_by` (fixed at plan time: which rule chose the tensor's fate) and `origin`
+(how its stored values came about, known once converted). Schema 1 outputs read with both None.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qconvert.errors import SourceError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# How a tensor's stored values came about:
+QUANTIZED = "quantized"  # quantized here from float weights
+REPACKED = "repacked"  # a quantized source's own codes and scales, moved exactly into this layout
+REQUANTIZED = "requantized"  # a quantized source on another grid: dequantized, then quantized again
+KEPT = "kept"  # the source tensor as it was (cast to --dtype, if given)
+RESCALED = "rescaled"  # kept in float, but changed by the calibrated quantizer (a norm absorbing AWQ's scales)
+ORIGINS = (QUANTIZED, REPACKED, REQUANTIZED, KEPT, RESCALED)
+# decided_by is a rule's label ("--include PATTERN", "rule 2 of r.toml (line 14)") or one of these:
+BY_DEFAULT = "default rule"  # the default: linear weights inside the blocks quantized, the rest kept
+BY_RUNTIME = "runtime module"  # a rule asked for quantization, but the runtime's module cannot hold it
+BY_BUDGET = "size budget"  # the grid was chosen by --target-bpw / --target-size
+WIDEST_FLOAT = -2.2250738585072014e-308  # the longest text a float takes in JSON (24 characters)
 MANIFEST_FILE = "qconvert.json"
 METADATA_KEY = "qconvert"
 
@@ -31,8 +47,10 @@ class StoredRecord:
 class TensorRecord:
     """One source tensor and what became of it.
 
-    `action` is "quantized" or "kept"; `reason` says why. Scheme fields are None for kept tensors.
-    `relative_mse` is |W - deq(Q(W))|² / |W|², the weight reconstruction error.
+    `action` is "quantized" or "kept" (what is stored); `reason` says why, for people; `decided_by`
+    names the rule that decided (see BY_*); `origin` says how the stored values came about (ORIGINS).
+    Scheme fields are None for kept tensors. `relative_mse` is |W - deq(Q(W))|² / |W|², the weight
+    reconstruction error.
     """
 
     name: str
@@ -48,6 +66,8 @@ class TensorRecord:
     symmetric: bool | None = None
     scale_dtype: str | None = None
     relative_mse: float | None = None
+    decided_by: str | None = None
+    origin: str | None = None
 
     @property
     def parameters(self) -> int:
@@ -90,6 +110,21 @@ class Manifest:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, indent=1)
+
+    def widest_json(self) -> str:
+        """The JSON this manifest can grow to once converted: every field filled while streaming
+        (checksums, errors, origins) at its widest, so header room reserved from it always suffices."""
+        widest_origin = max(ORIGINS, key=len)
+        tensors = [
+            replace(
+                t,
+                relative_mse=WIDEST_FLOAT if t.action == QUANTIZED else t.relative_mse,
+                origin=widest_origin,
+                stored={n: replace(s, sha256="f" * 64) for n, s in t.stored.items()},
+            )
+            for t in self.tensors
+        ]
+        return replace(self, tensors=tensors).to_json()
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":

@@ -71,11 +71,9 @@ class Settings:
         )
 
     def scheme(self, overrides: dict[str, Any]) -> TensorScheme:
-        """The scheme of a tensor whose deciding rule sets `overrides`."""
-        config = QuantConfig(
-            **{k: overrides.get(k, getattr(self, k)) for k in ("bits", "group_size", "symmetric", "scale_dtype")}
-        )
-        return TensorScheme(overrides.get("quantizer", self.quantizer), config)
+        """The scheme of a tensor whose deciding rule sets `overrides` (grid keys and/or "quantizer")."""
+        grid = {k: v for k, v in overrides.items() if k != "quantizer"}
+        return TensorScheme(overrides.get("quantizer", self.quantizer), dataclasses.replace(self.config, **grid))
 
     def suffix(self) -> str:
         """Folder-name suffix, e.g. "int4-g64", "rtn-int3-ch-sym" or "mixed-int4-mixed" for a recipe."""

@@ -18,7 +18,17 @@ from qconvert.errors import QConvertError
 from qconvert.formats import LAYOUTS, get_layout
 from qconvert.formats.base import record_config
 from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES, SAFETENSORS_DTYPES
-from qconvert.manifest import METADATA_KEY, Manifest, TensorRecord, read_manifest
+from qconvert.manifest import (
+    KEPT,
+    METADATA_KEY,
+    QUANTIZED,
+    REPACKED,
+    REQUANTIZED,
+    RESCALED,
+    Manifest,
+    TensorRecord,
+    read_manifest,
+)
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers import dequantize
 from qconvert.settings import PASSTHROUGH_DTYPES
@@ -32,7 +42,9 @@ def verify_output(output: Path) -> tuple[list[str], int]:
         (problems, number of source tensors checked); no problems means the output is sound.
     """
     manifest = read_manifest(output)
-    problems = _copies_disagree(output) + _unlisted_tensors(output, manifest) + _underived(manifest)
+    problems = (
+        _copies_disagree(output) + _unlisted_tensors(output, manifest) + _underived(manifest) + _unexplained(manifest)
+    )
     checked = 0
     try:
         for record, stored in iter_records(output, manifest):
@@ -118,9 +130,17 @@ def _copies_disagree(output: Path) -> list[str]:
             continue
         if embedded is None:
             problems.append(f"{file}: carries no embedded manifest")
-        elif json.loads(embedded) != sidecar:
+        elif _normalized(embedded) != sidecar:
             problems.append(f"{file}: its embedded manifest differs from qconvert.json (one of them was edited)")
     return problems
+
+
+def _normalized(text: str) -> dict | None:
+    """A manifest's JSON as this qconvert writes it (fields a schema lacks filled with None), or None."""
+    try:
+        return json.loads(Manifest.from_json(text).to_json())
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
 
 
 def _underived(manifest: Manifest) -> list[str]:
@@ -142,6 +162,23 @@ def _underived(manifest: Manifest) -> list[str]:
                 f"{record.name}: the manifest lists {listed}, but a {record.action} tensor of its "
                 f"recorded scheme is stored as {expected}"
             )
+    return problems
+
+
+# What each stored action can have come from (schema 2; schema 1 records carry no origin).
+ORIGINS_OF = {"quantized": (QUANTIZED, REPACKED, REQUANTIZED), "kept": (KEPT, RESCALED)}
+
+
+def _unexplained(manifest: Manifest) -> list[str]:
+    """Records of a schema-2 manifest without a decision, or whose origin cannot produce what they store."""
+    if manifest.schema_version < 2:
+        return []
+    problems = []
+    for record in manifest.tensors:
+        if not record.decided_by:
+            problems.append(f"{record.name}: the manifest does not say which rule decided it")
+        if record.origin not in ORIGINS_OF.get(record.action, ()):
+            problems.append(f"{record.name}: origin {record.origin!r} cannot give a {record.action} tensor")
     return problems
 
 

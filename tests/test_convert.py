@@ -58,7 +58,7 @@ def test_manifest_describes_every_tensor(tiny_checkpoint, tmp_path):
         manifest["source"]["sha256"]["model.safetensors"]
         == hashlib.sha256((tiny_checkpoint / "model.safetensors").read_bytes()).hexdigest()
     )
-    assert manifest["settings"]["bits"] == 4 and manifest["schema_version"] == 1
+    assert manifest["settings"]["bits"] == 4 and manifest["schema_version"] == 2
 
 
 def test_load_returns_the_dequantized_weights(tiny_checkpoint, tmp_path):

@@ -42,8 +42,9 @@ def test_gptq_checkpoint_on_the_same_grid_is_repacked_exactly(original, tmp_path
     assert summary["warnings"] == []
     _assert_same_weights(original, tmp_path / "back")
     manifest = json.loads((tmp_path / "back" / "qconvert.json").read_text())
-    reasons = [t["reason"] for t in manifest["tensors"] if t["action"] == "quantized"]
-    assert reasons and all("repacked exactly from the gptq int4 g32 asym source" in r for r in reasons)
+    quantized = [t for t in manifest["tensors"] if t["action"] == "quantized"]
+    assert quantized and all(t["origin"] == "repacked" for t in quantized)
+    assert all(t["reason"].endswith("; read from its gptq int4 g32 asym source") for t in quantized)
 
 
 def test_another_grid_is_requantized_with_a_warning(original, tmp_path):
@@ -51,6 +52,8 @@ def test_another_grid_is_requantized_with_a_warning(original, tmp_path):
     result = runner.invoke(app, ["model", str(gptq), "-o", str(tmp_path / "int8"), "--bits", "8", "--group-size", "32"])
     assert result.exit_code == 0, result.output
     assert "warning:" in result.stderr and "not an exact copy" in result.stderr
+    records = qconvert.manifest.read_manifest(tmp_path / "int8").tensors
+    assert {t.origin for t in records if t.action == "quantized"} == {"requantized"}
     # quantized again from the source's float values: 8 bits reproduce them closely
     theirs, ours = qconvert.load(tmp_path / "int8", torch.float32), qconvert.load(original, torch.float32)
     name = "model.layers.0.mlp.down_proj.weight"

@@ -241,15 +241,14 @@ def model(
 
 def _requantized_warning(manifest) -> list[str]:
     """One sentence when weights of an already-quantized source could not move exactly."""
-    from qconvert.conversion import REQUANTIZED
+    from qconvert.manifest import REQUANTIZED
 
-    redone = [t for t in manifest.tensors if REQUANTIZED in t.reason]
+    redone = [t for t in manifest.tensors if t.origin == REQUANTIZED]
     if not redone:
         return []
-    source = redone[0].reason.split(REQUANTIZED)[1].strip()
     return [
-        f"{len(redone)} weights were {REQUANTIZED} {source} (its grid is not the one asked for), so they are not "
-        f"an exact copy; ask for the source's own grid to repack them losslessly."
+        f"{len(redone)} weights were dequantized and quantized again from the quantized source (its grid is not "
+        f"the one asked for), so they are not an exact copy; ask for the source's own grid to repack them losslessly."
     ]
 
 

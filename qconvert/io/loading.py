@@ -102,6 +102,10 @@ class Checkpoint:
             self._skeleton = skeleton.build_skeleton(self.folder, self.config, list(self.tensors))
         return self._skeleton
 
+    def stored_scheme(self, name: str) -> str | None:
+        """How the source stores weight `name` when it is already quantized ("gptq int4 g128"), else None."""
+        return None
+
     def auxiliary_files(self) -> list[Path]:
         """Config, tokenizer and generation files to copy beside the converted weights."""
         if self.folder is None:

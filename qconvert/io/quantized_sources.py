@@ -86,7 +86,9 @@ class QuantizedCheckpoint(Checkpoint):
                 del self._recent[next(iter(self._recent))]
         return decoded
 
-    def describe(self, name: str) -> str:
+    def stored_scheme(self, name: str) -> str | None:
+        if name not in self.modules:
+            return None
         m = self.modules[name]
         return (
             f"{self.method} int{m.bits} "

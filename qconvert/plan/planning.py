@@ -15,7 +15,7 @@ from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from qconvert.io.loading import Checkpoint
 from qconvert.io.skeleton import QUANTIZABLE
 from qconvert.io.writing import TensorSpec
-from qconvert.manifest import Manifest, StoredRecord, TensorRecord
+from qconvert.manifest import BY_BUDGET, KEPT, QUANTIZED, Manifest, StoredRecord, TensorRecord
 from qconvert.plan.selection import IN_BLOCK, command_line_rules, decide
 from qconvert.quantizers import Quantizer, get
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
@@ -89,10 +89,14 @@ def plan_conversion(
     planned = []
     for name, info in checkpoint.tensors.items():
         decision, scheme = decisions[name], schemes.get(name)
-        reason = decision.reason
+        reason, decided_by = decision.reason, decision.by
         if chosen and name in chosen:
             bits, group_size = chosen[name]
             reason += f"; int{bits} {f'g{group_size}' if group_size else 'per-channel'} chosen by the size budget"
+            decided_by = BY_BUDGET
+        stored_as = checkpoint.stored_scheme(name)
+        if scheme and stored_as:
+            reason += f"; read from its {stored_as} source"
         record = TensorRecord(
             name=name,
             shape=list(info.shape),
@@ -100,13 +104,14 @@ def plan_conversion(
             action="quantized" if scheme else "kept",
             reason=reason,
             stored={},
+            decided_by=decided_by,
+            origin=QUANTIZED if scheme else KEPT,  # until conversion finds it repacked, requantized or rescaled
         )
         if scheme:
             config, quantizer = scheme.config, quantizers[scheme]
             record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
             record.bits, record.group_size = config.bits, config.group_size_for(info.shape[1])
             record.symmetric, record.scale_dtype = config.symmetric, config.scale_dtype
-            record.relative_mse = 1.23456e-100  # widest value, so the reserved header room suffices
             specs = layout.specs(name, info.shape, config)
         else:
             specs = [TensorSpec(name, DTYPE_NAMES[kept_dtype(info.dtype, settings)], info.shape)]

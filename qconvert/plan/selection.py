@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from qconvert.errors import SchemeError
 from qconvert.io.loading import TensorInfo
 from qconvert.io.skeleton import EMBEDDING, EXPERTS, LINEAR, QUANTIZABLE, UNUSED
+from qconvert.manifest import BY_DEFAULT, BY_RUNTIME
 from qconvert.plan.recipes import Rule
 
 # A transformer block's tensors carry its index: model.layers.3., encoder.layer.0., h.11., blocks.2.
@@ -29,7 +30,8 @@ NOT_LINEAR = re.compile(r"(embed|wte|wpe|norm|ln_|lm_head|\.bias$)", re.IGNORECA
 @dataclass(frozen=True)
 class Decision:
     quantize: bool
-    reason: str
+    reason: str  # for people
+    by: str = BY_DEFAULT  # for tools: the deciding rule's label, or manifest.BY_DEFAULT / BY_RUNTIME
     overrides: dict[str, Any] = field(default_factory=dict)  # scheme keys the deciding rule sets
 
 
@@ -58,13 +60,13 @@ def decide(info: TensorInfo, rules: Sequence[Rule], role: str | None = None) -> 
         if rule.pattern.search(info.name):
             if rule.keep:
                 verb = "excluded by" if rule.label.startswith("--") else "kept in float by"
-                return Decision(False, f"{verb} {rule.label}")
+                return Decision(False, f"{verb} {rule.label}", rule.label)
             if not is_float_matrix:
-                return Decision(False, f"matches {rule.label} but is not a non-empty 2-D float matrix")
+                return Decision(False, f"matches {rule.label} but is not a non-empty 2-D float matrix", rule.label)
             if role is not None and role not in QUANTIZABLE:
-                return Decision(False, f"matches {rule.label} but {_role_reason(role)}")
+                return Decision(False, f"matches {rule.label} but {_role_reason(role)}", BY_RUNTIME)
             verb = "included by" if rule.label.startswith("--") else "quantized by"
-            return Decision(True, f"{verb} {rule.label}", dict(rule.overrides))
+            return Decision(True, f"{verb} {rule.label}", rule.label, dict(rule.overrides))
     if len(info.shape) != 2:
         return Decision(False, f"{len(info.shape)}-D tensor (norm, bias or buffer)")
     if not info.dtype.is_floating_point:
