@@ -1,5 +1,6 @@
 """Read a qconvert output back: its stored tensors, dequantized weights, or a transformers model."""
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -7,7 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qconvert.errors import SourceError
-from qconvert.formats import get_layout
+from qconvert.formats.registry import get_layout
 from qconvert.manifest import Manifest, TensorRecord, read_manifest
 from qconvert.quantizers import QuantizedTensor, dequantize
 
@@ -48,6 +49,31 @@ def _open(path: Path):
 
 def quantized_tensor(manifest: Manifest, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
     return get_layout(manifest.layout).decode(record, stored)
+
+
+@dataclass
+class QconvertOutput:
+    """A qconvert output folder as exporters read it: its manifest, then one record at a time."""
+
+    path: Path
+    manifest: Manifest
+
+    def records(self) -> Iterator[tuple[TensorRecord, dict[str, torch.Tensor]]]:
+        """Each record with its stored tensors, one at a time (`iter_records`)."""
+        return iter_records(self.path, self.manifest)
+
+    def quantized(self, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
+        """The codes and scales of a quantized record, decoded by the output's layout."""
+        return quantized_tensor(self.manifest, record, stored)
+
+
+def open_output(path: Path) -> QconvertOutput:
+    """The qconvert output folder at `path`.
+
+    Raises:
+        SourceError: `path` is not a qconvert output, or its manifest is damaged.
+    """
+    return QconvertOutput(path, read_manifest(path))
 
 
 def load(output: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -132,3 +132,22 @@ def unpack_words(words: torch.Tensor, bits: int, order: tuple[int, ...] | None =
     if order is not None:
         slots = slots[..., [order.index(c) for c in range(per_word)]]
     return slots.reshape(*words.shape[:-1], -1)
+
+
+def pack_stream_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, n) codes -> int32 (rows, ceil(n·bits / 32)): each row one little-endian bit stream (the
+    order of `pack_codes`) padded to whole 32-bit words, as compressed-tensors' pack-quantized stores it."""
+    packed = pack_codes(codes, bits)
+    pad = -packed.shape[1] % 4
+    if pad:
+        packed = torch.nn.functional.pad(packed, (0, pad))
+    # Through a flat view: a single-row tensor may carry strides that forbid viewing bytes as words.
+    return packed.reshape(-1).view(torch.int32).view(packed.shape[0], -1)
+
+
+def unpack_stream_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_stream_words`: int32 (rows, w) -> uint8 codes (rows, count)."""
+    # Through a flat copy: a (n, 1) transpose counts as contiguous yet keeps a stride that forbids the view.
+    rows = words.shape[0]
+    packed = words.reshape(-1).clone().view(torch.uint8).view(rows, -1)[:, : -(-count * bits // 8)]
+    return unpack_codes(packed.contiguous(), bits, count)

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 
 from qconvert.errors import QConvertError
-from qconvert.formats import LAYOUTS, get_layout
 from qconvert.formats.base import record_config
+from qconvert.formats.registry import LAYOUTS, get_layout
 from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES, SAFETENSORS_DTYPES
 from qconvert.manifest import (
     KEPT,

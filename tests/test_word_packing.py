@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qconvert.formats.awq import AWQ_ORDER
 from qconvert.formats.gptq import pack_int32
-from qconvert.io.quantized_sources import AWQ_ORDER
 from qconvert.packing import pack_words, unpack_words
 
 

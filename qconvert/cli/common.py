@@ -15,6 +15,7 @@ from rich.text import Text
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
+from qconvert.formats import EXPORTS, LAYOUT_CHOICES
 from qconvert.limits import SUPPORTED_BITS
 
 app = typer.Typer(
@@ -42,25 +43,14 @@ def say(label: str, style: str, text: str, console: Console | None = None) -> No
 _debug = False
 
 
-class ExportFormat(str, Enum):
-    gguf = "gguf"
-    mlx = "mlx"
-    gptq = "gptq"
-    compressed_tensors = "compressed-tensors"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of `values` for typer's choices, built from the one list of format names."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class OutputFormat(str, Enum):
-    qconvert = "qconvert"
-    gguf = "gguf"
-    mlx = "mlx"
-    gptq = "gptq"
-    compressed_tensors = "compressed-tensors"
-
-
-class Layout(str, Enum):
-    auto = "auto"
-    compressed_tensors = "compressed-tensors"
-    native = "native"
+ExportFormat = _choices("ExportFormat", EXPORTS)  # qconvert export --to
+OutputFormat = _choices("OutputFormat", ("qconvert", *EXPORTS))  # qconvert model --format: its own output, or an export
+LayoutChoice = _choices("LayoutChoice", LAYOUT_CHOICES)  # qconvert model --layout
 
 
 class FloatDtype(str, Enum):

@@ -18,7 +18,7 @@ from qconvert.cli.common import (
     FloatDtype,
     GroupOption,
     IncludeOption,
-    Layout,
+    LayoutChoice,
     OutputFormat,
     OutputOption,
     QuantizerOption,
@@ -36,6 +36,7 @@ from qconvert.cli.common import (
     stdout_console,
 )
 from qconvert.cli.progress import block_progress, progress_bar
+from qconvert.formats import Format
 
 
 @app.command()
@@ -61,8 +62,8 @@ def model(
         Optional[ScaleDtype], typer.Option(help="dtype of stored scales. (default: float16)", show_default=False)
     ] = None,
     layout: Annotated[
-        Layout, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")
-    ] = Layout.auto,
+        LayoutChoice, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")
+    ] = LayoutChoice("auto"),
     max_shard_size: Annotated[
         Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")
     ] = None,
@@ -118,7 +119,7 @@ def model(
                 "exported); compressed-tensors: that layout or an error."
             ),
         ),
-    ] = OutputFormat.qconvert,
+    ] = OutputFormat("qconvert"),
     force: Annotated[
         bool,
         typer.Option(
@@ -155,7 +156,9 @@ def model(
                 exclude=exclude,
                 dtype=dtype.value if dtype else None,
                 max_shard_size=max_shard_size,
-                layout="compressed-tensors" if output_format == OutputFormat.compressed_tensors else layout.value,
+                layout=Format.COMPRESSED_TENSORS.value
+                if output_format.value == Format.COMPRESSED_TENSORS
+                else layout.value,
                 target_bpw=target_bpw,
                 target_size=target_size,
                 options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None,

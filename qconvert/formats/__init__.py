@@ -1,38 +1,33 @@
-"""Output layouts: how quantized weights are named and laid out in the safetensors file."""
+"""On-disk formats: one module per format, each holding everything qconvert knows about it.
 
-from qconvert.errors import SchemeError
-from qconvert.formats.base import Layout
-from qconvert.formats.compressed_tensors import CompressedTensorsLayout
-from qconvert.formats.native import NativeLayout
+| format               | layout (`model`) | reader (source) | exporter (`export`) | runtime check (`check`) |
+|----------------------|------------------|-----------------|---------------------|-------------------------|
+| `native.py`          | yes              | (`qconvert.load`) |                   |                         |
+| `compressed_tensors.py` | yes           | yes             | yes                 | transformers, vLLM      |
+| `gptq.py`            |                  | yes             | yes                 | transformers, vLLM      |
+| `awq.py`             |                  | yes             |                     |                         |
+| `mlx.py`             |                  |                 | yes                 | mlx_lm                  |
+| `gguf.py`            |                  |                 | yes                 | llama.cpp               |
 
-LAYOUTS: dict[str, type[Layout]] = {"compressed-tensors": CompressedTensorsLayout, "native": NativeLayout}
+`registry.py` lists them; this module only names them, without importing torch, so the command
+line can build its choices from these names cheaply. Bits are packed by `qconvert/packing.py`;
+formats own the file layout around them.
+"""
+
+from enum import StrEnum
+
+
+class Format(StrEnum):
+    """Every on-disk format qconvert writes or reads, by the name users type."""
+
+    NATIVE = "native"
+    COMPRESSED_TENSORS = "compressed-tensors"
+    GPTQ = "gptq"
+    AWQ = "awq"
+    MLX = "mlx"
+    GGUF = "gguf"
+
+
+LAYOUTS = (Format.COMPRESSED_TENSORS, Format.NATIVE)  # what `qconvert model` writes
 LAYOUT_CHOICES = ("auto", *LAYOUTS)
-
-
-def get_layout(name: str) -> Layout:
-    if name not in LAYOUTS:
-        raise SchemeError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUT_CHOICES)}.")
-    return LAYOUTS[name]()
-
-
-def choose_layout(
-    requested: str, quantized: list[tuple[str, tuple[int, ...], object]], roles: dict[str, str] | None = None
-) -> Layout:
-    """The layout to write: the requested one, or for "auto" compressed-tensors when it can hold
-    every quantized tensor (so transformers loads the output with no qconvert code), else native.
-    `roles` are the tensors' roles in the model the runtime builds (`io/skeleton.py`), where known.
-
-    Raises:
-        SchemeError: an explicitly requested layout cannot hold one of the tensors.
-    """
-    layout = CompressedTensorsLayout() if requested == "auto" else get_layout(requested)
-    reasons = [
-        layout.unsupported_reason(name, shape, config, (roles or {}).get(name)) for name, shape, config in quantized
-    ]
-    reasons.append(layout.unsupported_mix_reason([config for _, _, config in quantized]))
-    reason = next((r for r in reasons if r), None)
-    if reason and requested == "auto":
-        return NativeLayout()
-    if reason:
-        raise SchemeError(f"--layout {requested} cannot store this model: {reason}; use --layout native or auto.")
-    return layout
+EXPORTS = (Format.GGUF, Format.MLX, Format.GPTQ, Format.COMPRESSED_TENSORS)  # what `qconvert export` writes

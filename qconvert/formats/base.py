@@ -1,13 +1,20 @@
-"""A layout decides which tensors, with which names, dtypes and shapes, store a quantized weight."""
+"""What every format module fills in: a `Layout` (how qconvert stores a quantized weight as named
+tensors), a `Reader` (how a checkpoint another tool quantized decodes to codes and scales), the
+`Problem`s a runtime check reports, and small helpers they share."""
 
+import json
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator, Protocol
 
 import torch
 
+from qconvert.errors import SourceError
 from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
+from qconvert.io.loading import Checkpoint, read_checkpoint
 from qconvert.io.writing import TensorSpec
-from qconvert.manifest import TensorRecord
+from qconvert.manifest import Manifest, TensorRecord
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor
 
 
@@ -26,6 +33,16 @@ class Layout(ABC):
     def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:
         """Why this layout cannot hold these schemes together, or None if it can."""
         return None
+
+    def refusal(
+        self, quantized: list[tuple[str, tuple[int, ...], QuantConfig]], roles: dict[str, str] | None = None
+    ) -> str | None:
+        """The first reason this layout cannot hold these (name, shape, config) tensors together, or None."""
+        reasons = [
+            self.unsupported_reason(name, shape, config, (roles or {}).get(name)) for name, shape, config in quantized
+        ]
+        reasons.append(self.unsupported_mix_reason([config for _, _, config in quantized]))
+        return next((r for r in reasons if r), None)
 
     @abstractmethod
     def specs(self, name: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:
@@ -57,3 +74,89 @@ def record_config(record: TensorRecord) -> QuantConfig:
 
 def source_dtype(record: TensorRecord) -> torch.dtype:
     return SAFETENSORS_DTYPES[record.source_dtype]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a runtime would not load a file as qconvert reads it."""
+
+    tensor: str | None  # None: the file or its config as a whole
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.tensor, "message": self.message}
+
+
+@dataclass
+class StoredModule:
+    """One quantized linear of a checkpoint another tool wrote: its stored parts and the grid they encode."""
+
+    parts: dict[str, str]  # role (qweight, scales, ...) -> stored tensor name
+    shape: tuple[int, int]  # (rows, columns) of the float weight
+    bits: int
+    group_size: int  # 0: per channel
+    symmetric: bool
+
+
+# decode(module, its stored parts by role, the source's quantization settings, float dtype) ->
+# (codes and scales, None), or (None, float weight) when the grid is not one qconvert can hold exactly.
+Decoder = Callable[[StoredModule, dict, dict, torch.dtype], tuple[QuantizedTensor | None, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How to read a quantized checkpoint of one format as the float weights it encodes."""
+
+    markers: tuple[str, ...]  # a stored tensor name ending in one of these marks the format
+    modules: Callable[[Checkpoint, dict], dict[str, StoredModule]]  # float weight name -> its module
+    decode: Decoder
+
+
+def stored_quantized(codes, scales, zeros, group_size: int, module: StoredModule, dtype: torch.dtype):
+    """A QuantizedTensor of a stored module; zero points at the symmetric centre everywhere become a
+    symmetric grid (no zeros)."""
+    bits = module.bits
+    if zeros is not None and bool((zeros == 2 ** (bits - 1)).all()):
+        zeros = None
+    return QuantizedTensor(
+        codes=codes.to(torch.uint8).contiguous(),
+        scales=scales,
+        zeros=None if zeros is None else zeros.to(torch.uint8).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        shape=module.shape,
+        dtype=dtype,
+    )
+
+
+def config_json(folder: Path) -> dict:
+    """A model folder's config.json as a dict.
+
+    Raises:
+        SourceError: it is not a JSON object.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{folder / 'config.json'} holds a JSON {type(config).__name__}, not an object of settings.")
+    return config
+
+
+def stored_headers(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every stored tensor's (dtype, shape), from the headers: what a runtime check looks at."""
+    return {name: (info.dtype, tuple(info.shape)) for name, info in read_checkpoint(folder).tensors.items()}
+
+
+class ExportSource(Protocol):
+    """A qconvert output as an exporter reads it (`output.QconvertOutput` is one)."""
+
+    path: Path  # the output folder
+    manifest: Manifest
+
+    def records(self) -> Iterator[tuple[TensorRecord, dict[str, torch.Tensor]]]:
+        """Each record with its stored tensors, one at a time."""
+
+    def quantized(self, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
+        """The codes and scales of a quantized record."""

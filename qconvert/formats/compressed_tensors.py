@@ -14,19 +14,41 @@ code + 2**(bits-1), which is our unsigned code, in our bit order (`packing.py`):
 packed bytes padded to 4 bytes per row. Signed zero points are likewise ours minus 2**(bits-1).
 It cannot express partial groups (columns not divisible by the group size), and its loader cannot
 read asymmetric grouped zero points of a weight with rows·bits ≤ 32 (one word per group).
+
+This module also reads such checkpoints as a source (`READER`, schemes from `config_groups`), exports a
+qconvert output into this layout (`export`), and checks what transformers and vLLM accept (`check`).
 """
 
+import dataclasses
+import json
 import re
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from qconvert.formats.base import Layout, record_config, scale_spec, source_dtype
-from qconvert.io.skeleton import EXPERTS
-from qconvert.io.writing import TensorSpec
-from qconvert.manifest import TensorRecord
-from qconvert.packing import pack_codes, unpack_codes
+from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.formats.base import (
+    ExportSource,
+    Layout,
+    Problem,
+    Reader,
+    StoredModule,
+    config_json,
+    record_config,
+    scale_spec,
+    source_dtype,
+    stored_headers,
+    stored_quantized,
+)
+from qconvert.formats.exporting import WEIGHTS_FILE, ExportReport, copy_tokenizer_files, read_config
+from qconvert.formats.vllm_rules import fused_problems, vllm_scheme_problems
+from qconvert.io.loading import Checkpoint
+from qconvert.io.skeleton import EXPERTS, build_skeleton
+from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
+from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorRecord
+from qconvert.packing import pack_stream_words, unpack_stream_words
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
 
 FORMAT = "pack-quantized"
@@ -35,23 +57,6 @@ EMBEDDING = re.compile(r"(embed|wte|wpe|lm_head)", re.IGNORECASE)
 
 def words_per_row(count: int, bits: int) -> int:
     return -(-count * bits // 32)
-
-
-def pack_to_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, n) codes -> int32 (rows, words_per_row(n, bits)), compressed-tensors' layout."""
-    packed = pack_codes(codes, bits)
-    pad = -packed.shape[1] % 4
-    if pad:
-        packed = torch.nn.functional.pad(packed, (0, pad))
-    # Through a flat view: a single-row tensor may carry strides that forbid viewing bytes as words.
-    return packed.reshape(-1).view(torch.int32).view(packed.shape[0], -1)
-
-
-def unpack_from_words(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    # Through a flat copy: a (n, 1) transpose counts as contiguous yet keeps a stride that forbids the view.
-    rows = words.shape[0]
-    packed = words.reshape(-1).clone().view(torch.uint8).view(rows, -1)[:, : -(-count * bits // 8)]
-    return unpack_codes(packed.contiguous(), bits, count)
 
 
 def module_name(name: str) -> str:
@@ -118,9 +123,9 @@ class CompressedTensorsLayout(Layout):
 
     def encode(self, name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         module = module_name(name)
-        stored = {f"{module}.weight_packed": pack_to_words(q.codes, q.bits), f"{module}.weight_scale": q.scales}
+        stored = {f"{module}.weight_packed": pack_stream_words(q.codes, q.bits), f"{module}.weight_scale": q.scales}
         if q.zeros is not None:
-            stored[f"{module}.weight_zero_point"] = pack_to_words(q.zeros.T, q.bits).T.contiguous()
+            stored[f"{module}.weight_zero_point"] = pack_stream_words(q.zeros.T, q.bits).T.contiguous()
         stored[f"{module}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
         return stored
 
@@ -131,9 +136,9 @@ class CompressedTensorsLayout(Layout):
         scales = stored[f"{module}.weight_scale"]
         zeros = stored.get(f"{module}.weight_zero_point")
         if zeros is not None:
-            zeros = unpack_from_words(zeros.T, config.bits, rows).T.contiguous()
+            zeros = unpack_stream_words(zeros.T, config.bits, rows).T.contiguous()
         return QuantizedTensor(
-            codes=unpack_from_words(stored[f"{module}.weight_packed"], config.bits, columns),
+            codes=unpack_stream_words(stored[f"{module}.weight_packed"], config.bits, columns),
             scales=scales,
             zeros=zeros,
             bits=config.bits,
@@ -228,3 +233,149 @@ def schemes_from_config(quantization_config: dict, modules: set[str], runtime_na
         return None
 
     return {module: scheme_of(module) for module in modules}
+
+
+# ---------------------------------------------------------------- reading compressed-tensors checkpoints
+
+
+def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
+    prefixes = [n.removesuffix("weight_packed") for n in raw.tensors if n.endswith(".weight_packed")]
+    skeleton = raw.skeleton()
+    schemes = schemes_from_config(
+        quantization, {p.rstrip(".") for p in prefixes}, skeleton.runtime_name if skeleton else None
+    )
+    shapes = dict(raw.iter_tensors([p + "weight_shape" for p in prefixes], hash_on_the_way=False))
+    modules = {}
+    for prefix in prefixes:
+        scheme = schemes[prefix.rstrip(".")]
+        if scheme is None:
+            raise SourceError(f"{prefix}weight_packed is stored packed but no config group of {raw.source} targets it.")
+        bits, group, symmetric = scheme
+        parts = {
+            role: prefix + role
+            for role in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+            if prefix + role in raw.tensors
+        }
+        shape = tuple(shapes[prefix + "weight_shape"].tolist())
+        modules[prefix + "weight"] = StoredModule(parts, shape, bits, group, symmetric)
+    return modules
+
+
+def _decode(module: StoredModule, parts: dict, quantization: dict, dtype: torch.dtype):
+    rows, columns = module.shape
+    zeros = parts.get("weight_zero_point")
+    if zeros is not None:
+        zeros = unpack_stream_words(zeros.T, module.bits, rows).T.contiguous()
+    codes = unpack_stream_words(parts["weight_packed"], module.bits, columns)
+    return stored_quantized(codes, parts["weight_scale"], zeros, module.group_size or columns, module, dtype), None
+
+
+READER = Reader(markers=(".weight_packed",), modules=_modules, decode=_decode)
+
+
+# ---------------------------------------------------------------- exporting a qconvert output
+
+
+def export(source: ExportSource, destination: Path, force: bool = False) -> ExportReport:
+    """Write a qconvert output re-packed in this layout at `destination`: the same codes, scales and zero
+    points, so nothing is requantized; the result is still a qconvert output, whose manifest names the
+    re-packed tensors and their checksums.
+
+    Raises:
+        UnsupportedModelError: the layout cannot hold one of the quantized tensors (e.g. quantized
+            embeddings, which transformers cannot load from it).
+        OutputError: `destination` exists and `force` is false.
+    """
+    output, manifest = source.path, source.manifest
+    config = read_config(output, "a compressed-tensors checkpoint")
+    layout = CompressedTensorsLayout()
+    refusal = layout.refusal(
+        [(r.name, tuple(r.shape), record_config(r)) for r in manifest.tensors if r.action == "quantized"]
+    )
+    if refusal:
+        raise UnsupportedModelError(
+            f"compressed-tensors cannot store this model: {refusal}; use --layout native or auto."
+        )
+    records = [_relaid(r, layout) for r in manifest.tensors]
+    relaid = dataclasses.replace(manifest, layout=layout.name, tensors=records)
+    relaid.compute_totals()
+    specs = [TensorSpec(name, s.dtype, tuple(s.shape)) for r in records for name, s in r.stored.items()]
+    report = ExportReport(destination, "compressed-tensors")
+    with staged_output(destination, force, [output]) as folder:
+        writer = SafetensorsStreamWriter(
+            folder / WEIGHTS_FILE,
+            specs,
+            metadata_bytes=len(json.dumps({"format": "pt", METADATA_KEY: relaid.widest_json()})),
+        )
+        try:
+            for (record, stored), new in zip(source.records(), records):
+                tensors = (
+                    layout.encode(record.name, source.quantized(record, stored))
+                    if record.action == "quantized"
+                    else {record.name: stored[record.name]}
+                )
+                for name, tensor in tensors.items():
+                    new.stored[name].sha256 = writer.write(name, tensor)
+                report.exact.append(record.name)
+            writer.finish({"format": "pt", METADATA_KEY: relaid.to_json()})
+        finally:
+            writer.close()
+        skeleton = build_skeleton(output, config, [r.name for r in records])
+        config["quantization_config"] = layout.quantization_config(records, skeleton.runtime_name if skeleton else None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / MANIFEST_FILE).write_text(relaid.to_json() + "\n")
+        copy_tokenizer_files(output, folder)
+    return report
+
+
+def _relaid(record: TensorRecord, layout: Layout) -> TensorRecord:
+    """The record with its stored tensors as `layout` names and shapes them (checksums filled on writing)."""
+    if record.action != "quantized":
+        stored = {n: dataclasses.replace(s, file=WEIGHTS_FILE) for n, s in record.stored.items()}
+    else:
+        specs = layout.specs(record.name, tuple(record.shape), record_config(record))
+        stored = {
+            s.name: StoredRecord(dtype=s.dtype, shape=list(s.shape), bytes=s.nbytes, file=WEIGHTS_FILE) for s in specs
+        }
+    return dataclasses.replace(record, stored=stored)
+
+
+# ---------------------------------------------------------------- what runtimes accept
+
+
+def check(path: Path, runtime: str) -> list[Problem]:
+    """Every quantized module of a compressed-tensors folder that transformers or vLLM would not load: no
+    config group, missing parts, a dtype the loader refuses, a quantized embedding; for vLLM also grids
+    its kernels lack and fused projections on different schemes."""
+    config, tensors = config_json(path), stored_headers(path)
+    quantized = {name.removesuffix(".weight_packed") for name in tensors if name.endswith(".weight_packed")}
+    skeleton = build_skeleton(path, config, [f"{m}.weight" for m in quantized])
+    schemes = schemes_from_config(
+        config.get("quantization_config") or {}, quantized, skeleton.runtime_name if skeleton else None
+    )
+    problems = []
+    for module in sorted(quantized):
+        if schemes[module] is None:
+            problems.append(Problem(module, "stored packed, but no config group of quantization_config targets it"))
+            continue
+        problems += _module_problems(module, schemes[module], tensors, runtime)
+    if runtime == "vllm":
+        problems += fused_problems(schemes)
+    return problems
+
+
+def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) -> list[Problem]:
+    bits, group, symmetric = scheme
+    required = ["weight_packed", "weight_scale", "weight_shape"] + ([] if symmetric else ["weight_zero_point"])
+    problems = [
+        Problem(module, f"{module}.{part} is missing") for part in required if f"{module}.{part}" not in tensors
+    ]
+    packed = tensors.get(f"{module}.weight_packed")
+    if packed and packed[0] != torch.int32:
+        problems.append(Problem(module, f"weight_packed is {packed[0]}, not int32"))
+    if "embed" in module or module.endswith("lm_head"):
+        why = f"{runtime} quantizes only linear layers from compressed-tensors; this embedding cannot load"
+        problems.append(Problem(module, why))
+    if runtime == "vllm":
+        problems += vllm_scheme_problems(module, bits, group, allowed_bits=(4, 8))
+    return problems

@@ -1,18 +1,12 @@
-"""`qconvert export`: which exporter writes which format (each in its own module of this package)."""
+"""`qconvert export`: read a qconvert output and hand it to the format's exporter."""
 
 from pathlib import Path
 
 from qconvert.errors import SchemeError
-from qconvert.formats import compressed_tensors_export, gguf, gptq, mlx
+from qconvert.formats import EXPORTS
 from qconvert.formats.exporting import ExportReport
-
-EXPORTERS = {
-    "gguf": gguf.export_gguf,
-    "mlx": mlx.export_mlx,
-    "gptq": gptq.export_gptq,
-    "compressed-tensors": compressed_tensors_export.export_compressed_tensors,
-}
-FORMATS = tuple(EXPORTERS)
+from qconvert.formats.registry import EXPORTERS
+from qconvert.output import open_output
 
 
 def default_destination(output: Path, to: str) -> Path:
@@ -28,16 +22,6 @@ def export(output: Path, to: str, destination: Path | None = None, force: bool =
         UnsupportedModelError: the format cannot describe this model.
         OutputError: `destination` exists and `force` is false.
     """
-    # Imported here, not at the top: each exporter reads outputs through qconvert.output, which needs the
-    # layouts of this package, and pulls in its own libraries (gguf, ...).
-    from qconvert.formats import compressed_tensors_export, gguf, gptq, mlx
-
-    exporters = {
-        "gguf": gguf.export_gguf,
-        "mlx": mlx.export_mlx,
-        "gptq": gptq.export_gptq,
-        "compressed-tensors": compressed_tensors_export.export_compressed_tensors,
-    }
-    if to not in exporters:
-        raise SchemeError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}.")
-    return EXPORTERS[to](output, destination or default_destination(output, to), force)
+    if to not in EXPORTERS:
+        raise SchemeError(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}.")
+    return EXPORTERS[to](open_output(output), destination or default_destination(output, to), force)

@@ -16,7 +16,8 @@ qconvert's grids map onto GGUF block types without requantizing where they coinc
 llama.cpp's rotary embedding expects q_proj and k_proj rows (and their biases) in its own head order;
 rows are permuted exactly as llama.cpp's converter does (codes and scales move together, so this is
 lossless).
-The report says which tensors were exact and which were requantized.
+The report says which tensors were exact and which were requantized. `check` says what llama.cpp
+would refuse in a GGUF file (architecture, metadata, tensors, block types).
 """
 
 import errno
@@ -27,18 +28,46 @@ import numpy as np
 import torch
 
 from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.formats.base import ExportSource, Problem
 from qconvert.formats.exporting import ExportReport, recomputed_by_runtimes
 from qconvert.io.writing import staged_output
-from qconvert.manifest import read_manifest
-from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 LLAMA_FAMILY = {"llama", "mistral"}
 BLOCK = 32  # weights per block of every GGUF type qconvert writes (Q4_0, Q4_1, Q8_0)
 ROTARY_TENSORS = tuple(f"self_attn.{p}_proj.{kind}" for p in "qk" for kind in ("weight", "bias"))
+# What the checked llama.cpp runs: block types with CPU kernels, metadata it reads, every block's tensors.
+GGUF_TYPES = {
+    "F32",
+    "F16",
+    "BF16",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "Q8_K",
+}
+LLAMA_CPP_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count")
+LLAMA_BLOCK_TENSORS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)
 
 
-def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportReport:
+def export(source: ExportSource, destination: Path, force: bool = False) -> ExportReport:
     """Write `output` (a qconvert output folder) as one GGUF file at `destination`.
 
     Raises:
@@ -48,7 +77,7 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
     """
     import gguf
 
-    manifest = read_manifest(output)
+    output = source.path
     config = _config(output)
     if config.get("model_type") not in LLAMA_FAMILY:
         raise UnsupportedModelError(
@@ -56,29 +85,26 @@ def export_gguf(output: Path, destination: Path, force: bool = False) -> ExportR
             f"{output} is {config.get('model_type')!r}."
         )
     with staged_output(destination, force, [output], folder=False) as staging:
-        return _write_gguf(output, manifest, config, staging, ExportReport(destination, "gguf"), gguf)
+        return _write_gguf(source, config, staging, ExportReport(destination, "gguf"), gguf)
 
 
-def _write_gguf(output: Path, manifest, config: dict, staging: Path, report: ExportReport, gguf) -> ExportReport:
+def _write_gguf(source: ExportSource, config: dict, staging: Path, report: ExportReport, gguf) -> ExportReport:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     writer = gguf.GGUFWriter(staging, "llama")
-    _write_metadata(writer, config, output)
-    for record, stored in iter_records(output, manifest):
+    _write_metadata(writer, config, source.path)
+    for record, stored in source.records():
         target = names.get_name(record.name, try_suffixes=(".weight", ".bias"))
         if target is None:
             if recomputed_by_runtimes(record.name):
                 continue
             raise UnsupportedModelError(f"{record.name} has no GGUF name for the llama architecture.")
         if record.action == "quantized" and record.shape[-1] % BLOCK:  # no GGUF block fits these rows
-            tensor = _llama_rope_order(
-                dequantize(quantized_tensor(manifest, record, stored), torch.float16), record.name, config
-            )
+            tensor = _llama_rope_order(dequantize(source.quantized(record, stored), torch.float16), record.name, config)
             qtype = gguf.GGMLQuantizationType.F16
             report.dequantized.append(record.name)
             writer.add_tensor(target, tensor.numpy())
         elif record.action == "quantized":
-            q = quantized_tensor(manifest, record, stored)
-            q = _llama_rope_order(q, record.name, config)
+            q = _llama_rope_order(source.quantized(record, stored), record.name, config)
             data, qtype, how = _encode(q, gguf)
             getattr(report, how).append(record.name)
             writer.add_tensor(target, data, raw_dtype=qtype)
@@ -240,3 +266,40 @@ def _blocks_q8(scales: torch.Tensor, codes: torch.Tensor) -> np.ndarray:
     rows, columns = codes.shape
     signed = (codes.to(torch.int16) - 128).to(torch.int8).view(rows, columns // 32, 32).numpy().view(np.uint8)
     return np.concatenate([scales.numpy().view(np.uint8).reshape(rows, -1, 2), signed], axis=-1).reshape(rows, -1)
+
+
+# ---------------------------------------------------------------- what llama.cpp accepts
+
+
+def check(path: Path, runtime: str) -> list[Problem]:
+    """Every reason llama.cpp would not run a GGUF file: an architecture outside the checked rules,
+    missing hyper-parameters or tokenizer, block types without a CPU kernel, missing block tensors."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        return [Problem(None, f"not a readable GGUF file: {exc}")]
+    fields = reader.fields
+    architecture = _string(fields.get("general.architecture"))
+    if architecture != "llama":
+        return [Problem(None, f"checked rules cover the llama architecture; this file says {architecture!r}")]
+    problems = [
+        Problem(None, f"metadata llama.{key} is missing") for key in LLAMA_CPP_KEYS if f"llama.{key}" not in fields
+    ]
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens"):
+        if key not in fields:
+            problems.append(Problem(None, f"metadata {key} is missing: the file has no tokenizer"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    for name, kind in sorted(types.items()):
+        if kind not in GGUF_TYPES:
+            problems.append(Problem(name, f"type {kind} has no CPU kernel in the checked llama.cpp"))
+    blocks = int(fields["llama.block_count"].parts[-1][0]) if "llama.block_count" in fields else 0
+    wanted = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{t}.weight" for i in range(blocks) for t in LLAMA_BLOCK_TENSORS
+    ]
+    return problems + [Problem(name, "missing") for name in wanted if name not in types]
+
+
+def _string(field) -> str | None:
+    return bytes(field.parts[-1]).decode() if field is not None else None

@@ -16,6 +16,9 @@ group's zero becomes 1 and its codes move up by one, which is exact unless a cod
 largest (then that code is clipped, and the tensor is reported as requantized).
 GPTQ holds one grid per model; a tensor on another grid is requantized onto the most common one, and
 quantized non-linear tensors (embeddings) are written dequantized in float16.
+
+Read as a source (`READER`): AutoGPTQ v1 and GPTQModel v2 (`checkpoint_format: gptq_v2`, zeros stored as
+they are) at 2, 4 and 8 bits. An act-order g_idx (groups not contiguous) is read as float only.
 """
 
 import json
@@ -25,7 +28,16 @@ from pathlib import Path
 
 import torch
 
-from qconvert.errors import UnsupportedModelError
+from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.formats.base import (
+    ExportSource,
+    Problem,
+    Reader,
+    StoredModule,
+    config_json,
+    stored_headers,
+    stored_quantized,
+)
 from qconvert.formats.exporting import (
     WEIGHTS_FILE,
     ExportReport,
@@ -33,10 +45,11 @@ from qconvert.formats.exporting import (
     read_config,
     recomputed_by_runtimes,
 )
+from qconvert.formats.vllm_rules import vllm_scheme_problems
+from qconvert.io.loading import Checkpoint
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
-from qconvert.manifest import TensorRecord, read_manifest
-from qconvert.output import iter_records, quantized_tensor
-from qconvert.packing import pack_words
+from qconvert.manifest import TensorRecord
+from qconvert.packing import pack_words, unpack_words
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
 from qconvert.quantizers.rtn import rtn_quantize
 
@@ -44,7 +57,7 @@ GPTQ_BITS = (2, 4, 8)  # 3-bit GPTQ packs across words in its own pattern: not w
 BLOCK = re.compile(r"\.\d+\.")  # the ".3." of model.layers.3.mlp.up_proj
 
 
-def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportReport:
+def export(source: ExportSource, destination: Path, force: bool = False) -> ExportReport:
     """Write `output` as a GPTQ (v1) checkpoint folder at `destination`.
 
     Raises:
@@ -53,7 +66,7 @@ def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportR
             a linear whose input features are not a multiple of 32.
         OutputError: `destination` exists and `force` is false.
     """
-    manifest = read_manifest(output)
+    output, manifest = source.path, source.manifest
     config = read_config(output, "a GPTQ checkpoint")
     linears = [r for r in manifest.tensors if r.action == "quantized" and _is_linear(r)]
     columns = {r.name: r.shape[1] for r in linears}
@@ -70,8 +83,8 @@ def export_gptq(output: Path, destination: Path, force: bool = False) -> ExportR
     with staged_output(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
         try:
-            for record, stored in iter_records(output, manifest):
-                for name, tensor in _gptq_tensors(manifest, record, stored, grid, kinds, report).items():
+            for record, stored in source.records():
+                for name, tensor in _gptq_tensors(source, record, stored, grid, kinds, report).items():
                     writer.write(name, tensor)
             writer.finish({"format": "pt"})
         finally:
@@ -122,7 +135,12 @@ def _specs(record: TensorRecord, grid: tuple[int, int, bool], kinds: set[str]) -
 
 
 def _gptq_tensors(
-    manifest, record: TensorRecord, stored: dict, grid: tuple[int, int, bool], kinds: set[str], report: ExportReport
+    source: ExportSource,
+    record: TensorRecord,
+    stored: dict,
+    grid: tuple[int, int, bool],
+    kinds: set[str],
+    report: ExportReport,
 ) -> dict[str, torch.Tensor]:
     target = _target(record, kinds)
     if target == "skip":
@@ -130,7 +148,7 @@ def _gptq_tensors(
     if target == "copy":
         report.exact.append(record.name)
         return {record.name: stored[record.name]}
-    q = quantized_tensor(manifest, record, stored) if record.action == "quantized" else stored[record.name]
+    q = source.quantized(record, stored) if record.action == "quantized" else stored[record.name]
     if target == "float16":
         report.requantized.append(record.name)
         report.types[record.name] = "float16"
@@ -209,3 +227,99 @@ def _is_linear(record: TensorRecord) -> bool:
 def _module_kind(name: str) -> str:
     """model.layers.3.self_attn.q_proj.weight -> self_attn.q_proj"""
     return BLOCK.split(name.removesuffix(".weight"), maxsplit=1)[-1]
+
+
+# ---------------------------------------------------------------- reading GPTQ checkpoints
+
+
+def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
+    bits, group = quantization.get("bits"), quantization.get("group_size", -1)
+    if bits not in GPTQ_BITS:
+        raise SourceError(
+            f"{raw.source} is {bits}-bit GPTQ; qconvert reads 2, 4 and 8-bit GPTQ (3-bit packs across words)."
+        )
+    modules = {}
+    for name in raw.tensors:
+        if name.endswith(".qweight"):
+            prefix = name.removesuffix("qweight")
+            parts = {
+                role: prefix + role for role in ("qweight", "qzeros", "scales", "g_idx") if prefix + role in raw.tensors
+            }
+            rows, columns = raw.tensors[prefix + "scales"].shape[1], raw.tensors[name].shape[0] * 32 // bits
+            modules[prefix + "weight"] = StoredModule(
+                parts, (rows, columns), bits, group if group > 0 else 0, bool(quantization.get("sym", True))
+            )
+    return modules
+
+
+def _decode(module: StoredModule, parts: dict, quantization: dict, dtype: torch.dtype):
+    bits, (rows, columns) = module.bits, module.shape
+    codes = unpack_words(parts["qweight"].t(), bits).t()[:columns].t()  # (out, in)
+    zeros = unpack_words(parts["qzeros"], bits)[:, :rows].t()  # (out, groups)
+    convention = quantization.get("checkpoint_format", "gptq")
+    if convention != "gptq_v2":
+        zeros = (zeros + 1) & (2**bits - 1)  # v1 stores zero - 1
+    if module.symmetric and not bool((zeros == 2 ** (bits - 1)).all()):
+        found = sorted(set(zeros.unique().tolist()))[:4]
+        raise SourceError(
+            f"{next(iter(module.parts.values()))}: a symmetric {bits}-bit GPTQ checkpoint in the "
+            f"{convention} convention must decode every zero point to {2 ** (bits - 1)}, "
+            f"but these decode to {found}: its checkpoint_format (v1 stores zero - 1, gptq_v2 the zero "
+            "itself) or sym setting is wrong."
+        )
+    scales = parts["scales"].t().contiguous()
+    group = module.group_size or columns
+    g_idx = parts.get("g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(columns) // group):
+        # act-order: column i uses group g_idx[i]; not contiguous groups, so only its float values travel
+        g = g_idx.long()
+        weight = (codes.float() - zeros[:, g].float()) * scales[:, g].float()
+        return None, weight.to(dtype)
+    return stored_quantized(codes, scales, zeros, group, module, dtype), None
+
+
+READER = Reader(markers=(".qweight",), modules=_modules, decode=_decode)
+
+
+# ---------------------------------------------------------------- what runtimes accept
+
+
+def check(path: Path, runtime: str) -> list[Problem]:
+    """Every tensor of a GPTQ folder whose parts, dtypes or shapes a GPTQ loader (transformers, vLLM)
+    would not accept, and for vLLM grids its kernels lack."""
+    quantization = config_json(path)["quantization_config"]
+    bits, group = quantization.get("bits"), quantization.get("group_size")
+    tensors = stored_headers(path)
+    problems = []
+    modules = sorted(name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight"))
+    if not modules:
+        problems.append(Problem(None, "quantization_config says gptq, but no tensor is named *.qweight"))
+    for module in modules:
+        parts = {part: tensors.get(f"{module}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
+        missing = [p for p, header in parts.items() if header is None]
+        if missing:
+            problems.append(Problem(module, f"{', '.join(missing)} missing"))
+            continue
+        problems += _part_problems(module, parts, bits, group)
+        if runtime == "vllm":
+            problems += vllm_scheme_problems(module, bits, group if group > 0 else 0, allowed_bits=(2, 3, 4, 8))
+    return problems
+
+
+def _part_problems(module: str, parts: dict, bits: int, group: int) -> list[Problem]:
+    per_word = 32 // bits if bits in GPTQ_BITS else None
+    columns, rows = parts["g_idx"][1][0], parts["scales"][1][1]
+    problems = []
+    if columns % 32:
+        problems.append(Problem(module, f"{columns} input features: GPTQ loaders pack them 32 at a time"))
+    expected = {
+        "qweight": (torch.int32, (columns // per_word, rows) if per_word else None),
+        "qzeros": (torch.int32, (-(-columns // group) if group > 0 else 1, rows // per_word) if per_word else None),
+        "scales": (torch.float16, None),
+        "g_idx": (torch.int32, (columns,)),
+    }
+    for part, (dtype, shape) in expected.items():
+        if parts[part][0] != dtype or (shape and parts[part][1] != shape):
+            found = f"is {parts[part][0]} {parts[part][1]}, expected {dtype} {shape or ''}".rstrip()
+            problems.append(Problem(f"{module}.{part}", found))
+    return problems

@@ -10,6 +10,9 @@ a power of two), rounded to the scales' float type for asymmetric ones (reported
 config.json gets `quantization` = {"group_size", "bits"} of the most common grid plus one entry per
 module on another grid. MLX takes groups of 32, 64 or 128 that divide the row; a tensor on any other
 grid (per channel, partial groups) is requantized by round-to-nearest on the largest such group.
+
+`check` says what mlx_lm would refuse; `dequantized` reads such a folder back (weight = scales · code +
+biases) for `check --forward` to compare with mlx_lm's own logits.
 """
 
 import json
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from qconvert.formats.base import ExportSource, Problem, config_json, stored_headers
 from qconvert.formats.exporting import (
     WEIGHTS_FILE,
     ExportReport,
@@ -27,23 +31,23 @@ from qconvert.formats.exporting import (
 )
 from qconvert.io.dtypes import DTYPE_NAMES
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
-from qconvert.manifest import TensorRecord, read_manifest
-from qconvert.output import iter_records, quantized_tensor
-from qconvert.packing import pack_codes
+from qconvert.manifest import TensorRecord
+from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
 from qconvert.quantizers.rtn import rtn_quantize
 
 MLX_GROUP_SIZES = (128, 64, 32)
+MLX_BITS = (2, 3, 4, 5, 6, 8)
 
 
-def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportReport:
+def export(source: ExportSource, destination: Path, force: bool = False) -> ExportReport:
     """Write `output` as an mlx_lm model folder at `destination`.
 
     Raises:
         SourceError: `output` is not a qconvert output with a config.json.
         OutputError: `destination` exists and `force` is false.
     """
-    manifest = read_manifest(output)
+    output, manifest = source.path, source.manifest
     config = _mlx_config(output)
     grids = {r.name: mlx_grid(r) for r in manifest.tensors if r.action == "quantized"}
     specs = [spec for r in manifest.tensors for spec in _specs(r, grids.get(r.name))]
@@ -51,9 +55,9 @@ def export_mlx(output: Path, destination: Path, force: bool = False) -> ExportRe
     with staged_output(destination, force, [output]) as folder:
         writer = SafetensorsStreamWriter(folder / WEIGHTS_FILE, specs, metadata_bytes=64)
         try:
-            for record, stored in iter_records(output, manifest):
+            for record, stored in source.records():
                 if record.name in grids:
-                    q = quantized_tensor(manifest, record, stored)
+                    q = source.quantized(record, stored)
                     for name, tensor in _mlx_tensors(record.name, q, grids[record.name], report).items():
                         writer.write(name, tensor)
                 elif not recomputed_by_runtimes(record.name):
@@ -151,3 +155,73 @@ def _mlx_config(output: Path) -> dict:
     if rope.get("rope_type", "default") != "default":
         config.setdefault("rope_scaling", rope)
     return config
+
+
+# ---------------------------------------------------------------- what mlx_lm accepts, and reading it back
+
+
+def check(path: Path, runtime: str) -> list[Problem]:
+    """Every module of an MLX folder that mlx_lm would not load: a grid MLX lacks, missing parts, a
+    dtype or shape that does not fit; and a config whose rope base mlx_lm would not find."""
+    config, tensors = config_json(path), stored_headers(path)
+    quantization = config["quantization"]
+    problems = []
+    if "rope_parameters" in config and "rope_theta" not in config:
+        problems.append(Problem(None, "config.json has rope_parameters but no rope_theta; mlx_lm would use 10000"))
+    for name in sorted(n for n in tensors if n.endswith(".scales")):
+        module = name.removesuffix(".scales")
+        grid = quantization.get(module, quantization)
+        problems += _module_problems(module, grid.get("bits"), grid.get("group_size"), tensors)
+    return problems
+
+
+def _module_problems(module: str, bits, group, tensors: dict) -> list[Problem]:
+    weight, scales, biases = (
+        tensors.get(f"{module}.weight"),
+        tensors[f"{module}.scales"],
+        tensors.get(f"{module}.biases"),
+    )
+    if bits not in MLX_BITS or group not in MLX_GROUP_SIZES:
+        return [Problem(module, f"MLX quantizes with 2-8 bits in groups of 32, 64 or 128, not {bits} bits in {group}")]
+    if weight is None or biases is None:
+        return [Problem(module, "weight, scales and biases must all be present")]
+    problems = []
+    if weight[0] != torch.uint32:
+        problems.append(Problem(f"{module}.weight", f"is {weight[0]}, MLX packs into uint32"))
+    columns = weight[1][1] * 32 // bits
+    if scales[1] != (weight[1][0], columns // group) or biases[1] != scales[1]:
+        problems.append(
+            Problem(
+                module,
+                f"scales {scales[1]} / biases {biases[1]} do not fit {weight[1][0]} rows of "
+                f"{columns} columns in groups of {group}",
+            )
+        )
+    return problems
+
+
+def dequantized(path: Path) -> dict[str, torch.Tensor]:
+    """The float weights of an MLX folder, read by qconvert: per module, weight = scales · code + biases
+    over groups, the codes a little-endian bit stream in uint32 words."""
+    from safetensors.torch import load_file
+
+    quantization = config_json(path)["quantization"]
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    for name in [n for n in state if n.endswith(".scales")]:
+        module = name.removesuffix(".scales")
+        grid = quantization.get(module, quantization)
+        bits, group = grid["bits"], grid["group_size"]
+        words, scales, biases = state.pop(f"{module}.weight"), state.pop(name), state.pop(f"{module}.biases")
+        rows, columns = words.shape[0], words.shape[1] * 32 // bits
+        codes = unpack_codes(words.contiguous().view(torch.uint8), bits, columns).float().view(rows, -1, group)
+        weight = codes * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
+        state[f"{module}.weight"] = weight.view(rows, columns)
+    return state
+
+
+def stored_in_float32(path: Path) -> bool:
+    """Whether an MLX folder's float tensors are float32 (MLX then computes in float32, else in 16 bits)."""
+    floats = [dtype for dtype, _ in stored_headers(path).values() if dtype.is_floating_point]
+    return bool(floats) and all(dtype == torch.float32 for dtype in floats)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qconvert.errors import SchemeError, UnsupportedModelError
-from qconvert.formats import choose_layout
 from qconvert.formats.base import Layout
+from qconvert.formats.registry import choose_layout
 from qconvert.io.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from qconvert.io.loading import Checkpoint
 from qconvert.io.skeleton import QUANTIZABLE

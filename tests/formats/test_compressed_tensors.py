@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from qconvert.formats.compressed_tensors import CompressedTensorsLayout, module_targets, pack_to_words
+from qconvert.formats.compressed_tensors import CompressedTensorsLayout, module_targets
 from qconvert.formats.native import NativeLayout
 from qconvert.manifest import TensorRecord
+from qconvert.packing import pack_stream_words
 from qconvert.quantizers import QuantConfig, dequantize, get
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
@@ -17,7 +18,7 @@ def test_packed_words_equal_compressed_tensors_pack_to_int32(bits, shape):
     codes = torch.randint(0, 2**bits, shape, dtype=torch.uint8)
     signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
     theirs = ct_helpers.pack_to_int32(signed, bits)
-    assert torch.equal(pack_to_words(codes, bits), theirs)
+    assert torch.equal(pack_stream_words(codes, bits), theirs)
     assert torch.equal(ct_helpers.unpack_from_int32(theirs, bits, torch.Size(shape)), signed)
 
 
@@ -95,7 +96,7 @@ def test_targets_fold_layer_numbers_only_when_safe():
 
 def test_auto_layout_keeps_compressed_tensors_only_where_transformers_loads_it():
     from qconvert.errors import SchemeError
-    from qconvert.formats import choose_layout
+    from qconvert.formats.registry import choose_layout
     from qconvert.quantizers import QuantConfig
 
     q, v = ("model.layers.0.self_attn.q_proj.weight", (64, 64)), ("model.layers.0.self_attn.v_proj.weight", (64, 64))
