@@ -18,8 +18,8 @@
     sources = ["models/smollm2-135m"]
     recipes = ["configs/int8-channel.toml", "configs/int3-g64.toml"]
 
-A job runs `qconvert model` in a fresh process, so its seconds and peak RSS are its own and one
-job's crash cannot take the batch down. A job whose output already exists with a manifest recording
+A job runs in a fresh process (`qconvert.worker`, given the job as JSON), so its seconds and peak RSS
+are its own and one job's crash cannot take the batch down. A job whose output already exists with a manifest recording
 the same source checksums, the same recipe (by content hash) or settings, and the same qconvert
 version is skipped; an interrupted batch therefore resumes where it stopped (and an interrupted
 calibrated job resumes from its last finished block).
@@ -27,9 +27,6 @@ calibrated job resumes from its last finished block).
 
 import json
 import os
-import subprocess
-import sys
-import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -39,21 +36,13 @@ from typing import Any, Callable
 
 from qconvert import __version__
 from qconvert.errors import QConvertError, SchemeError, SourceError
-from qconvert.events import maxrss_bytes
 from qconvert.io.writing import write_json
 from qconvert.manifest import SCHEMA_VERSION, read_manifest
+from qconvert.worker import run_in_process
 
-SETTING_FLAGS = {
-    "quantizer": "--quantizer",
-    "bits": "--bits",
-    "group_size": "--group-size",
-    "scale_dtype": "--scale-dtype",
-    "target_bpw": "--target-bpw",
-    "target_size": "--target-size",
-    "calib_samples": "--calib-samples",
-    "calib_seqlen": "--calib-seqlen",
-    "layout": "--layout",
-}
+# What a job's `settings` may set: Settings fields, and two calibration fields under their flags' names.
+SETTING_KEYS = ("quantizer", "bits", "group_size", "symmetric", "scale_dtype", "target_bpw", "target_size", "layout")
+CALIBRATION_KEYS = {"calib_samples": "samples", "calib_seqlen": "seqlen"}
 JOB_KEYS = {"source", "recipe", "settings", "output", "calib"}
 
 
@@ -64,23 +53,26 @@ class Job:
     recipe: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     calib: Path | None = None
+    batch_file: Path | None = None  # recorded as the manifest's command: `qconvert batch FILE` made it
 
     @property
     def label(self) -> str:
         return f"{self.source} -> {self.output}"
 
-    def command(self, force: bool) -> list[str]:
-        command = [sys.executable, "-m", "qconvert.cli", "model", self.source, "-o", str(self.output), "--json"]
-        if self.recipe:
-            command += ["--recipe", str(self.recipe)]
-        for key, value in self.settings.items():
-            if key == "symmetric":
-                command.append("--symmetric" if value else "--asymmetric")
-            else:
-                command += [SETTING_FLAGS[key], str(value)]
-        if self.calib:
-            command += ["--calib", str(self.calib)]
-        return command + (["--force"] if force else [])
+    def worker_job(self, force: bool) -> dict:
+        """This job as `qconvert.worker` takes it."""
+        options = {k: v for k, v in self.settings.items() if k in SETTING_KEYS}
+        calibration = {CALIBRATION_KEYS[k]: v for k, v in self.settings.items() if k in CALIBRATION_KEYS}
+        return {
+            "task": "convert",
+            "source": self.source,
+            "output": str(self.output),
+            "recipe": str(self.recipe) if self.recipe else None,
+            "options": options,
+            "calibration": {**calibration, "text": str(self.calib) if self.calib else None},
+            "force": force,
+            "command": ["qconvert", "batch", str(self.batch_file)] if self.batch_file else None,
+        }
 
 
 @dataclass
@@ -136,11 +128,11 @@ def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job
     if "recipe" in entry and "settings" in entry:
         raise SchemeError(f"{where}: give a `recipe` or `settings`, not both.")
     settings = entry.get("settings", {})
-    bad = set(settings) - set(SETTING_FLAGS) - {"symmetric"}
+    bad = set(settings) - set(SETTING_KEYS) - set(CALIBRATION_KEYS)
     if bad:
         raise SchemeError(
             f"{where}: unknown setting `{sorted(bad)[0]}`; settings take "
-            f"{', '.join(sorted([*SETTING_FLAGS, 'symmetric']))}."
+            f"{', '.join(sorted([*SETTING_KEYS, *CALIBRATION_KEYS]))}."
         )
     source = _resolve(entry["source"], base)
     recipe = Path(_resolve(entry["recipe"], base)) if "recipe" in entry else None
@@ -156,6 +148,7 @@ def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job
         recipe=recipe,
         settings=settings,
         calib=Path(_resolve(calib, base)) if calib else None,
+        batch_file=path.resolve(),
     )
 
 
@@ -206,7 +199,7 @@ def run_job(job: Job, force: bool) -> JobResult:
         _fill_from_output(result, job.output)
         return result
     started = time.monotonic()
-    code, stdout, stderr, peak = _run_measured(job.command(force=force or job.output.exists()))
+    code, stdout, stderr, peak = run_in_process(job.worker_job(force=force or job.output.exists()))
     result.seconds = round(time.monotonic() - started, 2)
     result.peak_rss_bytes = peak
     result.exit_code = code
@@ -227,23 +220,6 @@ def _reported_peak(stdout: str) -> int | None:
         return json.loads(stdout.strip().splitlines()[-1]).get("peak_rss_bytes")
     except (ValueError, IndexError, AttributeError):
         return None
-
-
-def _run_measured(command: list[str]) -> tuple[int, str, str, int]:
-    """(exit code, stdout, stderr, peak RSS in bytes) of a child process; wait4 gives this child's own peak."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    output: dict[str, str] = {}
-    readers = [
-        threading.Thread(target=lambda name=name, pipe=pipe: output.__setitem__(name, pipe.read()))
-        for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr))
-    ]
-    for reader in readers:
-        reader.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    for reader in readers:
-        reader.join()
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    return process.returncode, output.get("stdout", ""), output.get("stderr", ""), maxrss_bytes(usage.ru_maxrss)
 
 
 def _fill_from_output(result: JobResult, output: Path) -> None:

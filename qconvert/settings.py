@@ -1,7 +1,9 @@
 """What a conversion does, as one value: built from command-line flags, a recipe, or both."""
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ import torch
 from qconvert.calibration.samples import CalibrationSettings
 from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES
-from qconvert.plan.recipes import Recipe, Rule
+from qconvert.plan.recipes import Recipe, Rule, load_recipe
 from qconvert.quantizers import QuantConfig
 
 PASSTHROUGH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,6 +105,41 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
     if recipe is not None:
         values.update(rules=recipe.rules, recipe=recipe)
     return Settings(**values, calibration=CalibrationSettings(**calibration) if has_source else None)
+
+
+def settings_from_options(recipe: str | Path | None, options: dict[str, Any], calibration: dict[str, Any]) -> Settings:
+    """Settings as a person or a job writes them: a recipe file (or None), option values that may be
+    lists for tuples and size strings ("500MB") for bytes, and calibration fields (a path for `text`).
+    None means "not given". The command line and `qconvert.worker` both build settings here.
+
+    Raises:
+        SchemeError: a bad recipe, size or setting.
+    """
+    options = dict(options)
+    for key in ("include", "exclude"):
+        options[key] = tuple(options[key]) if options.get(key) else None
+    for key in ("target_size", "max_shard_size"):
+        value = options.get(key)
+        options[key] = parse_size(value) if isinstance(value, str) else value or None
+    text = calibration.get("text")
+    calibration = {**calibration, "text": str(text) if text else None}
+    return build_settings(load_recipe(recipe) if recipe else None, options, calibration)
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str) -> int:
+    """ "500MB", "2GiB", "1000000" -> bytes.
+
+    Raises:
+        SchemeError: `text` is not a size.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise SchemeError(f"{text!r} is not a size; write e.g. 500MB or 2GiB.")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "B").upper()])
 
 
 def settings_dict(settings: Settings) -> dict:

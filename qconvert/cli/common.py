@@ -2,7 +2,6 @@
 errors, OS errors and signals become a sentence and an exit code, and the options several commands take."""
 
 import errno
-import re
 import signal
 import traceback
 from enum import Enum
@@ -127,26 +126,6 @@ def _os_error_sentence(exc: OSError) -> str:
         errno.ENOENT: "check that the path exists and was not moved away while qconvert ran",
     }.get(exc.errno, "")
     return f"{reason}{':' if where else ''}{where}" + (f"; {advice}." if advice else ".")
-
-
-def parse_size(text: str) -> int:
-    """ "500MB", "2GiB", "1000000" -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 500MB or 2GiB.")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    scale = {
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }[unit]
-    return int(number * scale)
 
 
 @app.callback(invoke_without_command=True)

@@ -28,7 +28,6 @@ from qconvert.cli.common import (
     TargetBpwOption,
     TargetSizeOption,
     app,
-    parse_size,
     print_export,
     run_command,
     say,
@@ -144,7 +143,7 @@ def model(
     from qconvert.events import EventLog
 
     def action() -> None:
-        settings = _settings_from_flags(
+        settings = _settings(
             recipe,
             dict(
                 quantizer=quantizer,
@@ -293,21 +292,6 @@ def _exported_as(
         remove_path(scratch)
 
 
-def _settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
-    """Settings from the recipe and the flags as typer gives them (lists, size strings, paths)."""
-    from qconvert.plan.recipes import load_recipe
-    from qconvert.settings import build_settings
-
-    flags = dict(flags)
-    for key in ("include", "exclude"):
-        flags[key] = tuple(flags[key]) if flags.get(key) else None
-    for key in ("target_size", "max_shard_size"):
-        flags[key] = parse_size(flags[key]) if flags.get(key) else None
-    text = calibration_flags.get("text")
-    calibration_flags = {**calibration_flags, "text": str(text) if text else None}
-    return build_settings(load_recipe(recipe) if recipe else None, flags, calibration_flags)
-
-
 recipe_app = typer.Typer(help="Work with recipes (TOML files of settings and per-tensor rules).", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
@@ -342,7 +326,7 @@ def recipe_check(
             else:
                 say("✓", "green", f"{file}: valid; {len(recipe.rules)} rules, defaults {recipe.defaults}")
             return
-        _print_plan(model_source, _settings_from_flags(file, {}, {}), full, as_json)
+        _print_plan(model_source, _settings(file, {}, {}), full, as_json)
 
     run_command(action)
 
@@ -369,7 +353,7 @@ def plan(
     """Predict a conversion before running it: output size, bits per weight, peak memory, disk and time."""
 
     def action() -> None:
-        settings = _settings_from_flags(
+        settings = _settings(
             recipe,
             dict(
                 quantizer=quantizer,
@@ -448,3 +432,9 @@ def _print_plan(
 
 def _gb(value: int | None) -> str:
     return "unknown" if value is None else f"{value / 1e9:.2f} GB"
+
+
+def _settings(recipe: Path | None, flags: dict, calibration_flags: dict):
+    from qconvert.settings import settings_from_options  # imports torch: not at --help time
+
+    return settings_from_options(recipe, flags, calibration_flags)

@@ -138,7 +138,7 @@ def sweep(
     from qconvert.calibration.samples import CalibrationSettings
     from qconvert.evaluate.evaluation import EvalSettings
     from qconvert.evaluate.report import require_plotting, write_report
-    from qconvert.evaluate.sweep import rows_as_dicts, run_sweep, setting_grid
+    from qconvert.evaluate.sweep import EvalText, rows_as_dicts, run_sweep, setting_grid
     from qconvert.io.text import read_text
 
     def action() -> int:
@@ -159,12 +159,11 @@ def sweep(
         )
         read_text(text, dataset)  # fail early on a bad text source
         require_plotting()
-        eval_args = ["--text", str(text.resolve())] if text else ["--dataset", str(dataset)]
         rows = run_sweep(
             source,
             grid,
             output,
-            eval_args,
+            EvalText(text, None if text else dataset),
             settings,
             reference or [],
             log=lambda line: stderr.print(line, highlight=False),

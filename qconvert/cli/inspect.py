@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from qconvert.cli.common import app, parse_size, run_command, say, stdout_console
+from qconvert.cli.common import app, run_command, say, stdout_console
 from qconvert.errors import QConvertError
 
 
@@ -76,6 +76,7 @@ def verify(
 ) -> None:
     """Re-read an output: checksums, shapes, and that every quantized tensor unpacks; optionally gate its size."""
     from qconvert.errors import QualityGateError, VerificationError
+    from qconvert.settings import parse_size
     from qconvert.verification import measured_totals, verify_output
 
     def action() -> int:

@@ -1,13 +1,12 @@
 """`qconvert sweep`: convert a model at many settings, evaluate each on the same text, report the trade-off.
 
-Each evaluation runs in its own process, so its peak memory is its own and a setting that fails
-cannot stop the others. Outputs already converted with the same source and settings are reused.
+Each evaluation runs in its own process (`qconvert.worker`, given the job as JSON), so its peak memory
+is its own and a setting that fails cannot stop the others. Outputs already converted with the same
+source and settings are reused.
 """
 
 import itertools
 import json
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,18 @@ from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.quantizers import get
 from qconvert.settings import Settings, settings_dict
+from qconvert.worker import run_in_process
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """What every model of a sweep is scored on: a text file or a public dataset by name."""
+
+    path: Path | None = None
+    dataset: str | None = None
+
+    def job(self) -> dict:
+        return {"text": str(self.path.resolve()) if self.path else None, "dataset": self.dataset}
 
 
 @dataclass
@@ -78,16 +89,17 @@ def run_sweep(
     source: Path,
     grid: list[Settings],
     report_dir: Path,
-    eval_args: list[str],
+    text: EvalText,
     eval_settings: EvalSettings,
     references: list[Path] = (),
     log: Callable[[str], None] = print,
 ) -> list[SweepRow]:
-    """Convert, evaluate and collect one row per setting, plus the float model and references."""
+    """Convert, evaluate and collect one row per setting, plus the float model and references; every
+    model is scored with the source's tokenizer."""
     models_dir = report_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = ["--tokenizer", str(source)]
-    rows = [_evaluated(SweepRow("float", "float", str(source)), eval_args + tokenizer, eval_settings, log)]
+    evaluation = {"task": "evaluate", **text.job(), "tokenizer": str(source), "settings": asdict(eval_settings)}
+    rows = [_evaluated(SweepRow("float", "float", str(source)), evaluation, log)]
     for settings in grid:
         row = SweepRow(label(settings), "qconvert", str(models_dir / f"{source.name}-{settings.suffix()}"))
         try:
@@ -97,11 +109,9 @@ def run_sweep(
             rows.append(row)
             log(f"{row.label}: conversion failed: {exc}")
             continue
-        rows.append(_evaluated(row, eval_args + tokenizer, eval_settings, log))
+        rows.append(_evaluated(row, evaluation, log))
     for reference in references:
-        rows.append(
-            _evaluated(SweepRow(reference.name, "reference", str(reference)), eval_args + tokenizer, eval_settings, log)
-        )
+        rows.append(_evaluated(SweepRow(reference.name, "reference", str(reference)), evaluation, log))
     float_ppl = rows[0].perplexity
     for row in rows:
         if float_ppl and row.perplexity:
@@ -135,32 +145,15 @@ def _same_conversion(source: Path, settings: Settings, output: Path) -> bool:
     return manifest.settings == settings_dict(settings) and all(recorded.get(k) == v for k, v in current.items())
 
 
-def _evaluated(row: SweepRow, eval_args: list[str], eval_settings: EvalSettings, log) -> SweepRow:
+def _evaluated(row: SweepRow, evaluation: dict, log) -> SweepRow:
     log(f"{row.label}: evaluating {row.path}")
-    command = [
-        sys.executable,
-        "-m",
-        "qconvert.cli",
-        "eval",
-        row.path,
-        "--json",
-        *eval_args,
-        "--ctx",
-        str(eval_settings.ctx),
-        "--decode-tokens",
-        str(eval_settings.decode_tokens),
-    ]
-    if eval_settings.max_tokens is not None:
-        command += ["--max-tokens", str(eval_settings.max_tokens)]
-    if not eval_settings.use_kernels:
-        command.append("--no-kernels")
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        row.status, row.error = "failed", (lines[-1] if lines else f"exit code {done.returncode}")
+    code, stdout, stderr, _ = run_in_process({**evaluation, "model": row.path})
+    if code:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        row.status, row.error = "failed", (lines[-1] if lines else f"exit code {code}")
         log(f"{row.label}: evaluation failed: {row.error}")
         return row
-    result = json.loads(done.stdout)
+    result = json.loads(stdout)
     row.perplexity = result["perplexity"]
     row.bits_per_weight = result["bits_per_weight"]
     row.size_mb = result["bytes_on_disk"] / 1e6
