@@ -22,10 +22,12 @@ The rules are the runtimes' documented ones, as of the versions the tests load w
   (q/k/v into qkv_proj, gate/up into gate_up_proj).
 """
 
+import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
-from qconvert.errors import SourceError
+from qconvert.errors import SourceError, VerificationError
 from qconvert.formats import mlx
 from qconvert.formats.base import Problem, config_json
 from qconvert.formats.registry import CHECKS
@@ -308,3 +310,50 @@ def _first_output(output):
 def _first_line(exc: BaseException | str) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def publish_check(staging: Path, destination: Path, layout: str, source_folder: Path | None) -> dict:
+    """transformers' own loading of the output, on the meta device (`loading_problems`) before it is published, for
+    a compressed-tensors output; "ok": None, with the reason, when it was skipped (qconvert's own layout,
+    no transformers, no config).
+    Problems the float source has too are reported (ok: false), not raised.
+
+    Raises:
+        VerificationError: transformers would leave a weight missing, ignore one, or fail to convert one,
+            and loads the source correctly.
+    """
+    if layout != "compressed-tensors":
+        return {
+            "runtime": "transformers",
+            "ok": None,
+            "skipped": "qconvert's native layout, which transformers refuses "
+            "by design (qconvert.load_model reads it; qconvert export converts it)",
+        }
+    if importlib.util.find_spec("transformers") is None or not (staging / "config.json").is_file():
+        return {
+            "runtime": "transformers",
+            "ok": None,
+            "skipped": "transformers is not installed, or there is no config.json",
+        }
+    problems = [
+        dataclasses.replace(p, message=p.message.replace(str(staging), str(destination)))  # name what the user named
+        for p in loading_problems(staging)
+    ]
+    if not problems:
+        return {"runtime": "transformers", "ok": True, "problems": []}
+    listed = [p.to_dict() for p in problems]
+    if source_folder is not None and (source_folder / "config.json").is_file() and loading_problems(source_folder):
+        # the float source does not load in transformers either (e.g. a config that does not match its
+        # weights): the output inherits that, qconvert did not cause it
+        return {
+            "runtime": "transformers",
+            "ok": False,
+            "problems": listed,
+            "note": "the source checkpoint does not load in transformers either",
+        }
+    summary = "; ".join(f"{p.tensor + ': ' if p.tensor else ''}{p.message}" for p in problems[:5])
+    raise VerificationError(
+        f"transformers would not load this output correctly, so it was not published: {summary}"
+        f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. This is a bug in "
+        "qconvert; please report it. --layout native writes an output qconvert.load reads."
+    )

@@ -5,7 +5,6 @@ and dropped before the next is read.
 """
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from contextlib import contextmanager
@@ -18,7 +17,8 @@ import torch
 from qconvert import __version__
 from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, calibrate
 from qconvert.calibration.store import BlockStore, calibration_folder, finished_blocks
-from qconvert.errors import SchemeError, VerificationError
+from qconvert.compatibility import publish_check
+from qconvert.errors import SchemeError
 from qconvert.formats.base import Layout
 from qconvert.io.loading import Checkpoint
 from qconvert.io.quantized_sources import QuantizedCheckpoint
@@ -148,7 +148,9 @@ def convert(
             for writer in writers:
                 writer.finish(metadata)
             _write_sidecars(staging, checkpoint, manifest, layout, file_names, shards)
-            runtime_check = _runtime_check(staging, destination, layout, checkpoint.folder) if check_runtime else None
+            runtime_check = (
+                publish_check(staging, destination, layout.name, checkpoint.folder) if check_runtime else None
+            )
         remove_path(calibration_folder(destination))
     return ConversionResult(destination, manifest, [destination / n for n in file_names], runtime_check)
 
@@ -178,55 +180,6 @@ def _calibration_kept_only_when_interrupted(destination: Path) -> Iterator[None]
     except BaseException:
         remove_path(calibration_folder(destination))
         raise
-
-
-def _runtime_check(staging: Path, destination: Path, layout: Layout, source_folder: Path | None) -> dict | None:
-    """transformers' own loading of the output, on the meta device (`compatibility.loading_problems`), for
-    a compressed-tensors output; "ok": None, with the reason, when it was skipped (qconvert's own layout,
-    no transformers, no config).
-    Problems the float source has too are reported (ok: false), not raised.
-
-    Raises:
-        VerificationError: transformers would leave a weight missing, ignore one, or fail to convert one,
-            and loads the source correctly.
-    """
-    if layout.name != "compressed-tensors":
-        return {
-            "runtime": "transformers",
-            "ok": None,
-            "skipped": "qconvert's native layout, which transformers refuses "
-            "by design (qconvert.load_model reads it; qconvert export converts it)",
-        }
-    if importlib.util.find_spec("transformers") is None or not (staging / "config.json").is_file():
-        return {
-            "runtime": "transformers",
-            "ok": None,
-            "skipped": "transformers is not installed, or there is no config.json",
-        }
-    from qconvert.compatibility import loading_problems
-
-    problems = [
-        dataclasses.replace(p, message=p.message.replace(str(staging), str(destination)))  # name what the user named
-        for p in loading_problems(staging)
-    ]
-    if not problems:
-        return {"runtime": "transformers", "ok": True, "problems": []}
-    listed = [p.to_dict() for p in problems]
-    if source_folder is not None and (source_folder / "config.json").is_file() and loading_problems(source_folder):
-        # the float source does not load in transformers either (e.g. a config that does not match its
-        # weights): the output inherits that, qconvert did not cause it
-        return {
-            "runtime": "transformers",
-            "ok": False,
-            "problems": listed,
-            "note": "the source checkpoint does not load in transformers either",
-        }
-    summary = "; ".join(f"{p.tensor + ': ' if p.tensor else ''}{p.message}" for p in problems[:5])
-    raise VerificationError(
-        f"transformers would not load this output correctly, so it was not published: {summary}"
-        f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. This is a bug in "
-        "qconvert; please report it. --layout native writes an output qconvert.load reads."
-    )
 
 
 def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> ConversionPlan:

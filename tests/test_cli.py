@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tensors, write_checkpoint
+from helpers import tiny_tensors, write_checkpoint
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 

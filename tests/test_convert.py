@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tensors, write_checkpoint
+from helpers import tiny_tensors, write_checkpoint
 from safetensors import safe_open
 
 import qconvert

@@ -50,7 +50,7 @@ def test_every_record_says_which_rule_decided_it(tmp_path, tiny_llama):
 
 
 def test_a_rule_the_runtime_cannot_hold_is_decided_by_the_runtime_module(tmp_path):
-    from test_runtime_correctness import save_tiny
+    from helpers import save_tiny
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import save_tiny
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -22,22 +23,6 @@ IDS = torch.arange(100, 116).view(1, -1)
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def save_tiny(folder, config, model_class, tokenizer_from=None, biases=False):
-    """A random-init model of `model_class` saved as a Hugging Face folder (seeded, so reproducible)."""
-    torch.manual_seed(0)
-    model = model_class(config).eval()
-    if biases:  # transformers initialises biases to zero, which would hide a bias in the wrong order
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name.endswith("bias"):
-                    parameter.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    if tokenizer_from is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(tokenizer_from / name, folder / name)
-    return folder
 
 
 def llama_config(**overrides):

@@ -4,9 +4,8 @@ errors, OS errors and signals become a sentence and an exit code, and the option
 import errno
 import signal
 import traceback
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable
 
 import typer
 from rich.console import Console
@@ -14,8 +13,6 @@ from rich.text import Text
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
-from qconvert.formats import EXPORTS, LAYOUT_CHOICES
-from qconvert.limits import SUPPORTED_BITS
 
 app = typer.Typer(
     help="Turn a Hugging Face checkpoint into a compact quantized model.",
@@ -40,27 +37,6 @@ def say(label: str, style: str, text: str, console: Console | None = None) -> No
 
 
 _debug = False
-
-
-def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
-    """A str Enum of `values` for typer's choices, built from the one list of format names."""
-    return Enum(name, {value: value for value in values}, type=str)
-
-
-ExportFormat = _choices("ExportFormat", EXPORTS)  # qconvert export --to
-OutputFormat = _choices("OutputFormat", ("qconvert", *EXPORTS))  # qconvert model --format: its own output, or an export
-LayoutChoice = _choices("LayoutChoice", LAYOUT_CHOICES)  # qconvert model --layout
-
-
-class FloatDtype(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class ScaleDtype(str, Enum):
-    float16 = "float16"
-    bfloat16 = "bfloat16"
 
 
 class _Terminated(KeyboardInterrupt):
@@ -144,82 +120,11 @@ def main(
         raise typer.Exit(code=2)
 
 
-BITS_TEXT = ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"
-RecipeOption = Annotated[
-    Optional[Path],
-    typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults."),
-]
-BitsOption = Annotated[
-    Optional[int],
-    typer.Option("--bits", help=f"Bits per weight code: {BITS_TEXT}. (default: 4)", show_default=False),
-]
-GroupOption = Annotated[
-    Optional[int],
-    typer.Option(
-        "--group-size",
-        help="Weights per scale within a row; 0 = one scale per output channel. (default: 64)",
-        show_default=False,
-    ),
-]
-SymmetricOption = Annotated[
-    Optional[bool],
-    typer.Option(
-        "--symmetric/--asymmetric",
-        help="Symmetric grid (no zero point) or asymmetric (integer zero point). (default: asymmetric)",
-        show_default=False,
-    ),
-]
-QuantizerOption = Annotated[
-    Optional[str],
-    typer.Option(
-        "-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`. (default: rtn)", show_default=False
-    ),
-]
-TargetBpwOption = Annotated[
-    Optional[float],
-    typer.Option(
-        "--target-bpw",
-        help=(
-            "Choose each tensor's bits to average this many bits per quantized weight (scales and zero points counted)."
-        ),
-    ),
-]
-TargetSizeOption = Annotated[
-    Optional[str],
-    typer.Option("--target-size", help="Choose each tensor's bits so the whole output fits this size, e.g. 90MB."),
-]
-IncludeOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--include", help="Also quantize 2-D tensors whose name matches this regex (repeatable)."),
-]
-ExcludeOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--exclude", help="Keep tensors whose name matches this regex in float (repeatable)."),
-]
-CalibOption = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--calib", help="Calibration text file, for calibrated quantizers (gptq, awq).", rich_help_panel="Calibration"
-    ),
-]
-CalibSamplesOption = Annotated[
-    Optional[int],
-    typer.Option(
-        "--calib-samples", help="Calibration windows. (default: 128)", show_default=False, rich_help_panel="Calibration"
-    ),
-]
-CalibSeqlenOption = Annotated[
-    Optional[int],
-    typer.Option(
-        "--calib-seqlen",
-        help="Tokens per calibration window. (default: 512)",
-        show_default=False,
-        rich_help_panel="Calibration",
-    ),
-]
-OutputOption = Annotated[
-    Optional[Path], typer.Option("-o", "--output", help="Output folder (default: <source>-<scheme> beside the source).")
-]
+def settings_from_flags(recipe: Path | None, flags: dict, calibration_flags: dict):
+    """Settings from the recipe and the flags as typer gives them (lists, size strings, paths)."""
+    from qconvert.settings import settings_from_options  # imports torch: not at --help time
+
+    return settings_from_options(recipe, flags, calibration_flags)
 
 
 def print_export(report) -> None:

@@ -1,38 +1,44 @@
-"""`qconvert model`, `plan` and `recipe check`: convert a checkpoint, or show what converting it would do."""
+"""`qconvert model`: convert a checkpoint, with progress, the event log, and --format exports."""
 
 import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from qconvert.cli.common import (
+from qconvert.cli.common import app, print_export, run_command, say, settings_from_flags, stderr
+from qconvert.cli.options import (
+    ActOrderOption,
     BitsOption,
+    CalibBatchOption,
+    CalibDatasetOption,
     CalibOption,
     CalibSamplesOption,
     CalibSeqlenOption,
+    CheckOption,
+    DampOption,
+    DtypeOption,
+    EventsOption,
     ExcludeOption,
-    FloatDtype,
+    ForceOption,
+    FormatOption,
     GroupOption,
     IncludeOption,
     LayoutChoice,
+    LayoutOption,
+    MaxShardOption,
     OutputFormat,
     OutputOption,
     QuantizerOption,
     RecipeOption,
-    ScaleDtype,
+    RevisionOption,
+    ScaleDtypeOption,
+    SeedOption,
     SymmetricOption,
     TargetBpwOption,
     TargetSizeOption,
-    app,
-    print_export,
-    run_command,
-    say,
-    stderr,
-    stdout_console,
 )
 from qconvert.cli.progress import block_progress, progress_bar
 from qconvert.formats import Format
@@ -53,192 +59,128 @@ def model(
     target_size: TargetSizeOption = None,
     include: IncludeOption = None,
     exclude: ExcludeOption = None,
-    dtype: Annotated[
-        Optional[FloatDtype],
-        typer.Option(help="Cast kept float tensors to this dtype (default: keep the source dtype)."),
-    ] = None,
-    scale_dtype: Annotated[
-        Optional[ScaleDtype], typer.Option(help="dtype of stored scales. (default: float16)", show_default=False)
-    ] = None,
-    layout: Annotated[
-        LayoutChoice, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")
-    ] = LayoutChoice("auto"),
-    max_shard_size: Annotated[
-        Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")
-    ] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Revision of a hub id.")] = None,
+    dtype: DtypeOption = None,
+    scale_dtype: ScaleDtypeOption = None,
+    layout: LayoutOption = LayoutChoice("auto"),
+    max_shard_size: MaxShardOption = None,
+    revision: RevisionOption = None,
     calib: CalibOption = None,
-    calib_dataset: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Calibration from a public set through `datasets`: wikitext2.", rich_help_panel="Calibration"
-        ),
-    ] = None,
+    calib_dataset: CalibDatasetOption = None,
     calib_samples: CalibSamplesOption = None,
     calib_seqlen: CalibSeqlenOption = None,
-    calib_batch_size: Annotated[
-        Optional[int],
-        typer.Option(help="Windows per forward pass. (default: 4)", show_default=False, rich_help_panel="Calibration"),
-    ] = None,
-    seed: Annotated[
-        Optional[int],
-        typer.Option(
-            help="Seed for the calibration window positions. (default: 0)",
-            show_default=False,
-            rich_help_panel="Calibration",
-        ),
-    ] = None,
-    damp: Annotated[
-        Optional[float],
-        typer.Option(
-            help="gptq: dampening, a fraction of the mean Hessian diagonal (default 0.01).",
-            rich_help_panel="Calibration",
-        ),
-    ] = None,
-    act_order: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--act-order/--no-act-order",
-            help="gptq: quantize columns by decreasing activation energy (default on).",
-            rich_help_panel="Calibration",
-        ),
-    ] = None,
-    events: Annotated[
-        Optional[Path],
-        typer.Option(
-            help="Append a JSON-lines stream of progress events (phase, tensor i of N, RSS, ETA, errors) to this file."
-        ),
-    ] = None,
-    output_format: Annotated[
-        OutputFormat,
-        typer.Option(
-            "--format",
-            help=(
-                "qconvert: safetensors + manifest; gguf, mlx, gptq: that runtime's format (converted, then "
-                "exported); compressed-tensors: that layout or an error."
-            ),
-        ),
-    ] = OutputFormat("qconvert"),
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Overwrite the output if it exists, and start even when the plan predicts too little memory or disk.",
-        ),
-    ] = False,
-    check_runtime: Annotated[
-        bool,
-        typer.Option(
-            "--check/--no-check",
-            help=(
-                "Before publishing a compressed-tensors output, run transformers' own loading of it on the "
-                "meta device and refuse it if any weight would be missing or ignored."
-            ),
-        ),
-    ] = True,
+    calib_batch_size: CalibBatchOption = None,
+    seed: SeedOption = None,
+    damp: DampOption = None,
+    act_order: ActOrderOption = None,
+    events: EventsOption = None,
+    output_format: FormatOption = OutputFormat("qconvert"),
+    force: ForceOption = False,
+    check_runtime: CheckOption = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest (or another runtime's format)."""
+    to = output_format.value
+
+    def action() -> None:
+        options = dict(
+            quantizer=quantizer,
+            bits=bits,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype.value if scale_dtype else None,
+            include=include,
+            exclude=exclude,
+            dtype=dtype.value if dtype else None,
+            max_shard_size=max_shard_size,
+            layout=Format.COMPRESSED_TENSORS.value if to == Format.COMPRESSED_TENSORS else layout.value,
+            target_bpw=target_bpw,
+            target_size=target_size,
+            options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None,
+        )
+        calibration = dict(
+            text=calib,
+            dataset=calib_dataset,
+            samples=calib_samples,
+            seqlen=calib_seqlen,
+            seed=seed,
+            batch_size=calib_batch_size,
+        )
+        settings = settings_from_flags(recipe, options, calibration)
+        result, exported = _convert_with_progress(source, output, settings, to, force, revision, events, check_runtime)
+        _report_conversion(result, exported, as_json)
+
+    run_command(action)
+
+
+def _convert_with_progress(source, output, settings, to: str, force, revision, events, check_runtime):
+    """Convert (and export, for --format gguf, mlx or gptq) with progress bars and the event log:
+    (the conversion's result, the export's report or None)."""
     from qconvert.conversion import convert
     from qconvert.events import EventLog
 
-    def action() -> None:
-        settings = _settings(
-            recipe,
-            dict(
-                quantizer=quantizer,
-                bits=bits,
-                group_size=group_size,
-                symmetric=symmetric,
-                scale_dtype=scale_dtype.value if scale_dtype else None,
-                include=include,
-                exclude=exclude,
-                dtype=dtype.value if dtype else None,
-                max_shard_size=max_shard_size,
-                layout=Format.COMPRESSED_TENSORS.value
-                if output_format.value == Format.COMPRESSED_TENSORS
-                else layout.value,
-                target_bpw=target_bpw,
-                target_size=target_size,
-                options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None,
-            ),
-            dict(
-                text=calib,
-                dataset=calib_dataset,
-                samples=calib_samples,
-                seqlen=calib_seqlen,
-                seed=seed,
-                batch_size=calib_batch_size,
-            ),
-        )
-        with EventLog(events) as log, progress_bar("converting") as report, block_progress() as block_report:
+    with EventLog(events) as log, progress_bar("converting") as report, block_progress() as block_report:
 
-            def on_tensor(record, done: int, total: int, count: int) -> None:
-                report(record.name, done, total)
-                log.tensor(record, done, total, count)
+        def on_tensor(record, done: int, total: int, count: int) -> None:
+            report(record.name, done, total)
+            log.tensor(record, done, total, count)
 
-            def on_block(stage: str, done: int, total: int) -> None:
-                block_report(stage, done, total)
-                log.block(stage, done, total)
+        def on_block(stage: str, done: int, total: int) -> None:
+            block_report(stage, done, total)
+            log.block(stage, done, total)
 
-            log.start(source, settings)
-            with _exported_as(output_format.value, source, output, settings, force, revision) as (
+        log.start(source, settings)
+        with _exported_as(to, source, output, settings, force, revision) as (destination, exporter):
+            result = convert(
+                source,
                 destination,
-                exporter,
-            ):
-                result = convert(
-                    source,
-                    destination,
-                    settings,
-                    force=force,
-                    revision=revision,
-                    command=["qconvert", *sys.argv[1:]],
-                    progress=on_tensor,
-                    calibration_progress=on_block,
-                    check_resources=not force,
-                    check_runtime=check_runtime,
-                )
-                exported = exporter(result.output)
-            log.done(result)
-        totals = result.manifest.totals
-        warnings = _requantized_warning(result.manifest)
-        if result.runtime_check and result.runtime_check["ok"] is False:
-            warnings.append(
-                f"transformers would not load this output correctly ({result.runtime_check['note']}): "
-                + "; ".join(f"{p['tensor'] or ''} {p['message']}".strip() for p in result.runtime_check["problems"][:3])
+                settings,
+                force=force,
+                revision=revision,
+                command=["qconvert", *sys.argv[1:]],
+                progress=on_tensor,
+                calibration_progress=on_block,
+                check_resources=not force,
+                check_runtime=check_runtime,
             )
-        for warning in warnings:
-            say("warning:", "yellow", warning)
-        if as_json:
-            from qconvert.events import peak_rss
+            exported = exporter(result.output)
+        log.done(result)
+    return result, exported
 
-            print(
-                json.dumps(
-                    {
-                        "output": str(exported.destination if exported else result.output),
-                        "layout": result.manifest.layout,
-                        "peak_rss_bytes": peak_rss(),
-                        "files": [str(f) for f in result.files],
-                        "export": exported.to_dict() if exported else None,
-                        "warnings": warnings,
-                        "runtime_check": result.runtime_check,
-                        **totals,
-                    },
-                    sort_keys=True,
-                )
-            )
-        elif exported:  # the qconvert output it came from was scratch, and is gone
-            print_export(exported)
-        else:
-            stderr.print(
-                f"wrote {result.output} ({result.manifest.layout} layout): "
-                f"{totals['stored_bytes'] / 1e6:.1f} MB, {totals['quantized_bits_per_weight']} bits per "
-                "quantized weight, "
-                f"{totals['bits_per_weight']} overall",
-                highlight=False,
-            )
 
-    run_command(action)
+def _report_conversion(result, exported, as_json: bool) -> None:
+    """Warnings on stderr, then the JSON summary on stdout or one line on stderr."""
+    totals = result.manifest.totals
+    warnings = _requantized_warning(result.manifest)
+    if result.runtime_check and result.runtime_check["ok"] is False:
+        warnings.append(
+            f"transformers would not load this output correctly ({result.runtime_check['note']}): "
+            + "; ".join(f"{p['tensor'] or ''} {p['message']}".strip() for p in result.runtime_check["problems"][:3])
+        )
+    for warning in warnings:
+        say("warning:", "yellow", warning)
+    if as_json:
+        from qconvert.events import peak_rss
+
+        summary = {
+            "output": str(exported.destination if exported else result.output),
+            "layout": result.manifest.layout,
+            "peak_rss_bytes": peak_rss(),
+            "files": [str(f) for f in result.files],
+            "export": exported.to_dict() if exported else None,
+            "warnings": warnings,
+            "runtime_check": result.runtime_check,
+            **totals,
+        }
+        print(json.dumps(summary, sort_keys=True))
+    elif exported:  # the qconvert output it came from was scratch, and is gone
+        print_export(exported)
+    else:
+        stderr.print(
+            f"wrote {result.output} ({result.manifest.layout} layout): "
+            f"{totals['stored_bytes'] / 1e6:.1f} MB, {totals['quantized_bits_per_weight']} bits per "
+            f"quantized weight, {totals['bits_per_weight']} overall",
+            highlight=False,
+        )
 
 
 def _requantized_warning(manifest) -> list[str]:
@@ -290,151 +232,3 @@ def _exported_as(
             remove_path(scratch)
             raise
         remove_path(scratch)
-
-
-recipe_app = typer.Typer(help="Work with recipes (TOML files of settings and per-tensor rules).", no_args_is_help=True)
-app.add_typer(recipe_app, name="recipe")
-
-
-@recipe_app.command("check")
-def recipe_check(
-    file: Annotated[Path, typer.Argument(help="The recipe to validate.")],
-    model_source: Annotated[
-        Optional[str],
-        typer.Option(
-            "--model", help="Show what the recipe would do to this checkpoint (headers only, nothing converted)."
-        ),
-    ] = None,
-    full: Annotated[bool, typer.Option("--full", help="One row per tensor instead of per tensor kind.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
-) -> None:
-    """Validate a recipe; with --model, print each tensor's scheme, bits per weight and size."""
-    from qconvert.plan.recipes import load_recipe
-
-    def action() -> None:
-        recipe = load_recipe(file)
-        if model_source is None:
-            summary = {
-                "recipe": str(file),
-                "sha256": recipe.sha256,
-                "defaults": recipe.defaults,
-                "calibration": recipe.calibration,
-                "rules": [r.describe() for r in recipe.rules],
-            }
-            if as_json:
-                print(json.dumps(summary, sort_keys=True))
-            else:
-                say("✓", "green", f"{file}: valid; {len(recipe.rules)} rules, defaults {recipe.defaults}")
-            return
-        _print_plan(model_source, _settings(file, {}, {}), full, as_json)
-
-    run_command(action)
-
-
-@app.command()
-def plan(
-    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or cached hub id.")],
-    output: OutputOption = None,
-    recipe: RecipeOption = None,
-    bits: BitsOption = None,
-    group_size: GroupOption = None,
-    symmetric: SymmetricOption = None,
-    quantizer: QuantizerOption = None,
-    target_bpw: TargetBpwOption = None,
-    target_size: TargetSizeOption = None,
-    include: IncludeOption = None,
-    exclude: ExcludeOption = None,
-    calib: CalibOption = None,
-    calib_samples: CalibSamplesOption = None,
-    calib_seqlen: CalibSeqlenOption = None,
-    full: Annotated[bool, typer.Option("--full", help="One row per tensor instead of per tensor kind.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
-) -> None:
-    """Predict a conversion before running it: output size, bits per weight, peak memory, disk and time."""
-
-    def action() -> None:
-        settings = _settings(
-            recipe,
-            dict(
-                quantizer=quantizer,
-                bits=bits,
-                group_size=group_size,
-                symmetric=symmetric,
-                target_bpw=target_bpw,
-                target_size=target_size,
-                include=include,
-                exclude=exclude,
-            ),
-            dict(text=calib, samples=calib_samples, seqlen=calib_seqlen),
-        )
-        _print_plan(source, settings, full, as_json, output, predict_resources=True)
-
-    run_command(action)
-
-
-def _print_plan(
-    source: str, settings, full: bool, as_json: bool, output: Path | None = None, predict_resources: bool = False
-) -> None:
-    """The table of what a conversion would do to each tensor, with totals (and the resource prediction)."""
-    from qconvert.conversion import default_output, planned_with_budget
-    from qconvert.inspection import fold_layers, plan_rows
-    from qconvert.io.sources import open_checkpoint
-    from qconvert.plan.prediction import predict
-
-    checkpoint = open_checkpoint(source)
-    conversion_plan = planned_with_budget(checkpoint, settings)
-    rows, totals = plan_rows(conversion_plan)
-    rows = rows if full else fold_layers(rows)
-    prediction = (
-        predict(checkpoint, conversion_plan, settings, output or default_output(source, settings))
-        if predict_resources
-        else None
-    )
-    if as_json:
-        print(
-            json.dumps(
-                {"tensors": rows, "totals": totals, "prediction": prediction.to_dict() if prediction else None},
-                sort_keys=True,
-            )
-        )
-        return
-    table = Table(title=f"{source}: {conversion_plan.layout.name} layout", show_footer=True)
-    for column, footer in [
-        ("tensor", "total"),
-        ("scheme", ""),
-        ("decided by", ""),
-        ("bytes", f"{totals['stored_bytes']:,}"),
-        ("bits/weight", str(totals["bits_per_weight"])),
-    ]:
-        table.add_column(column, footer=footer, justify="right" if column in ("bytes", "bits/weight") else "left")
-    for r in rows:
-        name = f"{r['name']} ×{r['count']}" if r.get("count", 1) > 1 else r["name"]
-        table.add_row(name, r["scheme"], r["reason"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}")
-    out = stdout_console()
-    out.print(table)
-    out.print(
-        f"quantized tensors: {totals['quantized_parameters']:,} parameters at "
-        f"{totals['quantized_bits_per_weight']} bits per weight "
-        f"(scales and zero points counted); whole file {totals['bits_per_weight']} bits per weight, "
-        f"{totals['stored_bytes'] / 1e6:.1f} MB.",
-        highlight=False,
-    )
-    if prediction:
-        out.print(
-            f"predicted: peak memory {prediction.peak_rss_bytes / 1e9:.2f} GB (available "
-            f"{_gb(prediction.available_memory_bytes)}), disk {prediction.disk_bytes / 1e9:.2f} GB (free "
-            f"{_gb(prediction.free_disk_bytes)}), about {prediction.seconds:.0f} s.",
-            highlight=False,
-        )
-        for problem in prediction.problems():
-            say("✗", "red", problem, out)
-
-
-def _gb(value: int | None) -> str:
-    return "unknown" if value is None else f"{value / 1e9:.2f} GB"
-
-
-def _settings(recipe: Path | None, flags: dict, calibration_flags: dict):
-    from qconvert.settings import settings_from_options  # imports torch: not at --help time
-
-    return settings_from_options(recipe, flags, calibration_flags)

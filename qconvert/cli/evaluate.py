@@ -137,8 +137,8 @@ def sweep(
     """Convert at every setting, evaluate each and the float model on the same text, and draw the trade-off."""
     from qconvert.calibration.samples import CalibrationSettings
     from qconvert.evaluate.evaluation import EvalSettings
-    from qconvert.evaluate.report import require_plotting, write_report
-    from qconvert.evaluate.sweep import EvalText, rows_as_dicts, run_sweep, setting_grid
+    from qconvert.evaluate.report import require_plotting
+    from qconvert.evaluate.sweep import EvalText, run_sweep, setting_grid
     from qconvert.io.text import read_text
 
     def action() -> int:
@@ -168,21 +168,29 @@ def sweep(
             reference or [],
             log=lambda line: stderr.print(line, highlight=False),
         )
-        context = {
-            "source": str(source),
-            "text": str(text or dataset),
-            "ctx": ctx,
-            "max_tokens": max_tokens,
-            "windows": f"windows of {ctx} tokens, first {max_tokens or 'all'} tokens",
-        }
-        files = write_report(rows, output, context)
-        if as_json:
-            print(json.dumps(rows_as_dicts(rows)))
-        failed = [r.label for r in rows if r.status != "ok"]
-        stderr.print(
-            f"wrote {', '.join(str(f) for f in files)}" + (f"; failed: {', '.join(failed)}" if failed else ""),
-            highlight=False,
-        )
-        return 5 if failed else 0
+        return _report_sweep(rows, output, source, str(text or dataset), ctx, max_tokens, as_json)
 
     run_command(action)
+
+
+def _report_sweep(rows, output: Path, source: Path, text: str, ctx: int, max_tokens: int, as_json: bool) -> int:
+    """Write the report files, print the rows as JSON if asked; exit 5 if any row failed."""
+    from qconvert.evaluate.report import write_report
+    from qconvert.evaluate.sweep import rows_as_dicts
+
+    context = {
+        "source": str(source),
+        "text": text,
+        "ctx": ctx,
+        "max_tokens": max_tokens,
+        "windows": f"windows of {ctx} tokens, first {max_tokens or 'all'} tokens",
+    }
+    files = write_report(rows, output, context)
+    if as_json:
+        print(json.dumps(rows_as_dicts(rows)))
+    failed = [r.label for r in rows if r.status != "ok"]
+    stderr.print(
+        f"wrote {', '.join(str(f) for f in files)}" + (f"; failed: {', '.join(failed)}" if failed else ""),
+        highlight=False,
+    )
+    return 5 if failed else 0

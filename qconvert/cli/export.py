@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from qconvert.cli.common import ExportFormat, app, print_export, run_command
+from qconvert.cli.common import app, print_export, run_command
+from qconvert.cli.options import ExportFormat
 
 
 @app.command()

@@ -16,7 +16,7 @@ from qconvert.io.loading import Checkpoint
 from qconvert.io.skeleton import QUANTIZABLE
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import BY_BUDGET, KEPT, QUANTIZED, Manifest, StoredRecord, TensorRecord
-from qconvert.plan.selection import IN_BLOCK, command_line_rules, decide
+from qconvert.plan.selection import IN_BLOCK, Decision, command_line_rules, decide
 from qconvert.quantizers import Quantizer, get
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
 
@@ -86,38 +86,53 @@ def plan_conversion(
         [(n, checkpoint.tensors[n].shape, s.config) for n, s in schemes.items()],
         skeleton.roles if skeleton else None,
     )
-    planned = []
-    for name, info in checkpoint.tensors.items():
-        decision, scheme = decisions[name], schemes.get(name)
-        reason, decided_by = decision.reason, decision.by
-        if chosen and name in chosen:
-            bits, group_size = chosen[name]
-            reason += f"; int{bits} {f'g{group_size}' if group_size else 'per-channel'} chosen by the size budget"
-            decided_by = BY_BUDGET
-        stored_as = checkpoint.stored_scheme(name)
-        if scheme and stored_as:
-            reason += f"; read from its {stored_as} source"
-        record = TensorRecord(
-            name=name,
-            shape=list(info.shape),
-            source_dtype=DTYPE_NAMES[info.dtype],
-            action="quantized" if scheme else "kept",
-            reason=reason,
-            stored={},
-            decided_by=decided_by,
-            origin=QUANTIZED if scheme else KEPT,  # until conversion finds it repacked, requantized or rescaled
-        )
-        if scheme:
-            config, quantizer = scheme.config, quantizers[scheme]
-            record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
-            record.bits, record.group_size = config.bits, config.group_size_for(info.shape[1])
-            record.symmetric, record.scale_dtype = config.symmetric, config.scale_dtype
-            specs = layout.specs(name, info.shape, config)
-        else:
-            specs = [TensorSpec(name, DTYPE_NAMES[kept_dtype(info.dtype, settings)], info.shape)]
-        record.stored = {s.name: StoredRecord(s.dtype, list(s.shape), s.nbytes, "0" * 64) for s in specs}
-        planned.append(PlannedTensor(record, specs, scheme))
+    planned = [
+        _planned(checkpoint, name, decisions[name], schemes.get(name), quantizers, layout, settings, chosen)
+        for name in checkpoint.tensors
+    ]
     return ConversionPlan(planned, layout, quantizers)
+
+
+def _planned(
+    checkpoint: Checkpoint,
+    name: str,
+    decision: Decision,
+    scheme: TensorScheme | None,
+    quantizers: dict[TensorScheme, Quantizer],
+    layout: Layout,
+    settings: Settings,
+    chosen: dict[str, tuple[int, int]] | None,
+) -> PlannedTensor:
+    """One tensor's record (with its decision and scheme) and stored tensors."""
+    info = checkpoint.tensors[name]
+    reason, decided_by = decision.reason, decision.by
+    if chosen and name in chosen:
+        bits, group_size = chosen[name]
+        reason += f"; int{bits} {f'g{group_size}' if group_size else 'per-channel'} chosen by the size budget"
+        decided_by = BY_BUDGET
+    stored_as = checkpoint.stored_scheme(name)
+    if scheme and stored_as:
+        reason += f"; read from its {stored_as} source"
+    record = TensorRecord(
+        name=name,
+        shape=list(info.shape),
+        source_dtype=DTYPE_NAMES[info.dtype],
+        action="quantized" if scheme else "kept",
+        reason=reason,
+        stored={},
+        decided_by=decided_by,
+        origin=QUANTIZED if scheme else KEPT,  # until conversion finds it repacked, requantized or rescaled
+    )
+    if scheme:
+        config, quantizer = scheme.config, quantizers[scheme]
+        record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
+        record.bits, record.group_size = config.bits, config.group_size_for(info.shape[1])
+        record.symmetric, record.scale_dtype = config.symmetric, config.scale_dtype
+        specs = layout.specs(name, info.shape, config)
+    else:
+        specs = [TensorSpec(name, DTYPE_NAMES[kept_dtype(info.dtype, settings)], info.shape)]
+    record.stored = {s.name: StoredRecord(s.dtype, list(s.shape), s.nbytes, "0" * 64) for s in specs}
+    return PlannedTensor(record, specs, scheme)
 
 
 def _nothing_selected(checkpoint: Checkpoint, skeleton) -> SchemeError:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from helpers import make_tiny_lm
 
 from qconvert import Settings, convert
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows

@@ -1,15 +1,24 @@
-"""Our compressed-tensors layout against the compressed-tensors library's own code."""
+"""Our compressed-tensors layout against the compressed-tensors library's own code, and the export of a
+native output into it, loaded by transformers."""
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import qconvert
+from qconvert.cli import app
+from qconvert.conversion import convert
 from qconvert.formats.compressed_tensors import CompressedTensorsLayout, module_targets
 from qconvert.formats.native import NativeLayout
 from qconvert.manifest import TensorRecord
 from qconvert.packing import pack_stream_words
 from qconvert.quantizers import QuantConfig, dequantize, get
+from qconvert.settings import Settings
 
 ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+runner = CliRunner()
+torch.set_grad_enabled(False)
+IDS = [1, 504, 3458, 282, 253, 1345, 30, 378, 314, 260, 3465, 2114, 288, 822, 260, 6130, 30]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -108,3 +117,30 @@ def test_auto_layout_keeps_compressed_tensors_only_where_transformers_loads_it()
     assert choose_layout("auto", [(*q, sym4), ("model.embed_tokens.weight", (256, 64), sym8)]).name == "native"
     with pytest.raises(SchemeError, match="mixed asymmetric"):
         choose_layout("compressed-tensors", [(*q, asym4), (*v, asym8)])
+
+
+def test_compressed_tensors_export_repacks_a_native_output_that_transformers_loads(tmp_path, tiny_lm):
+    from transformers import AutoModelForCausalLM
+
+    out = convert(tiny_lm, tmp_path / "out", Settings(bits=4, group_size=32, symmetric=True, layout="native")).output
+    result = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", "-o", str(tmp_path / "ct")])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["verify", str(tmp_path / "ct")]).exit_code == 0
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)(torch.tensor([IDS])).logits
+    ours = qconvert.load_model(out)(torch.tensor([IDS])).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_compressed_tensors_export_refuses_what_the_layout_cannot_hold(tmp_path, tiny_lm):
+    recipe = tmp_path / "embed.toml"
+    recipe.write_text(
+        '[defaults]\nbits = 4\ngroup_size = 32\n\n[[rules]]\nmatch = "embed_tokens"\nbits = 8\ngroup_size = 0\n'
+    )
+    out = convert(tiny_lm, tmp_path / "out", Settings(bits=4, group_size=32)).output
+    assert (
+        runner.invoke(app, ["model", str(tiny_lm), "-o", str(tmp_path / "mixed"), "--recipe", str(recipe)]).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["export", str(tmp_path / "mixed"), "--to", "compressed-tensors"])
+    assert result.exit_code == 7 and "embed_tokens" in result.stderr, result.output
+    assert runner.invoke(app, ["export", str(out), "--to", "compressed-tensors"]).exit_code == 0

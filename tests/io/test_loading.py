@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_tensors, write_checkpoint
+from helpers import tiny_tensors, write_checkpoint
 from safetensors.torch import save_file
 
 from qconvert.errors import SourceError

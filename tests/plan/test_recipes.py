@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from typer.testing import CliRunner
 
 from qconvert.cli import app
@@ -12,7 +13,6 @@ from qconvert.errors import SchemeError
 from qconvert.plan.recipes import load_recipe
 from qconvert.settings import build_settings
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 MIXED = """\

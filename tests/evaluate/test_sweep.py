@@ -1,10 +1,11 @@
 import json
 
 import pytest
-from test_evaluation import TEXT
 from typer.testing import CliRunner
 
 from qconvert.cli import app
+
+TEXT = "Quantization maps floating point weights to a few bits. " * 60
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

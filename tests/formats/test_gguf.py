@@ -1,5 +1,7 @@
 """GGUF export: read back with the gguf library and with transformers' GGUF loader."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -29,7 +31,6 @@ def test_gguf_export_loads_in_transformers_with_qconvert_s_weights(tmp_path, tin
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf_type and types["blk.1.ffn_down.weight"] == gguf_type
     assert types["blk.0.attn_norm.weight"] == "F32" and types["token_embd.weight"] == "F16"
-    import json
 
     report = json.loads(result.stdout)
     assert "model.layers.0.self_attn.q_proj.weight" in report[kind] and not report["requantized"]
@@ -56,3 +57,24 @@ def test_gguf_export_refuses_an_encoder(tmp_path, real_models):
     ).output
     result = runner.invoke(app, ["export", str(out), "--to", "gguf"])
     assert result.exit_code == 7 and "Llama-family" in result.stderr
+
+
+def test_model_format_gguf_writes_only_the_gguf_and_never_overwrites(tmp_path, tiny_lm):
+    target = tmp_path / "tiny.gguf"
+    arguments = [
+        "model",
+        str(tiny_lm),
+        "-o",
+        str(target),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--symmetric",
+        "--format",
+        "gguf",
+    ]
+    assert runner.invoke(app, arguments).exit_code == 0
+    assert target.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    again = runner.invoke(app, arguments)
+    assert again.exit_code == 2 and "already exists" in again.stderr

@@ -1,0 +1,192 @@
+"""The options several commands share, declared once (each as a typed alias typer reads), and the
+choices they offer, built from the one list of format names (`qconvert.formats`). Importing this
+module must stay cheap: no torch."""
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qconvert.formats import EXPORTS, LAYOUT_CHOICES
+from qconvert.limits import SUPPORTED_BITS
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of `values` for typer's choices, built from the one list of format names."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+ExportFormat = _choices("ExportFormat", EXPORTS)  # qconvert export --to
+OutputFormat = _choices("OutputFormat", ("qconvert", *EXPORTS))  # qconvert model --format: its own output, or an export
+LayoutChoice = _choices("LayoutChoice", LAYOUT_CHOICES)  # qconvert model --layout
+
+
+class FloatDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class ScaleDtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+BITS_TEXT = ", ".join(map(str, SUPPORTED_BITS[:-1])) + f" or {SUPPORTED_BITS[-1]}"
+RecipeOption = Annotated[
+    Optional[Path],
+    typer.Option("--recipe", help="A TOML recipe (see configs/); the flags below override its defaults."),
+]
+BitsOption = Annotated[
+    Optional[int],
+    typer.Option("--bits", help=f"Bits per weight code: {BITS_TEXT}. (default: 4)", show_default=False),
+]
+GroupOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--group-size",
+        help="Weights per scale within a row; 0 = one scale per output channel. (default: 64)",
+        show_default=False,
+    ),
+]
+SymmetricOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--symmetric/--asymmetric",
+        help="Symmetric grid (no zero point) or asymmetric (integer zero point). (default: asymmetric)",
+        show_default=False,
+    ),
+]
+QuantizerOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "-q", "--quantizer", help="Quantizer name; see `qconvert quantizers`. (default: rtn)", show_default=False
+    ),
+]
+TargetBpwOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-bpw",
+        help=(
+            "Choose each tensor's bits to average this many bits per quantized weight (scales and zero points counted)."
+        ),
+    ),
+]
+TargetSizeOption = Annotated[
+    Optional[str],
+    typer.Option("--target-size", help="Choose each tensor's bits so the whole output fits this size, e.g. 90MB."),
+]
+IncludeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Also quantize 2-D tensors whose name matches this regex (repeatable)."),
+]
+ExcludeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Keep tensors whose name matches this regex in float (repeatable)."),
+]
+CalibOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--calib", help="Calibration text file, for calibrated quantizers (gptq, awq).", rich_help_panel="Calibration"
+    ),
+]
+CalibSamplesOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--calib-samples", help="Calibration windows. (default: 128)", show_default=False, rich_help_panel="Calibration"
+    ),
+]
+CalibSeqlenOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--calib-seqlen",
+        help="Tokens per calibration window. (default: 512)",
+        show_default=False,
+        rich_help_panel="Calibration",
+    ),
+]
+OutputOption = Annotated[
+    Optional[Path], typer.Option("-o", "--output", help="Output folder (default: <source>-<scheme> beside the source).")
+]
+
+
+DtypeOption = Annotated[
+    Optional[FloatDtype],
+    typer.Option(help="Cast kept float tensors to this dtype (default: keep the source dtype)."),
+]
+ScaleDtypeOption = Annotated[
+    Optional[ScaleDtype], typer.Option(help="dtype of stored scales. (default: float16)", show_default=False)
+]
+LayoutOption = Annotated[
+    LayoutChoice, typer.Option(help="auto: compressed-tensors when it can hold the scheme, else native.")
+]
+MaxShardOption = Annotated[
+    Optional[str], typer.Option(help="Split the weights into shards of at most this size, e.g. 2GB.")
+]
+RevisionOption = Annotated[Optional[str], typer.Option(help="Revision of a hub id.")]
+CalibDatasetOption = Annotated[
+    Optional[str],
+    typer.Option(help="Calibration from a public set through `datasets`: wikitext2.", rich_help_panel="Calibration"),
+]
+CalibBatchOption = Annotated[
+    Optional[int],
+    typer.Option(help="Windows per forward pass. (default: 4)", show_default=False, rich_help_panel="Calibration"),
+]
+SeedOption = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Seed for the calibration window positions. (default: 0)",
+        show_default=False,
+        rich_help_panel="Calibration",
+    ),
+]
+DampOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="gptq: dampening, a fraction of the mean Hessian diagonal (default 0.01).", rich_help_panel="Calibration"
+    ),
+]
+ActOrderOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--act-order/--no-act-order",
+        help="gptq: quantize columns by decreasing activation energy (default on).",
+        rich_help_panel="Calibration",
+    ),
+]
+EventsOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Append a JSON-lines stream of progress events (phase, tensor i of N, RSS, ETA, errors) to this file."
+    ),
+]
+FormatOption = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--format",
+        help=(
+            "qconvert: safetensors + manifest; gguf, mlx, gptq: that runtime's format (converted, then "
+            "exported); compressed-tensors: that layout or an error."
+        ),
+    ),
+]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Overwrite the output if it exists, and start even when the plan predicts too little memory or disk.",
+    ),
+]
+CheckOption = Annotated[
+    bool,
+    typer.Option(
+        "--check/--no-check",
+        help=(
+            "Before publishing a compressed-tensors output, run transformers' own loading of it on the "
+            "meta device and refuse it if any weight would be missing or ignored."
+        ),
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+FullOption = Annotated[bool, typer.Option("--full", help="One row per tensor instead of per tensor kind.")]
