@@ -35,7 +35,7 @@ AUXILIARY_PATTERNS = (
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-_UNBUILT = object()  # a skeleton not yet built (None means: none can be)
+UNBUILT = object()  # a skeleton not yet built (None means: none can be)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Checkpoint:
     hub_id: str | None = None
     revision: str | None = None
     _digests: dict[Path, str] = field(default_factory=dict, repr=False)
-    _skeleton: object = field(default=_UNBUILT, repr=False, compare=False)  # a Skeleton, or None, once built
+    _skeleton: object = field(default=UNBUILT, repr=False, compare=False)  # a Skeleton, or None, once built
 
     @property
     def config(self) -> dict | None:
@@ -96,7 +96,7 @@ class Checkpoint:
 
     def skeleton(self):
         """The model transformers builds from the config, with each tensor's role (`skeleton.py`), or None."""
-        if self._skeleton is _UNBUILT:
+        if self._skeleton is UNBUILT:
             from qconvert.io import skeleton  # looked up at call time, so a test can stand in for it
 
             self._skeleton = skeleton.build_skeleton(self.folder, self.config, list(self.tensors))

@@ -19,7 +19,7 @@ import torch
 from qconvert.errors import SourceError
 from qconvert.formats.base import StoredModule
 from qconvert.formats.registry import READERS
-from qconvert.io.loading import Checkpoint, TensorInfo
+from qconvert.io.loading import UNBUILT, Checkpoint, TensorInfo
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 RECENT = 4  # decoded modules kept: the prefetch depth plus the one being converted, and a spare
@@ -68,6 +68,14 @@ class QuantizedCheckpoint(Checkpoint):
             while len(self._recent) > RECENT:
                 del self._recent[next(iter(self._recent))]
         return decoded
+
+    def skeleton(self):
+        """The stored checkpoint's skeleton (built once, which reading compressed-tensors' targets may already
+        have done), with roles for this view's float weight names."""
+        if self._skeleton is UNBUILT:
+            stored = self.stored.skeleton()
+            self._skeleton = stored.for_names(list(self.tensors)) if stored else None
+        return self._skeleton
 
     def stored_scheme(self, name: str) -> str | None:
         if name not in self.modules:

@@ -33,9 +33,16 @@ class Skeleton:
     roles: dict[str, str]
     runtime_names: dict[str, str]
     _rename: Callable[[str], tuple[str, str | None]] = field(repr=False, compare=False)
+    _model: object = field(default=None, repr=False, compare=False)  # on the meta device: no memory
 
     def role(self, name: str) -> str:
         return self.roles.get(name, UNUSED)
+
+    def for_names(self, names: list[str]) -> "Skeleton":
+        """The same model's roles of other checkpoint names (a quantized source's float weights besides its
+        stored parts), without building the model again."""
+        roles, runtime_names = _roles(self._model, names, self._rename)
+        return Skeleton(self.model_class, roles, runtime_names, self._rename, self._model)
 
     def runtime_name(self, key: str) -> str:
         """The name transformers gives checkpoint key `key` (any key, e.g. a packed part) while loading."""
@@ -56,7 +63,7 @@ def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | 
         return None
     rename = _Renamer(model)
     roles, runtime_names = _roles(model, names, rename)
-    return Skeleton(type(model).__name__, roles, runtime_names, rename)
+    return Skeleton(type(model).__name__, roles, runtime_names, rename, model)
 
 
 def _meta_model(folder, config: dict):

@@ -143,3 +143,14 @@ def test_unreadable_quantization_is_one_sentence(tmp_path, original):
     (awq / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, ["model", str(awq), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "gemm layout" in result.stderr
+
+
+def test_a_compressed_tensors_source_builds_its_model_once(original, tmp_path, monkeypatch):
+    from qconvert.io import skeleton
+
+    source = export(original, "compressed-tensors", tmp_path / "ct").destination
+    built = []
+    real = skeleton._meta_model
+    monkeypatch.setattr(skeleton, "_meta_model", lambda *a: built.append(a) or real(*a))
+    convert(source, tmp_path / "again", Settings(bits=4, group_size=32, layout="native"))
+    assert len(built) == 1
