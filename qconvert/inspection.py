@@ -13,6 +13,8 @@ def scheme_label(record: TensorRecord) -> str:
         dtypes = {s.dtype for s in record.stored.values()}
         return f"kept {'/'.join(sorted(dtypes))}"
     group = f"g{record.group_size}" if record.group_size < record.shape[1] else "per-channel"
+    if record.grid not in (None, "int"):
+        return f"{record.quantizer} {record.grid} {group}"
     return f"{record.quantizer} int{record.bits} {group} {'sym' if record.symmetric else 'asym'}"
 
 

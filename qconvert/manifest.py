@@ -65,6 +65,7 @@ class TensorRecord:
     group_size: int | None = None
     symmetric: bool | None = None
     scale_dtype: str | None = None
+    grid: str | None = None  # "int" or a table grid (quantizers/grids.py); None for kept tensors and schema 1
     relative_mse: float | None = None
     decided_by: str | None = None
     origin: str | None = None

@@ -13,6 +13,7 @@ from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES
 from qconvert.plan.recipes import Recipe, Rule, load_recipe
 from qconvert.quantizers import QuantConfig
+from qconvert.quantizers.grids import grid_defaults
 
 PASSTHROUGH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,6 +40,7 @@ class Settings:
     group_size: int = 64
     symmetric: bool = False
     scale_dtype: str = "float16"
+    grid: str = "int"  # or a table grid of quantizers/grids.py (nf4, iq4nl, mxfp4, nvfp4, fp8)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # cast for kept float tensors; None keeps the source dtype
@@ -69,16 +71,23 @@ class Settings:
     @property
     def config(self) -> QuantConfig:
         return QuantConfig(
-            bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=self.scale_dtype
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            scale_dtype=self.scale_dtype,
+            grid=self.grid,
         )
 
     def scheme(self, overrides: dict[str, Any]) -> TensorScheme:
-        """The scheme of a tensor whose deciding rule sets `overrides` (grid keys and/or "quantizer")."""
+        """The scheme of a tensor whose deciding rule sets `overrides` (grid keys and/or "quantizer"); a rule
+        that sets only `grid` gets the bits, symmetry and group size that grid implies."""
         grid = {k: v for k, v in overrides.items() if k != "quantizer"}
+        if "grid" in grid:
+            grid.update(grid_defaults(grid["grid"], grid))
         return TensorScheme(overrides.get("quantizer", self.quantizer), dataclasses.replace(self.config, **grid))
 
     def suffix(self) -> str:
-        """Folder-name suffix, e.g. "int4-g64", "rtn-int3-ch-sym" or "mixed-int4-mixed" for a recipe."""
+        """Folder-name suffix, e.g. "int4-g64", "rtn-int3-ch-sym", "gptq-nf4-g64", or the recipe's name."""
         if self.recipe is not None:
             return self.recipe.path.stem
         parts = [] if self.quantizer == "rtn" else [self.quantizer]
@@ -87,9 +96,9 @@ class Settings:
         elif self.target_size is not None:
             parts += [f"{self.target_size / 1e6:.0f}MB"]
         else:
-            parts += [f"int{self.bits}"]
+            parts += [f"int{self.bits}" if self.grid == "int" else self.grid]  # "nf4-g64": a table grid's bits
         parts += [f"g{self.group_size}" if self.group_size else "ch"]
-        return "-".join(parts + (["sym"] if self.symmetric else []))
+        return "-".join(parts + (["sym"] if self.symmetric and self.grid == "int" else []))
 
 
 def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_flags: dict[str, Any]) -> Settings:
@@ -102,6 +111,7 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
     }
     has_source = calibration.get("text") is not None or calibration.get("dataset") is not None
     values = {**(recipe.defaults if recipe else {}), **given}
+    values.update(grid_defaults(values.get("grid", "int"), values))
     if recipe is not None:
         values.update(rules=recipe.rules, recipe=recipe)
     return Settings(**values, calibration=CalibrationSettings(**calibration) if has_source else None)

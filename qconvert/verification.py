@@ -31,6 +31,7 @@ from qconvert.manifest import (
 )
 from qconvert.output import iter_records, quantized_tensor
 from qconvert.quantizers import dequantize
+from qconvert.quantizers.grids import GRIDS, effective_scales
 from qconvert.settings import PASSTHROUGH_DTYPES
 
 
@@ -79,8 +80,9 @@ def _check_quantized(manifest, record, stored) -> list[str]:
     problems = []
     if list(weight.shape) != record.shape:
         problems.append(f"{record.name}: unpacks to {list(weight.shape)}, manifest says {record.shape}")
-    scales = q.scales.float()
-    if not (torch.isfinite(scales).all() and (scales != 0).all()):  # symmetric scales carry a sign
+    scales = effective_scales(q.scales, q.grid, q.global_scale)
+    zero_allowed = GRIDS[q.grid].scale == "e4m3"  # an all-zero nvfp4 block has scale 0; float scales never do
+    if not (torch.isfinite(scales).all() and (zero_allowed or (scales != 0).all())):  # symmetric scales carry a sign
         problems.append(f"{record.name}: has zero or non-finite scales")
     return problems
 

@@ -20,7 +20,7 @@ from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from qconvert.quantizers.base import QuantizedTensor
 
 BlockResults = dict[str, "QuantizedTensor | torch.Tensor"]
-_PARTS = ("codes", "scales", "zeros")
+_PARTS = ("codes", "scales", "zeros", "global_scale")
 
 
 def calibration_folder(destination: Path) -> Path:
@@ -54,6 +54,7 @@ class BlockStore:
                 metadata[name] = json.dumps(
                     {
                         "bits": result.bits,
+                        "grid": result.grid,
                         "group_size": result.group_size,
                         "shape": list(result.shape),
                         "dtype": DTYPE_NAMES[result.dtype],
@@ -99,6 +100,7 @@ def _result(f, name: str, meta: dict) -> "QuantizedTensor | torch.Tensor":
     return QuantizedTensor(
         **parts,
         bits=meta["bits"],
+        grid=meta.get("grid", "int"),
         group_size=meta["group_size"],
         shape=tuple(meta["shape"]),
         dtype=SAFETENSORS_DTYPES[meta["dtype"]],

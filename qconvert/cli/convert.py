@@ -24,6 +24,7 @@ from qconvert.cli.options import (
     ExcludeOption,
     ForceOption,
     FormatOption,
+    GridOption,
     GroupOption,
     IncludeOption,
     LayoutChoice,
@@ -52,6 +53,7 @@ def model(
     output: OutputOption = None,
     recipe: RecipeOption = None,
     bits: BitsOption = None,
+    grid: GridOption = None,
     group_size: GroupOption = None,
     symmetric: SymmetricOption = None,
     quantizer: QuantizerOption = None,
@@ -85,6 +87,7 @@ def model(
         options = dict(
             quantizer=quantizer,
             bits=bits,
+            grid=grid,
             group_size=group_size,
             symmetric=symmetric,
             scale_dtype=scale_dtype.value if scale_dtype else None,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from qconvert.formats import EXPORTS, LAYOUT_CHOICES
-from qconvert.limits import SUPPORTED_BITS
+from qconvert.limits import GRID_NAMES, SUPPORTED_BITS
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -41,6 +41,17 @@ RecipeOption = Annotated[
 BitsOption = Annotated[
     Optional[int],
     typer.Option("--bits", help=f"Bits per weight code: {BITS_TEXT}. (default: 4)", show_default=False),
+]
+GridOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--grid",
+        help=(
+            f"Code values: {', '.join(GRID_NAMES)}. int: integers with scales (and zero points); nf4, iq4nl, "
+            "mxfp4, nvfp4, fp8: that format's values, bits and scales. (default: int)"
+        ),
+        show_default=False,
+    ),
 ]
 GroupOption = Annotated[
     Optional[int],

@@ -15,6 +15,7 @@ from qconvert.cli.options import (
     CalibSeqlenOption,
     ExcludeOption,
     FullOption,
+    GridOption,
     GroupOption,
     IncludeOption,
     JsonOption,
@@ -71,6 +72,7 @@ def plan(
     output: OutputOption = None,
     recipe: RecipeOption = None,
     bits: BitsOption = None,
+    grid: GridOption = None,
     group_size: GroupOption = None,
     symmetric: SymmetricOption = None,
     quantizer: QuantizerOption = None,
@@ -92,6 +94,7 @@ def plan(
             dict(
                 quantizer=quantizer,
                 bits=bits,
+                grid=grid,
                 group_size=group_size,
                 symmetric=symmetric,
                 target_bpw=target_bpw,

@@ -9,8 +9,8 @@ It picks the fastest path torch offers on CPU for its scheme, keeping one copy o
 - int4 in whole groups of 32-256: `aten._weight_int4pack_mm_for_cpu`, whose weight is
   `(q - 8) × scale + zero` per group; ours is `(q - z) × scale`, so its `zero` is `(8 - z) × scale`.
   Its layout is private to torch, so this path has no exact float32 fallback.
-- anything else: qconvert's packed codes, unpacked and dequantized on every call (the weight never
-  stays resident in float).
+- anything else, table grids included (nf4, fp8, mxfp4, ...): qconvert's packed codes, unpacked and
+  dequantized on every call (the weight never stays resident in float).
 
 On AVX2 CPUs torch 2.13 vectorizes these kernels only for bfloat16 activations (its float32
 path is scalar: 50x slower than a float32 matmul, measured), so the kernels get bfloat16 inputs and
@@ -41,9 +41,10 @@ class QuantizedLinear(nn.Module):
         self.use_kernels = use_kernels
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device="meta")) if has_bias else None
         self.kernel = "unpack"
-        if q.bits == 8 and q.group_size == self.in_features:
+        self.grid, self.global_scale = q.grid, q.global_scale
+        if q.grid == "int" and q.bits == 8 and q.group_size == self.in_features:
             self._init_int8(q)
-        elif q.bits == 4 and use_kernels and self._int4_kernel_accepts(q):
+        elif q.grid == "int" and q.bits == 4 and use_kernels and self._int4_kernel_accepts(q):
             self._init_int4(q)
         else:
             self._init_unpack(q)
@@ -89,6 +90,8 @@ class QuantizedLinear(nn.Module):
             group_size=self.group_size,
             shape=(self.out_features, self.in_features),
             dtype=self.dtype,
+            grid=self.grid,
+            global_scale=self.global_scale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,12 @@ from typing import Callable, ClassVar, Iterator, Protocol
 import torch
 
 from qconvert.errors import SourceError
-from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
+from qconvert.io.dtypes import SAFETENSORS_DTYPES
 from qconvert.io.loading import Checkpoint, read_checkpoint
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import Manifest, TensorRecord
-from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor
+from qconvert.quantizers.base import QuantConfig, QuantizedTensor
+from qconvert.quantizers.grids import stored_scale_dtype
 
 
 class Layout(ABC):
@@ -63,12 +64,17 @@ class Layout(ABC):
 
 
 def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> TensorSpec:
-    return TensorSpec(name, DTYPE_NAMES[SCALE_DTYPES[config.scale_dtype]], (rows, groups))
+    """The stored scales: in the config's scale dtype, or the grid's own format (E8M0 as U8, E4M3)."""
+    return TensorSpec(name, stored_scale_dtype(config.grid, config.scale_dtype), (rows, groups))
 
 
 def record_config(record: TensorRecord) -> QuantConfig:
     return QuantConfig(
-        bits=record.bits, group_size=record.group_size, symmetric=record.symmetric, scale_dtype=record.scale_dtype
+        bits=record.bits,
+        group_size=record.group_size,
+        symmetric=record.symmetric,
+        scale_dtype=record.scale_dtype,
+        grid=record.grid or "int",
     )
 
 

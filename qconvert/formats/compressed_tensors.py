@@ -73,6 +73,8 @@ class CompressedTensorsLayout(Layout):
             return "compressed-tensors words are little-endian and this machine is big-endian"
         if not name.endswith(".weight"):
             return f"{name} is not a module's .weight"
+        if config.grid != "int":
+            return f"qconvert writes its {config.grid} grid in its native layout only, not compressed-tensors yet"
         if EMBEDDING.search(name):
             return (
                 f"{name} is an embedding or output head, which transformers cannot load quantized from "

@@ -20,6 +20,7 @@ The report says which tensors were exact and which were requantized. `check` say
 would refuse in a GGUF file (architecture, metadata, tensors, block types).
 """
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -216,15 +217,8 @@ def _llama_rope_order(value, name: str, config: dict):
         heads = config.get("num_key_value_heads", heads)
     if isinstance(value, QuantizedTensor):
         order = _permutation(value.shape[0], heads)
-        return QuantizedTensor(
-            codes=value.codes[order],
-            scales=value.scales[order],
-            zeros=None if value.zeros is None else value.zeros[order],
-            bits=value.bits,
-            group_size=value.group_size,
-            shape=value.shape,
-            dtype=value.dtype,
-        )
+        zeros = None if value.zeros is None else value.zeros[order]
+        return dataclasses.replace(value, codes=value.codes[order], scales=value.scales[order], zeros=zeros)
     return value[_permutation(value.shape[0], heads)]
 
 
@@ -238,7 +232,7 @@ def _encode(q: QuantizedTensor, gguf) -> tuple[np.ndarray, object, str]:
     T = gguf.GGMLQuantizationType
     rows, columns = q.shape
     fp16 = q.scales.dtype == torch.float16
-    if q.group_size == 32 and columns % 32 == 0 and fp16:
+    if q.grid == "int" and q.group_size == 32 and columns % 32 == 0 and fp16:
         if q.bits == 4 and q.symmetric:
             return _blocks_q4(q.scales, None, q.codes), T.Q4_0, "exact"
         if q.bits == 8 and q.symmetric:

@@ -156,6 +156,7 @@ def _gptq_tensors(
     bits, group, symmetric = grid
     onto_grid = (
         not isinstance(q, QuantizedTensor)
+        or q.grid != "int"
         or (q.bits, q.group_size, q.symmetric) != grid
         or q.scales.dtype != torch.float16
     )

@@ -109,11 +109,10 @@ def _mlx_tensors(
         report.types[name] = "float"
         return {name: dequantize(q, q.dtype)}
     bits, group = grid
-    requantize = group != q.group_size
+    requantize = group != q.group_size or q.grid != "int"
     if requantize:  # not a grid MLX has: round the float weights again on one it has
-        config = QuantConfig(
-            bits=bits, group_size=group, symmetric=False, scale_dtype=str(q.scales.dtype).removeprefix("torch.")
-        )
+        scale_dtype = "bfloat16" if q.scales.dtype == torch.bfloat16 else "float16"
+        config = QuantConfig(bits=bits, group_size=group, symmetric=False, scale_dtype=scale_dtype)
         q = rtn_quantize(name, dequantize(q, torch.float32), config)
     zeros = (
         q.zeros.to(torch.float64)

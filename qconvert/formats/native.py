@@ -7,9 +7,12 @@ For a source weight `W` named `<name>` (rows × columns, groups = ceil(columns /
 | `<name>.packed`  | U8           | rows × ceil(columns·bits / 8)          | codes, `packing.py` order   |
 | `<name>.scales`  | F16 or BF16  | rows × groups                          | per-group scale             |
 | `<name>.zeros`   | U8           | rows × ceil(groups·bits / 8)           | zero points, packed (asymmetric only) |
+| `<name>.global_scale` | F32     | 1                                      | nvfp4: scale of the block scales |
 
 `W[r, c] = (code[r, c] - zero[r, c // group_size]) * scale[r, c // group_size]`, where a symmetric
-weight's zero is 2**(bits-1). Bits, group size and the original shape are in the manifest.
+weight's zero is 2**(bits-1). On a table grid (`quantizers/grids.py`) `W[r, c] = value[code[r, c]] *
+scale[r, c // group_size]`, the scales stored as the grid defines them (U8 E8M0 exponents for mxfp4,
+F8_E4M3 for nvfp4). Grid, bits, group size and the original shape are in the manifest.
 """
 
 import torch
@@ -19,6 +22,7 @@ from qconvert.io.writing import TensorSpec
 from qconvert.manifest import TensorRecord
 from qconvert.packing import pack_codes, packed_row_bytes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
+from qconvert.quantizers.grids import GRIDS
 
 
 class NativeLayout(Layout):
@@ -33,12 +37,16 @@ class NativeLayout(Layout):
         ]
         if not config.symmetric:
             specs.append(TensorSpec(f"{name}.zeros", "U8", (rows, packed_row_bytes(groups, config.bits))))
+        if GRIDS[config.grid].scale == "e4m3":
+            specs.append(TensorSpec(f"{name}.global_scale", "F32", (1,)))
         return specs
 
     def encode(self, name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         stored = {f"{name}.packed": pack_codes(q.codes, q.bits), f"{name}.scales": q.scales}
         if q.zeros is not None:
             stored[f"{name}.zeros"] = pack_codes(q.zeros, q.bits)
+        if q.global_scale is not None:
+            stored[f"{name}.global_scale"] = q.global_scale.float()
         return stored
 
     def decode(self, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
@@ -54,6 +62,8 @@ class NativeLayout(Layout):
             group_size=config.group_size_for(columns),
             shape=(rows, columns),
             dtype=source_dtype(record),
+            grid=config.grid,
+            global_scale=stored.get(f"{record.name}.global_scale"),
         )
 
     def quantization_config(self, records: list[TensorRecord], runtime_name=None) -> dict:

@@ -127,7 +127,7 @@ def _planned(
         config, quantizer = scheme.config, quantizers[scheme]
         record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
         record.bits, record.group_size = config.bits, config.group_size_for(info.shape[1])
-        record.symmetric, record.scale_dtype = config.symmetric, config.scale_dtype
+        record.symmetric, record.scale_dtype, record.grid = config.symmetric, config.scale_dtype, config.grid
         specs = layout.specs(name, info.shape, config)
     else:
         specs = [TensorSpec(name, DTYPE_NAMES[kept_dtype(info.dtype, settings)], info.shape)]

@@ -1,7 +1,7 @@
 """Recipes: conversion settings kept in a TOML file under version control.
 
     # int4 in groups of 64, with the most sensitive projections at 6 bits
-    [defaults]                # any of: quantizer, bits, group_size, symmetric, scale_dtype, options
+    [defaults]                # any of: quantizer, grid, bits, group_size, symmetric, scale_dtype, options
     bits = 4
     group_size = 64
 
@@ -35,8 +35,9 @@ from typing import Any
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
 from qconvert.quantizers.base import SCALE_DTYPES
+from qconvert.quantizers.grids import GRID_NAMES
 
-SCHEME_KEYS = {"quantizer": str, "bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str}
+SCHEME_KEYS = {"quantizer": str, "grid": str, "bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str}
 DEFAULT_KEYS = {**SCHEME_KEYS, "options": dict}
 CALIBRATION_KEYS = {"text": str, "dataset": str, "samples": int, "seqlen": int, "seed": int, "batch_size": int}
 RULE_KEYS = {"match": str, "keep": bool, **SCHEME_KEYS}
@@ -158,6 +159,8 @@ def _impossible(key: str, value: Any) -> str | None:
         return "group_size must be 0 (one scale per output channel) or positive"
     if key == "scale_dtype" and value not in SCALE_DTYPES:
         return f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}"
+    if key == "grid" and value not in GRID_NAMES:
+        return f"no grid named {value!r}; choose one of {', '.join(GRID_NAMES)}"
     if key == "quantizer" and value not in registry.available():
         return f"no quantizer named {value!r}; installed: {', '.join(registry.available())}"
     if key in ("samples", "seqlen", "batch_size") and value <= 0:

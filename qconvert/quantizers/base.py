@@ -1,8 +1,9 @@
 """The quantizer plugin interface: a config, a result type and an abstract base class.
 
 A quantizer turns one float weight matrix into unsigned integer codes plus per-group scales and
-(for asymmetric schemes) integer zero points. How codes become bits is `packing.py`'s job, and how
-they are laid out in a file is `formats/`'s: a quantizer never does I/O.
+(for asymmetric schemes) integer zero points, on a grid (`grids.py`: integers, or a table of values
+such as NF4 or FP4). How codes become bits is `packing.py`'s job, and how they are laid out in a file
+is `formats/`'s: a quantizer never does I/O.
 """
 
 from abc import ABC, abstractmethod
@@ -13,6 +14,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
+from qconvert.quantizers.grids import effective_scales, get_grid
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -27,15 +29,30 @@ class QuantConfig:
             (per output channel). The last group of a row may be shorter; groups never cross rows.
         symmetric: no zero point; codes are centred on 2**(bits-1).
         scale_dtype: "float16" (default: three more mantissa bits than bfloat16, and weight
-            scales sit well inside its range) or "bfloat16".
+            scales sit well inside its range) or "bfloat16"; a grid with its own scale format
+            (mxfp4's E8M0, nvfp4's E4M3) ignores it.
+        grid: "int" (integer codes, the default) or a table grid of `grids.py` (nf4, iq4nl, mxfp4,
+            nvfp4, fp8), which fixes bits, symmetry and, for some, the group size.
     """
 
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
     scale_dtype: str = "float16"
+    grid: str = "int"
 
     def __post_init__(self) -> None:
+        grid = get_grid(self.grid)
+        if self.grid != "int":
+            if self.bits != grid.bits or not self.symmetric:
+                raise SchemeError(
+                    f"grid {self.grid} has {grid.bits}-bit codes and no zero point; drop --bits and --asymmetric "
+                    f"(or give --bits {grid.bits})."
+                )
+            if grid.block is not None and self.group_size != grid.block:
+                raise SchemeError(
+                    f"grid {self.grid} scales groups of {grid.block}; drop --group-size or give {grid.block}."
+                )
         if self.bits not in SUPPORTED_BITS:
             raise SchemeError(f"--bits {self.bits} is not supported; choose one of {list(SUPPORTED_BITS)}.")
         if self.group_size < 0:
@@ -54,14 +71,17 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A quantized 2-D weight: `weight[r, c] ≈ (codes[r, c] - zeros[r, g]) * scales[r, g]`, g = c // group_size.
+    """A quantized 2-D weight: `weight[r, c] ≈ (codes[r, c] - zeros[r, g]) * scales[r, g]`, g = c // group_size,
+    on the integer grid; `values[codes[r, c]] * scale[r, g]` on a table grid (`grids.py`).
 
     Attributes:
         codes: uint8 (rows, columns), each value in [0, 2**bits).
-        scales: (rows, groups) in the config's scale dtype.
+        scales: (rows, groups) as stored: the config's scale dtype, or the grid's own scale format
+            (uint8 E8M0 exponents for mxfp4, float8_e4m3fn for nvfp4).
         zeros: uint8 (rows, groups) in [0, 2**bits), or None for symmetric (zero = 2**(bits-1)).
         bits, group_size: as applied (group_size is the effective size, never 0).
         shape: the original weight shape; dtype: its original dtype.
+        grid: the grid's name; global_scale: float32 (1,) for grids with one (nvfp4), else None.
     """
 
     codes: torch.Tensor
@@ -71,6 +91,8 @@ class QuantizedTensor:
     group_size: int
     shape: tuple[int, int]
     dtype: torch.dtype
+    grid: str = "int"
+    global_scale: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -79,13 +101,16 @@ class QuantizedTensor:
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
     """Rebuild the float weight (or the given `rows` of it) from codes, scales and zero points, in float32."""
-    codes, scales = q.codes[rows], q.scales[rows].float()
+    codes, scales = q.codes[rows], effective_scales(q.scales[rows], q.grid, q.global_scale)
     count, columns = codes.shape
     groups = scales.shape[1]
     padded = groups * q.group_size
     if padded != columns:
         codes = torch.nn.functional.pad(codes, (0, padded - columns))
-    weight = codes.view(count, groups, q.group_size).float()
+    codes = codes.view(count, groups, q.group_size)
+    if q.grid != "int":
+        return get_grid(q.grid).decode(codes).mul_(scales.unsqueeze(-1)).view(count, padded)[:, :columns].to(dtype)
+    weight = codes.float()
     zeros = q.zeros[rows].float() if q.zeros is not None else torch.full_like(scales, 2 ** (q.bits - 1))
     weight = weight.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1))
     return weight.view(count, padded)[:, :columns].to(dtype)

@@ -17,15 +17,12 @@ import torch
 from qconvert.errors import SchemeError
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, Quantizer
 from qconvert.quantizers.registry import register
-from qconvert.quantizers.rtn import codes_on_grid, grid_for_range, group_view, quantize_in_row_blocks, stored_scales
+from qconvert.quantizers.rtn import Rounding, group_view, quantize_in_row_blocks, stored_scales
 
 RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
-
-
-def _error(
-    groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, importance: torch.Tensor
-) -> torch.Tensor:
-    return (codes - zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1)).sub_(groups).square_().mul_(importance).sum(-1)
+# A table grid may round a scale down (mxfp4's power of two below the group's range clips its extremes):
+# larger ranges are candidates too.
+TABLE_RATIOS = (2.0, 1.5, 1.25, *RATIOS)
 
 
 def importance_of(groups: torch.Tensor) -> torch.Tensor:
@@ -41,48 +38,62 @@ def importance_of(groups: torch.Tensor) -> torch.Tensor:
 def clip_quantize(
     name: str, weight: torch.Tensor, config: QuantConfig, column_importance: torch.Tensor | None = None
 ) -> QuantizedTensor:
-    """Clipping search on `weight`; with `column_importance` (one weight per input column, e.g. the
-    mean square of the activations that column meets, as AWQ passes it) that weights the error
+    """Clipping search on `weight`, on any grid; with `column_importance` (one weight per input column,
+    e.g. the mean square of the activations that column meets, as AWQ passes it) that weights the error
     instead of the weights' own magnitude."""
-    if column_importance is None:
-        return quantize_in_row_blocks(name, weight, config, _search_block)
-    columns = group_view(column_importance.view(1, -1), config)
+    rounding = Rounding(config, weight)
+    columns = None if column_importance is None else group_view(column_importance.view(1, -1), config)
 
     def search(name: str, rows: torch.Tensor, config: QuantConfig):
-        return _search_block(name, rows, config, columns)
+        return _search_block(name, rows, rounding, columns)
 
-    return quantize_in_row_blocks(name, weight, config, search)
+    return quantize_in_row_blocks(name, weight, config, search, rounding)
 
 
-def _search_block(name: str, weight: torch.Tensor, config: QuantConfig, column_importance: torch.Tensor | None = None):
+def _search_block(name: str, weight: torch.Tensor, rounding: Rounding, column_importance: torch.Tensor | None):
+    config = rounding.config
     groups = group_view(weight, config)  # (rows, groups, group_size)
     low, high = torch.aminmax(groups, dim=-1)
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
     low, high = low.clamp(max=0), high.clamp(min=0)
     importance = importance_of(groups) if column_importance is None else column_importance.expand_as(groups)
+
+    def error(codes, scale, zero):
+        return rounding.values(codes, scale, zero).sub_(groups).square_().mul_(importance).sum(-1)
+
     best_error = torch.full_like(low, float("inf"))
     best_scale, best_zero = torch.empty_like(low), torch.empty_like(low)
-    for ratio in RATIOS:
-        scale, zero = grid_for_range(low * ratio, high * ratio, config, strict=ratio == 1.0)  # the full range must fit
-        error = _error(groups, codes_on_grid(groups, scale, zero, config), scale, zero, importance)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
+    for ratio in RATIOS if config.grid == "int" else TABLE_RATIOS:
+        scale, zero = rounding.fit(low * ratio, high * ratio, strict=ratio == 1.0)  # the full range must fit
+        candidate = error(rounding.codes(groups, scale, zero), scale, zero)
+        better = candidate < best_error
+        best_error = torch.where(better, candidate, best_error)
         best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
-    codes = codes_on_grid(groups, best_scale, best_zero, config)
-    # Weighted least-squares scale for these codes: s = Σ i·w·(q-z) / Σ i·(q-z)².
-    centred = codes - best_zero.unsqueeze(-1)
-    weighted = centred * importance
-    refit = stored_scales(
-        (groups * weighted).sum(-1) / (centred * weighted).sum(-1).clamp(min=1e-12), config.scale_dtype, strict=False
-    ).float()
-    refit = torch.where(refit > 0, refit, best_scale)
-    refit_codes = codes_on_grid(groups, refit, best_zero, config)
-    better = (_error(groups, refit_codes, refit, best_zero, importance) < best_error).unsqueeze(-1)
-    codes = torch.where(better, refit_codes, codes)
-    scale = torch.where(better.squeeze(-1), refit, best_scale)
+    codes = rounding.codes(groups, best_scale, best_zero)
+    refit = _refit(groups, codes, best_scale, best_zero, importance, rounding)
+    if refit is not None:
+        refit_codes = rounding.codes(groups, refit, best_zero)
+        better = (error(refit_codes, refit, best_zero) < best_error).unsqueeze(-1)
+        codes = torch.where(better, refit_codes, codes)
+        best_scale = torch.where(better.squeeze(-1), refit, best_scale)
     rows, columns = weight.shape
-    return codes.view(rows, -1)[:, :columns], scale, best_zero
+    return codes.view(rows, -1)[:, :columns], best_scale, None if config.symmetric else best_zero
+
+
+def _refit(groups, codes, scale, zero, importance, rounding: Rounding) -> torch.Tensor | None:
+    """The weighted least-squares scale for these codes, s = Σ i·w·u / Σ i·u² with u a code's value at
+    scale 1 (q − z on the integer grid, the table value otherwise), rounded to its stored dtype; None
+    for grids whose scales are not free floats (mxfp4's powers of two, nvfp4's E4M3 units)."""
+    config = rounding.config
+    if rounding.grid.scale != "float":
+        return None
+    unit = codes - zero.unsqueeze(-1) if config.grid == "int" else rounding.grid.decode(codes)
+    weighted = unit * importance
+    raw = (groups * weighted).sum(-1) / (unit * weighted).sum(-1).clamp(min=1e-12)
+    refit = stored_scales(raw, config.scale_dtype, strict=False).float()
+    keep = refit > 0 if config.grid == "int" else refit * scale > 0  # a table grid's scale may be negative (iq4nl)
+    return torch.where(keep, refit, scale)
 
 
 @register("clip")

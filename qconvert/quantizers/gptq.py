@@ -13,20 +13,23 @@ independent too and run one per core, each single-threaded: the column loop is m
 operations, which a shared thread pool only slows down.
 
 Group scales and zero points are those of `rtn` (min/max of a group, rounded to the stored scale
-dtype), taken when the group's first column is reached, from the weights as updated so far. With
+dtype), taken when the group's first column is reached, from the weights as updated so far. Any grid
+works (`rtn.Rounding`): a column goes to its nearest codes on the integer grid or on a table (nf4,
+mxfp4, nvfp4, ...), and the error pushed on is against those codes' values. With
 `act_order` the columns are visited by decreasing H diagonal (most important first); groups are then
 fixed up front from the original weights ("static groups"), so the stored layout keeps plain
 contiguous groups and loads anywhere rtn's does, with no g_idx permutation.
 """
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from qconvert.errors import SchemeError
-from qconvert.quantizers.base import SCALE_DTYPES, CalibratedQuantizer, QuantConfig, QuantizedTensor
+from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor
 from qconvert.quantizers.registry import register
-from qconvert.quantizers.rtn import codes_on_grid, grid_for_range
+from qconvert.quantizers.rtn import Rounding
 
 BLOCK_COLUMNS = 128
 MAX_DAMP_RETRIES = 6
@@ -50,7 +53,8 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(columns)
-    static = _group_grids(w, config, group_size) if act_order or group_size == columns else None
+    rounding = Rounding(config, w)
+    static = _group_grids(w, rounding, group_size) if act_order or group_size == columns else None
     w, h = w[:, order], h[order][:, order]
     h_inv = _inverse_cholesky(h, damp)
 
@@ -70,11 +74,11 @@ def gptq_quantize(
             group = visit[start + i] // group_size
             if static is None and visit[start + i] % group_size == 0:  # a group's first column
                 span = block[i : i + group_size]  # within this block: blocks hold whole groups
-                scales_t[group], zeros_t[group] = _group_grid(span.T, config)
+                scales_t[group], zeros_t[group] = _group_grid(span.T, rounding)
             x, scale, zero = block[i], scales_t[group], zeros_t[group]
-            q = codes_on_grid(x.unsqueeze(1), scale, zero, config).squeeze(1)
-            codes_t[start + i] = q
-            error = x.sub(q.sub_(zero).mul_(scale)).div_(pivots[i])
+            q = rounding.codes(x.unsqueeze(1), scale, zero)
+            codes_t[start + i] = q.squeeze(1)
+            error = x.sub(rounding.values(q, scale, zero).squeeze(1)).div_(pivots[i])
             block[i:].addr_(inv[i, i:], error, alpha=-1)
             errors[i] = error
         wt[end:].addmm_(h_inv[start:end, end:].T, errors, alpha=-1)
@@ -82,12 +86,11 @@ def gptq_quantize(
     codes = codes_t.T[:, torch.argsort(order)]
     return QuantizedTensor(
         codes=codes.to(torch.uint8).contiguous(),
-        scales=scales_t.T.to(SCALE_DTYPES[config.scale_dtype]).contiguous(),
-        zeros=None if config.symmetric else zeros_t.T.to(torch.uint8).contiguous(),
         bits=config.bits,
         group_size=group_size,
         shape=(rows, columns),
         dtype=weight.dtype,
+        **rounding.stored(scales_t.T.contiguous(), zeros_t.T.contiguous()),
     )
 
 
@@ -96,18 +99,18 @@ def block_columns_for(group_size: int) -> int:
     return group_size * max(1, BLOCK_COLUMNS // group_size) if group_size <= BLOCK_COLUMNS else group_size
 
 
-def _group_grid(columns: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_grid(columns: torch.Tensor, rounding: Rounding) -> tuple[torch.Tensor, torch.Tensor]:
     low, high = torch.aminmax(columns, dim=1)
-    return grid_for_range(low.clamp(max=0), high.clamp(min=0), config)
+    return rounding.fit(low.clamp(max=0), high.clamp(min=0))
 
 
-def _group_grids(w: torch.Tensor, config: QuantConfig, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_grids(w: torch.Tensor, rounding: Rounding, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every group's grid from the original weights (per-channel, or act-order's static groups)."""
     rows, columns = w.shape
     groups = -(-columns // group_size)
     padded = torch.nn.functional.pad(w, (0, groups * group_size - columns)).view(rows, groups, group_size)
     low, high = torch.aminmax(padded, dim=-1)  # zero padding never changes a range that includes 0
-    return grid_for_range(low.clamp(max=0), high.clamp(min=0), config)
+    return rounding.fit(low.clamp(max=0), high.clamp(min=0))
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -168,15 +171,16 @@ def _split_rows(q: QuantizedTensor, counts: list[int]) -> list[QuantizedTensor]:
     parts, start = [], 0
     for count in counts:
         rows = slice(start, start + count)
+        zeros = None if q.zeros is None else q.zeros[rows].clone()
+        glob = None if q.global_scale is None else q.global_scale.clone()  # each part owns its tensors
         parts.append(
-            QuantizedTensor(
+            dataclasses.replace(
+                q,
                 codes=q.codes[rows].clone(),
                 scales=q.scales[rows].clone(),
-                zeros=None if q.zeros is None else q.zeros[rows].clone(),
-                bits=q.bits,
-                group_size=q.group_size,
+                zeros=zeros,
                 shape=(count, q.shape[1]),
-                dtype=q.dtype,
+                global_scale=glob,
             )
         )
         start += count

@@ -15,6 +15,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, Quantizer
+from qconvert.quantizers.grids import get_grid, to_stored
 from qconvert.quantizers.registry import register
 
 
@@ -148,32 +149,115 @@ def check_scale_range(name: str, weight: torch.Tensor, config: QuantConfig) -> N
 
 
 def rtn_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
-    """Quantize a 2-D weight by round-to-nearest; see the module docstring for the grid."""
+    """Quantize a 2-D weight by round-to-nearest; see the module docstring for the integer grid, and
+    `grids.py` for the table grids.
+
+    Raises:
+        SchemeError: NaN or infinite weights, or scales the scale dtype cannot hold.
+    """
+    if config.grid != "int":
+        return table_quantize(name, weight, config)
     return quantize_in_row_blocks(name, weight, config, _rtn_block)
 
 
-def quantize_in_row_blocks(name: str, weight: torch.Tensor, config: QuantConfig, quantize_block) -> QuantizedTensor:
-    """Assemble a QuantizedTensor from `quantize_block(name, rows, config) -> (codes, scales, zeros)`
-    applied to cache-sized blocks of rows (see BLOCK_ELEMENTS)."""
+class Rounding:
+    """How a group's weights go to codes and back on `config`'s grid, for a given weight (whose
+    absmax sets nvfp4's global scale): what rtn, clip and gptq share.
+
+    `fit(low, high)` gives each group's (scale, zero) as float32, the scale already rounded to its
+    stored form, from the group's range [low, high] (which includes 0); `codes(x, scale, zero)` the
+    nearest codes (as float) of `x` (..., n); `values(codes, scale, zero)` what they stand for;
+    `stored(scales, zeros)` the QuantizedTensor fields (scales as stored, zeros, global scale).
+    """
+
+    def __init__(self, config: QuantConfig, weight: torch.Tensor) -> None:
+        self.config, self.grid = config, get_grid(config.grid)
+        self.global_scale = self.grid.global_scale(weight) if config.grid != "int" else None
+
+    def fit(self, low: torch.Tensor, high: torch.Tensor, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.grid == "int":
+            return grid_for_range(low, high, self.config, strict)
+        extreme = torch.where(-low > high, low, high)
+        scale = self.grid.fit(extreme.abs(), extreme, self.global_scale, self.config.scale_dtype, strict)
+        return scale, torch.zeros_like(scale)
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if self.config.grid == "int":
+            return codes_on_grid(x, scale, zero, self.config)
+        safe = torch.where(scale != 0, scale, torch.ones_like(scale))  # an all-zero group: every code is 0's
+        return self.grid.nearest(x / safe.unsqueeze(-1)).float()
+
+    def values(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if self.config.grid == "int":
+            return (codes - zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))
+        return self.grid.decode(codes).mul_(scale.unsqueeze(-1))
+
+    def stored(self, scales: torch.Tensor, zeros: torch.Tensor) -> dict:
+        dtype = SCALE_DTYPES[self.config.scale_dtype]
+        if self.config.grid == "int":
+            return {"scales": scales.to(dtype), "zeros": None if self.config.symmetric else zeros.to(torch.uint8)}
+        return {
+            "scales": to_stored(scales, self.config.grid, self.global_scale, dtype),
+            "zeros": None,
+            "grid": self.config.grid,
+            "global_scale": None if self.global_scale is None else torch.tensor([self.global_scale]),
+        }
+
+
+def table_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+    """Round-to-nearest on a table grid (`grids.py`): each group's scale puts its largest magnitude on
+    the table's end, and each weight goes to the nearest table value."""
+    if not torch.isfinite(weight).all():
+        raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
+    rounding = Rounding(config, weight)
     rows, columns = weight.shape
-    groups = config.groups_for(columns)
     codes = torch.empty(rows, columns, dtype=torch.uint8)
-    scales = torch.empty(rows, groups, dtype=SCALE_DTYPES[config.scale_dtype])
-    zeros = None if config.symmetric else torch.empty(rows, groups, dtype=torch.uint8)
+    scales = torch.empty(rows, config.groups_for(columns))
     blocks = row_blocks(rows, columns)
     for start in blocks:
         block = slice(start, start + blocks.step)
-        codes[block], scales[block], block_zeros = quantize_block(name, weight[block], config)
-        if zeros is not None:
-            zeros[block] = block_zeros
+        groups = group_view(weight[block], config)
+        low, high = torch.aminmax(groups, dim=-1)
+        try:
+            scale, zero = rounding.fit(low.clamp(max=0), high.clamp(min=0))
+        except ScaleRangeError as exc:
+            raise SchemeError(f"tensor {name} {exc}") from exc
+        codes[block] = rounding.codes(groups, scale, zero).view(groups.shape[0], -1)[:, :columns].to(torch.uint8)
+        scales[block] = scale
     return QuantizedTensor(
         codes=codes,
-        scales=scales,
-        zeros=zeros,
         bits=config.bits,
         group_size=config.group_size_for(columns),
         shape=(rows, columns),
         dtype=weight.dtype,
+        **rounding.stored(scales, None),
+    )
+
+
+def quantize_in_row_blocks(
+    name: str, weight: torch.Tensor, config: QuantConfig, quantize_block, rounding: "Rounding | None" = None
+) -> QuantizedTensor:
+    """Assemble a QuantizedTensor from `quantize_block(name, rows, config) -> (codes, scales, zeros)`
+    (scales and zeros as float32, zeros None when symmetric) applied to cache-sized blocks of rows (see
+    BLOCK_ELEMENTS), stored as `rounding` (default: for `config` and this weight) stores them."""
+    rows, columns = weight.shape
+    groups = config.groups_for(columns)
+    codes = torch.empty(rows, columns, dtype=torch.uint8)
+    scales = torch.empty(rows, groups)
+    zeros = torch.zeros(rows, groups)
+    blocks = row_blocks(rows, columns)
+    for start in blocks:
+        block = slice(start, start + blocks.step)
+        codes[block], scales[block], block_zeros = quantize_block(name, weight[block], config)
+        if block_zeros is not None:
+            zeros[block] = block_zeros
+    return QuantizedTensor(
+        codes=codes,
+        bits=config.bits,
+        group_size=config.group_size_for(columns),
+        shape=(rows, columns),
+        dtype=weight.dtype,
+        **(rounding or Rounding(config, weight)).stored(scales, zeros),
     )
 
 

@@ -1,0 +1,172 @@
+"""Grids: the values a code can stand for, and how a group's scale is formed and stored.
+
+A quantizer maps each weight to the code whose value, times its group's scale, is nearest; the
+grid says what those values and scales are. Every quantizer reaches a grid through three calls —
+`fit` (a group's scale from its range), `nearest` (codes) and `values` (what codes stand for) — so
+rtn, clip and gptq target every grid alike.
+
+| grid  | code values                              | scale per group, stored as              | group   |
+|-------|------------------------------------------|-----------------------------------------|---------|
+| int   | 0 … 2**bits − 1 minus a zero point       | float16 / bfloat16; zero point uint8    | any     |
+| nf4   | NF4's 16 normal-float values in [−1, 1]  | group absmax, float16 / bfloat16        | any, 64 |
+| iq4nl | llama.cpp's IQ4_NL table, −127 … 113     | signed extreme / −127, float16          | 32      |
+| mxfp4 | FP4 E2M1: ±{0, .5, 1, 1.5, 2, 3, 4, 6}   | power of two: E8M0, uint8 (bias 127)    | 32      |
+| nvfp4 | FP4 E2M1                                 | FP8 E4M3 × one float32 scale per tensor | 16      |
+| fp8   | every finite FP8 E4M3 value (±448)       | absmax / 448, float16 / bfloat16        | any, 0  |
+
+Sources: NF4, Dettmers et al. 2023 (QLoRA), the table bitsandbytes uses; IQ4_NL, llama.cpp's
+`kvalues_iq4nl`; MXFP4, the OCP Microscaling Formats (MX) v1.0 spec (shared exponent
+floor(log2 absmax) − 2, the E2M1 maximum's exponent); NVFP4, NVIDIA's format as compressed-tensors
+and MLX define it (global scale absmax / (448 · 6), block scales absmax / 6 in E4M3 units of it);
+FP8 E4M3, the OCP 8-bit floating point spec (`torch.float8_e4m3fn`, largest 448).
+
+Codes are unsigned integers (`packing.py` packs them): for E2M1 and E4M3 the code is the format's
+own bit pattern, so packed codes are the format's bytes; for NF4 and IQ4_NL it is the table index.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from qconvert.errors import SchemeError
+from qconvert.limits import GRID_NAMES  # the command line names grids without importing torch
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+IQ4_NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+
+
+def _e4m3_values() -> tuple[float, ...]:
+    """The value of every float8_e4m3fn bit pattern; its two NaN patterns stand for nothing (NaN)."""
+    return tuple(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist())
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A table grid: `values[code]` times the group's scale (see the module table). The integer grid
+    (`int`) is the affine one `rtn` has always used; it has no table."""
+
+    name: str
+    bits: int
+    values: tuple[float, ...] = ()
+    scale: str = "float"  # "float" (the config's scale dtype), "e8m0" (power of two) or "e4m3" (with a global scale)
+    block: int | None = None  # the only group size the format allows, if it fixes one
+    default_group: int = 64
+    signed_extreme: bool = False  # the table is lopsided: put the group's largest-magnitude weight on its end
+
+    @property
+    def table(self) -> torch.Tensor:
+        return torch.tensor(self.values, dtype=torch.float32)
+
+    @property
+    def largest(self) -> float:
+        return max(abs(v) for v in self.values if v == v)
+
+    def fit(
+        self, absmax: torch.Tensor, extreme: torch.Tensor, global_scale: float | None, scale_dtype: str, strict=True
+    ) -> torch.Tensor:
+        """Each group's scale (float32, as it will be stored: rounded to its storage format) so that the
+        group's largest magnitude `absmax` lands on the table's end; `extreme` is the signed weight of
+        largest magnitude. `global_scale` is the tensor's scale for e4m3 block scales.
+
+        Raises:
+            ScaleRangeError: (strict) a float scale outside what `scale_dtype` holds.
+        """
+        if self.scale == "e8m0":
+            exponent = torch.floor(torch.log2(absmax.clamp(min=2.0**-126))) - 2  # E2M1's largest, 6, is 1.5 · 2²
+            return torch.exp2(exponent.clamp(-E8M0_BIAS, E8M0_BIAS))
+        if self.scale == "e4m3":
+            units = (absmax / self.largest / global_scale).clamp(max=E4M3_MAX)
+            return units.to(torch.float8_e4m3fn).float() * global_scale
+        from qconvert.quantizers.rtn import stored_scales
+
+        raw = (
+            extreme / min(self.values) if self.signed_extreme else absmax / self.largest
+        )  # signed: -127 · scale = extreme
+        return stored_scales(raw, scale_dtype, strict).float()
+
+    def global_scale(self, weight: torch.Tensor) -> float | None:
+        """The per-tensor float32 scale of e4m3 block scales (NVFP4), so the largest block scale is 448."""
+        if self.scale != "e4m3":
+            return None
+        absmax = float(weight.abs().max())
+        return absmax / (E4M3_MAX * self.largest) if absmax > 0 else 1.0
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (uint8) of the table values nearest to `x` (weights already divided by their scale);
+        a tie goes to the lower value. NaN entries of the table are never chosen."""
+        table = self.table
+        finite = torch.nonzero(table == table).view(-1)
+        ordered, order = torch.sort(table[finite], stable=True)
+        keep = torch.ones_like(ordered, dtype=torch.bool)
+        keep[1:] = ordered[1:] != ordered[:-1]  # -0.0 and 0.0: one value, the first code
+        ordered, codes = ordered[keep], finite[order][keep]
+        midpoints = (ordered[1:] + ordered[:-1]) / 2
+        index = torch.bucketize(x.float(), midpoints)
+        return codes[index].to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """The table value of every code (float32)."""
+        return self.table[codes.long()]
+
+
+GRIDS = {
+    "int": Grid("int", 0),
+    "nf4": Grid("nf4", 4, NF4),
+    "iq4nl": Grid("iq4nl", 4, tuple(float(v) for v in IQ4_NL), block=32, default_group=32, signed_extreme=True),
+    "mxfp4": Grid("mxfp4", 4, E2M1, scale="e8m0", block=32, default_group=32),
+    "nvfp4": Grid("nvfp4", 4, E2M1, scale="e4m3", block=16, default_group=16),
+    "fp8": Grid("fp8", 8, _e4m3_values(), default_group=0),
+}
+
+
+def get_grid(name: str) -> Grid:
+    """Raises:
+    SchemeError: no grid has that name."""
+    if name not in GRIDS:
+        raise SchemeError(f"unknown grid {name!r}; choose one of {', '.join(GRID_NAMES)}.")
+    return GRIDS[name]
+
+
+def grid_defaults(grid: str, given: dict) -> dict:
+    """The bits, symmetry and group size a table grid implies, for the keys not in `given`: what
+    `--grid nf4` alone, or a recipe rule setting only `grid`, means."""
+    if grid == "int":
+        return {}
+    g = get_grid(grid)
+    implied = {"bits": g.bits, "symmetric": True, "group_size": g.block or g.default_group}
+    return {k: v for k, v in implied.items() if k not in given}
+
+
+def stored_scale_dtype(grid: str, scale_dtype: str) -> str:
+    """The safetensors dtype a grid's scales are stored in."""
+    kind = GRIDS[grid].scale
+    return {"e8m0": "U8", "e4m3": "F8_E4M3"}.get(kind) or {"float16": "F16", "bfloat16": "BF16"}[scale_dtype]
+
+
+def to_stored(scales: torch.Tensor, grid: str, global_scale: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 effective scales -> the stored tensor: E8M0 biased exponents (uint8), E4M3 units of the
+    global scale, or floats in `dtype`. Exact: the scales were formed in these formats (`Grid.fit`)."""
+    kind = GRIDS[grid].scale
+    if kind == "e8m0":
+        return (torch.log2(scales).round() + E8M0_BIAS).clamp(0, 254).to(torch.uint8)
+    if kind == "e4m3":
+        return (scales / global_scale).to(torch.float8_e4m3fn)
+    return scales.to(dtype)
+
+
+def effective_scales(stored: torch.Tensor, grid: str, global_scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored scales -> float32 multipliers of the code values (inverse of `to_stored`)."""
+    kind = GRIDS[grid].scale
+    if kind == "e8m0":
+        return torch.exp2(stored.float() - E8M0_BIAS)
+    if kind == "e4m3":
+        return stored.float() * global_scale.float()
+    return stored.float()

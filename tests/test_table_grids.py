@@ -1,0 +1,79 @@
+"""`--grid`: float and table grids end to end: conversion with every quantizer, the native layout,
+verify, inspect, qconvert's own model, exports (which re-round onto the grids they have) and refusals."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import qconvert
+from qconvert.cli import app
+from qconvert.evaluate.runtime import build_quantized_model
+from qconvert.formats.export import export
+from qconvert.manifest import read_manifest
+
+runner = CliRunner()
+TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "fp8"]
+
+
+def model(*args):
+    return runner.invoke(app, ["model", *map(str, args), "--json"])
+
+
+@pytest.mark.parametrize("grid", TABLES)
+def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
+    result = model(tiny_lm, "-o", tmp_path / grid, "--grid", grid)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["layout"] == "native"  # compressed-tensors holds integer grids only, so auto picks native
+    records = [r for r in read_manifest(tmp_path / grid).tensors if r.action == "quantized"]
+    assert {r.grid for r in records} == {grid} and {r.bits for r in records} == {8 if grid == "fp8" else 4}
+    verified = runner.invoke(app, ["verify", str(tmp_path / grid)])
+    assert verified.exit_code == 0, verified.output
+    inspected = runner.invoke(app, ["inspect", str(tmp_path / grid), "--json"])
+    assert f"rtn {grid} " in inspected.stdout
+    # qconvert's runtime (packed layers) computes what the dequantized weights compute
+    ids = torch.arange(1, 17).view(1, -1)
+    with torch.no_grad():
+        exact = qconvert.load_model(tmp_path / grid)(ids).logits
+        packed = build_quantized_model(tmp_path / grid, use_kernels=True)(ids).logits
+    assert torch.allclose(exact, packed, atol=1e-4 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("quantizer", ["clip", "gptq", "awq"])
+def test_calibrated_and_searching_quantizers_target_table_grids(tmp_path, tiny_lm, quantizer):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    calib = ["--calib", text, "--calib-samples", "4", "--calib-seqlen", "32"] if quantizer != "clip" else []
+    result = model(tiny_lm, "-o", tmp_path / "out", "--grid", "nvfp4", "-q", quantizer, *calib)
+    assert result.exit_code == 0, result.output
+    records = [r for r in read_manifest(tmp_path / "out").tensors if r.action == "quantized"]
+    assert records and {(r.grid, r.quantizer) for r in records} == {("nvfp4", quantizer)}
+
+
+def test_exports_re_round_table_grids_onto_their_own(tmp_path, tiny_lm):
+    out = tmp_path / "nf4"
+    assert model(tiny_lm, "-o", out, "--grid", "nf4").exit_code == 0
+    quantized = {r.name for r in read_manifest(out).tensors if r.action == "quantized"}
+    for to in ("gguf", "mlx", "gptq"):
+        report = export(out, to, tmp_path / f"x-{to}")
+        assert set(report.exact) & quantized == set() and report.requantized, to
+    refused = runner.invoke(app, ["export", str(out), "--to", "compressed-tensors", "-o", str(tmp_path / "ct")])
+    assert refused.exit_code != 0 and "nf4" in refused.output
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--grid", "nf4", "--bits", "8"], "grid nf4 has 4-bit codes"),
+        (["--grid", "mxfp4", "--group-size", "64"], "grid mxfp4 scales groups of 32"),
+        (["--grid", "nvfp4", "--asymmetric"], "no zero point"),
+        (["--grid", "fp4"], "unknown grid 'fp4'"),
+        (["--grid", "nf4", "--layout", "compressed-tensors"], "native layout only"),
+    ],
+)
+def test_impossible_grid_flags_are_one_sentence(tmp_path, tiny_lm, flags, fragment):
+    result = runner.invoke(app, ["model", str(tiny_lm), "-o", str(tmp_path / "x"), *flags])
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "x").exists()
