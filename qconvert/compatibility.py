@@ -299,7 +299,11 @@ def _transformers_forward_problems(path: Path, found: str) -> list[Problem]:
         reference = _model_from_state(path, dict(checkpoint.iter_tensors(list(checkpoint.tensors))))
     ids = _token_ids(getattr(model.config, "vocab_size", None))
     with torch.no_grad(), quiet_libraries():
-        ours, theirs = _first_output(reference.eval()(ids)), _first_output(model.eval()(ids))
+        ours = _first_output(reference.eval()(ids))
+        try:
+            theirs = _first_output(model.eval()(ids))
+        except Exception as exc:  # the runtime loaded it but cannot run it: that is the finding
+            return [Problem(None, f"transformers loads it but fails running it: {_first_line(exc)}")]
     return _compare(ours, theirs, "transformers")
 
 

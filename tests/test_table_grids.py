@@ -26,7 +26,8 @@ def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
     result = model(tiny_lm, "-o", tmp_path / grid, "--grid", grid)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["layout"] == "native"  # compressed-tensors holds integer grids only, so auto picks native
+    # compressed-tensors has formats for fp8, nvfp4 and mxfp4 (auto picks it); nf4 and iq4nl stay native
+    assert summary["layout"] == ("native" if grid in ("nf4", "iq4nl") else "compressed-tensors")
     records = [r for r in read_manifest(tmp_path / grid).tensors if r.action == "quantized"]
     assert {r.grid for r in records} == {grid} and {r.bits for r in records} == {8 if grid == "fp8" else 4}
     verified = runner.invoke(app, ["verify", str(tmp_path / grid)])
@@ -39,6 +40,23 @@ def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
         exact = qconvert.load_model(tmp_path / grid)(ids).logits
         packed = build_quantized_model(tmp_path / grid, use_kernels=True)(ids).logits
     assert torch.allclose(exact, packed, atol=1e-4 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("grid", ["fp8", "nvfp4", "mxfp4"])
+def test_transformers_loads_the_float_formats_with_qconvert_s_values(tmp_path, tiny_lm, grid):
+    from qconvert.compatibility import check
+
+    out = tmp_path / grid
+    assert model(tiny_lm, "-o", out, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    assert group["format"] == {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized"}.get(
+        grid, "mxfp4-pack-quantized"
+    )
+    assert group["weights"]["type"] == "float"
+    # transformers' own loading and forward, against qconvert's dequantized model of the same files
+    assert check(out, "transformers", forward=True) == ("compressed-tensors", [])
+    assert check(out, "vllm")[1] == []
 
 
 @pytest.mark.parametrize("quantizer", ["clip", "gptq", "awq"])
@@ -70,7 +88,7 @@ def test_exports_re_round_table_grids_onto_their_own(tmp_path, tiny_lm):
         (["--grid", "mxfp4", "--group-size", "64"], "grid mxfp4 scales groups of 32"),
         (["--grid", "nvfp4", "--asymmetric"], "no zero point"),
         (["--grid", "fp4"], "unknown grid 'fp4'"),
-        (["--grid", "nf4", "--layout", "compressed-tensors"], "native layout only"),
+        (["--grid", "nf4", "--layout", "compressed-tensors"], "compressed-tensors has no format for the nf4 grid"),
     ],
 )
 def test_impossible_grid_flags_are_one_sentence(tmp_path, tiny_lm, flags, fragment):

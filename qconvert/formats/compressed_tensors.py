@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import SourceError, UnsupportedModelError
+from qconvert.formats import compressed_tensors_float as floats
 from qconvert.formats.base import (
     ExportSource,
     Layout,
@@ -73,8 +74,8 @@ class CompressedTensorsLayout(Layout):
             return "compressed-tensors words are little-endian and this machine is big-endian"
         if not name.endswith(".weight"):
             return f"{name} is not a module's .weight"
-        if config.grid != "int":
-            return f"qconvert writes its {config.grid} grid in its native layout only, not compressed-tensors yet"
+        if config.grid not in ("int", *floats.FLOAT_FORMATS):
+            return f"compressed-tensors has no format for the {config.grid} grid (its native layout holds it)"
         if EMBEDDING.search(name):
             return (
                 f"{name} is an embedding or output head, which transformers cannot load quantized from "
@@ -114,6 +115,8 @@ class CompressedTensorsLayout(Layout):
         rows, columns = shape
         groups = config.groups_for(columns)
         module = module_name(name)
+        if config.grid != "int":
+            return floats.specs(module, shape, config)
         specs = [
             TensorSpec(f"{module}.weight_packed", "I32", (rows, words_per_row(columns, config.bits))),
             scale_spec(f"{module}.weight_scale", rows, groups, config),
@@ -125,6 +128,8 @@ class CompressedTensorsLayout(Layout):
 
     def encode(self, name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         module = module_name(name)
+        if q.grid != "int":
+            return floats.encode(module, q)
         stored = {f"{module}.weight_packed": pack_stream_words(q.codes, q.bits), f"{module}.weight_scale": q.scales}
         if q.zeros is not None:
             stored[f"{module}.weight_zero_point"] = pack_stream_words(q.zeros.T, q.bits).T.contiguous()
@@ -135,6 +140,8 @@ class CompressedTensorsLayout(Layout):
         config = record_config(record)
         module = module_name(record.name)
         rows, columns = record.shape
+        if config.grid != "int":
+            return floats.decode(module, stored, config, (rows, columns), source_dtype(record))
         scales = stored[f"{module}.weight_scale"]
         zeros = stored.get(f"{module}.weight_zero_point")
         if zeros is not None:
@@ -157,43 +164,52 @@ class CompressedTensorsLayout(Layout):
         schemes: dict[tuple, list[str]] = defaultdict(list)
         for r in records:
             if r.action == "quantized":
-                schemes[(r.bits, r.group_size, r.symmetric)].append(module_name(rename(r.name)))
+                schemes[(r.bits, r.group_size, r.symmetric, r.grid or "int")].append(module_name(rename(r.name)))
         linear_like = {module_name(rename(r.name)) for r in records if r.name.endswith(".weight") and len(r.shape) == 2}
         groups = {}
-        for i, ((bits, group_size, symmetric), modules) in enumerate(sorted(schemes.items())):
+        for i, ((bits, group_size, symmetric, grid), modules) in enumerate(sorted(schemes.items())):
             groups[f"group_{i}"] = {
                 "targets": module_targets(modules, linear_like),
-                "weights": {
-                    "num_bits": bits,
-                    "type": "int",
-                    "symmetric": symmetric,
-                    "strategy": "group" if group_size else "channel",
-                    "group_size": group_size or None,
-                    "dynamic": False,
-                    "actorder": None,
-                    "block_structure": None,
-                    "observer": "minmax",
-                    "observer_kwargs": {},
-                },
+                "weights": _int_weights_args(bits, group_size, symmetric)
+                if grid == "int"
+                else floats.weights_args(grid, group_size),
                 "input_activations": None,
                 "output_activations": None,
-                "format": FORMAT,
+                "format": floats.FLOAT_FORMATS.get(grid, FORMAT),
             }
+        formats = {group["format"] for group in groups.values()}
         config = {
             "quant_method": "compressed-tensors",
-            "format": FORMAT,
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed",
             "config_groups": groups,
             "ignore": [],
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
         }
-        if any(not symmetric for _, _, symmetric in schemes):
+        if any(not symmetric or grid in ("nvfp4", "mxfp4") for _, _, symmetric, grid in schemes):
             # transformers 5 builds asymmetric modules with unpacked zero-point shapes and then
             # rejects the packed ones compressed-tensors itself writes; dequantizing while loading
-            # takes the path that reads them correctly. vLLM ignores this key.
+            # takes the path that reads them correctly. Its FP4 modules, kept compressed, unpack to
+            # bfloat16 whatever the model's dtype, so a float32 model fails at its first matmul on CPU;
+            # dequantized while loading they hold exactly qconvert's values. vLLM ignores this key.
             config["dequantize"] = True
         return config
+
+
+def _int_weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": "group" if group_size else "channel",
+        "group_size": group_size or None,
+        "dynamic": False,
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
 
 
 def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
@@ -217,13 +233,19 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
 
 
 def schemes_from_config(quantization_config: dict, modules: set[str], runtime_name=None) -> dict[str, tuple | None]:
-    """module -> (bits, group size or 0, symmetric) of the first config group targeting it (a module
-    name, a "re:" pattern or the class name Linear), or None: how readers resolve `targets`. Targets
-    are matched against each module's name as stored and as the runtime renames it (`runtime_name`)."""
+    """module -> (bits, group size or 0, symmetric, type "int" or "float") of the first config group
+    targeting it (a module name, a "re:" pattern or the class name Linear), or None: how readers resolve
+    `targets`. Targets are matched against each module's name as stored and as the runtime renames it
+    (`runtime_name`)."""
     rules = []
     for group in (quantization_config.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
-        scheme = (weights.get("num_bits"), weights.get("group_size") or 0, weights.get("symmetric", True))
+        scheme = (
+            weights.get("num_bits"),
+            weights.get("group_size") or 0,
+            weights.get("symmetric", True),
+            weights.get("type", "int"),
+        )
         rules += [(target, scheme) for target in group.get("targets", [])]
 
     def scheme_of(module: str) -> tuple | None:
@@ -252,7 +274,12 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
         scheme = schemes[prefix.rstrip(".")]
         if scheme is None:
             raise SourceError(f"{prefix}weight_packed is stored packed but no config group of {raw.source} targets it.")
-        bits, group, symmetric = scheme
+        bits, group, symmetric, kind = scheme
+        if kind != "int":
+            raise SourceError(
+                f"{prefix}weight_packed is compressed-tensors {bits}-bit {kind}, which qconvert does not read "
+                "as a source yet (it reads integer pack-quantized checkpoints)."
+            )
         parts = {
             role: prefix + role
             for role in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -350,7 +377,7 @@ def check(path: Path, runtime: str) -> list[Problem]:
     config group, missing parts, a dtype the loader refuses, a quantized embedding; for vLLM also grids
     its kernels lack and fused projections on different schemes."""
     config, tensors = config_json(path), stored_headers(path)
-    quantized = {name.removesuffix(".weight_packed") for name in tensors if name.endswith(".weight_packed")}
+    quantized = {name.removesuffix(".weight_scale") for name in tensors if name.endswith(".weight_scale")}
     skeleton = build_skeleton(path, config, [f"{m}.weight" for m in quantized])
     schemes = schemes_from_config(
         config.get("quantization_config") or {}, quantized, skeleton.runtime_name if skeleton else None
@@ -366,18 +393,34 @@ def check(path: Path, runtime: str) -> list[Problem]:
     return problems
 
 
+# What each kind of module stores: part -> its dtype (None: any), for (type, bits, group size).
+INT_PARTS = {"weight_packed": torch.int32, "weight_scale": None, "weight_shape": torch.int64}
+FLOAT_PARTS = {
+    "fp8": {"weight": torch.float8_e4m3fn, "weight_scale": None},
+    "nvfp4": {"weight_packed": torch.uint8, "weight_scale": torch.float8_e4m3fn, "weight_global_scale": torch.float32},
+    "mxfp4": {"weight_packed": torch.uint8, "weight_scale": torch.uint8},
+}
+
+
 def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) -> list[Problem]:
-    bits, group, symmetric = scheme
-    required = ["weight_packed", "weight_scale", "weight_shape"] + ([] if symmetric else ["weight_zero_point"])
-    problems = [
-        Problem(module, f"{module}.{part} is missing") for part in required if f"{module}.{part}" not in tensors
-    ]
-    packed = tensors.get(f"{module}.weight_packed")
-    if packed and packed[0] != torch.int32:
-        problems.append(Problem(module, f"weight_packed is {packed[0]}, not int32"))
+    bits, group, symmetric, kind = scheme
+    if kind == "float":
+        grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group)
+        if grid is None:
+            return [Problem(module, f"compressed-tensors has no {bits}-bit float format in groups of {group}")]
+        required = FLOAT_PARTS[grid]
+    else:
+        required = {**INT_PARTS, **({} if symmetric else {"weight_zero_point": None})}
+    problems = []
+    for part, dtype in required.items():
+        header = tensors.get(f"{module}.{part}")
+        if header is None:
+            problems.append(Problem(module, f"{module}.{part} is missing"))
+        elif dtype is not None and header[0] != dtype:
+            problems.append(Problem(module, f"{part} is {header[0]}, not {str(dtype).removeprefix('torch.')}"))
     if "embed" in module or module.endswith("lm_head"):
         why = f"{runtime} quantizes only linear layers from compressed-tensors; this embedding cannot load"
         problems.append(Problem(module, why))
-    if runtime == "vllm":
+    if runtime == "vllm" and kind == "int":
         problems += vllm_scheme_problems(module, bits, group, allowed_bits=(4, 8))
     return problems

@@ -8,6 +8,8 @@ qconvert's grids map onto GGUF block types without requantizing where they coinc
 | int4, groups of 32, symmetric, float16 scales | Q4_0      | exact: d = scale, q = code            |
 | int8, groups of 32, symmetric, float16 scales | Q8_0      | exact: d = scale, q = code - 128      |
 | int4, groups of 32, asymmetric, float16       | Q4_1      | same grid: d = scale, m = -scale·zero rounded to float16 |
+| iq4nl grid, float16 scales                    | IQ4_NL    | exact: d = scale, q = table index     |
+| mxfp4 grid                                    | MXFP4     | exact: e = E8M0 exponent, q = E2M1 code |
 | any other quantized tensor                    | Q8_0 (≥ 5 bits) or Q4_0 | dequantized, requantized by `gguf` |
 | a quantized tensor whose rows are not a multiple of 32 | F16 | dequantized: no GGUF block fits |
 | norms                                         | F32       | as llama.cpp requires                 |
@@ -53,6 +55,8 @@ GGUF_TYPES = {
     "Q5_K",
     "Q6_K",
     "Q8_K",
+    "IQ4_NL",
+    "MXFP4",
 }
 LLAMA_CPP_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count")
 LLAMA_BLOCK_TENSORS = (
@@ -232,6 +236,10 @@ def _encode(q: QuantizedTensor, gguf) -> tuple[np.ndarray, object, str]:
     T = gguf.GGMLQuantizationType
     rows, columns = q.shape
     fp16 = q.scales.dtype == torch.float16
+    if q.grid == "iq4nl" and fp16 and columns % 32 == 0:
+        return _blocks_q4(q.scales, None, q.codes), T.IQ4_NL, "exact"
+    if q.grid == "mxfp4" and columns % 32 == 0:
+        return _blocks_q4(q.scales, None, q.codes), T.MXFP4, "exact"
     if q.grid == "int" and q.group_size == 32 and columns % 32 == 0 and fp16:
         if q.bits == 4 and q.symmetric:
             return _blocks_q4(q.scales, None, q.codes), T.Q4_0, "exact"
@@ -245,11 +253,12 @@ def _encode(q: QuantizedTensor, gguf) -> tuple[np.ndarray, object, str]:
 
 
 def _blocks_q4(scales: torch.Tensor, offsets: torch.Tensor | None, codes: torch.Tensor) -> np.ndarray:
-    """Q4_0 (d, 16 bytes) or Q4_1 (d, m, 16 bytes) blocks of 32: byte j holds codes j (low) and j+16 (high)."""
+    """Blocks of 32 4-bit codes after their scale (and offset): Q4_0 and IQ4_NL (float16 d, 16 bytes),
+    Q4_1 (d, m, 16 bytes), MXFP4 (E8M0 byte e, 16 bytes); byte j holds codes j (low) and j + 16 (high)."""
     rows, columns = codes.shape
     blocks = codes.view(rows, columns // 32, 2, 16)
     nibbles = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).numpy()
-    header = [scales.numpy().view(np.uint8).reshape(rows, -1, 2)]
+    header = [scales.contiguous().view(torch.uint8).numpy().reshape(rows, -1, scales.element_size())]
     if offsets is not None:
         header.append(offsets.numpy().view(np.uint8).reshape(rows, -1, 2))
     return np.concatenate([*header, nibbles], axis=-1).reshape(rows, -1)

@@ -17,13 +17,14 @@ rtn, clip and gptq target every grid alike.
 Sources: NF4, Dettmers et al. 2023 (QLoRA), the table bitsandbytes uses; IQ4_NL, llama.cpp's
 `kvalues_iq4nl`; MXFP4, the OCP Microscaling Formats (MX) v1.0 spec (shared exponent
 floor(log2 absmax) − 2, the E2M1 maximum's exponent); NVFP4, NVIDIA's format as compressed-tensors
-and MLX define it (global scale absmax / (448 · 6), block scales absmax / 6 in E4M3 units of it);
+and MLX define it (a global scale near absmax / (448 · 6), block scales absmax / 6 in E4M3 units of it);
 FP8 E4M3, the OCP 8-bit floating point spec (`torch.float8_e4m3fn`, largest 448).
 
 Codes are unsigned integers (`packing.py` packs them): for E2M1 and E4M3 the code is the format's
 own bit pattern, so packed codes are the format's bytes; for NF4 and IQ4_NL it is the table index.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,11 +94,14 @@ class Grid:
         return stored_scales(raw, scale_dtype, strict).float()
 
     def global_scale(self, weight: torch.Tensor) -> float | None:
-        """The per-tensor float32 scale of e4m3 block scales (NVFP4), so the largest block scale is 448."""
+        """The per-tensor float32 scale of e4m3 block scales (NVFP4): the power of two at or above
+        absmax / (448 · 6), so block scales stay within E4M3's 448. A power of two, so the reciprocal
+        compressed-tensors stores and the absmax MLX takes are exact, and every runtime reads the same
+        values bit for bit."""
         if self.scale != "e4m3":
             return None
         absmax = float(weight.abs().max())
-        return absmax / (E4M3_MAX * self.largest) if absmax > 0 else 1.0
+        return 2.0 ** math.ceil(math.log2(absmax / (E4M3_MAX * self.largest))) if absmax > 0 else 1.0
 
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (uint8) of the table values nearest to `x` (weights already divided by their scale);

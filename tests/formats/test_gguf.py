@@ -16,14 +16,23 @@ torch.set_grad_enabled(False)
 
 
 @pytest.mark.parametrize(
-    "bits, symmetric, gguf_type, kind",
-    [(4, True, "Q4_0", "exact"), (8, True, "Q8_0", "exact"), (4, False, "Q4_1", "repacked")],
+    "grid, bits, symmetric, gguf_type, kind",
+    [
+        ("int", 4, True, "Q4_0", "exact"),
+        ("int", 8, True, "Q8_0", "exact"),
+        ("int", 4, False, "Q4_1", "repacked"),
+        ("iq4nl", 4, True, "IQ4_NL", "exact"),
+        ("mxfp4", 4, True, "MXFP4", "exact"),
+    ],
 )
-def test_gguf_export_loads_in_transformers_with_qconvert_s_weights(tmp_path, tiny_lm, bits, symmetric, gguf_type, kind):
+def test_gguf_export_loads_in_transformers_with_qconvert_s_weights(
+    tmp_path, tiny_lm, grid, bits, symmetric, gguf_type, kind
+):
     import gguf
     from transformers import AutoModelForCausalLM
 
-    out = convert(tiny_lm, tmp_path / "out", Settings(bits=bits, group_size=32, symmetric=symmetric)).output
+    settings = Settings(bits=bits, group_size=32, symmetric=symmetric, grid=grid, layout="native")
+    out = convert(tiny_lm, tmp_path / "out", settings).output
     result = runner.invoke(app, ["export", str(out), "--to", "gguf", "--json"])
     assert result.exit_code == 0, result.output
     path = tmp_path / "out.gguf"
