@@ -95,3 +95,17 @@ def test_impossible_grid_flags_are_one_sentence(tmp_path, tiny_lm, flags, fragme
     result = runner.invoke(app, ["model", str(tiny_lm), "-o", str(tmp_path / "x"), *flags])
     assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_mxfp4_moves_exactly_into_mlx_and_gguf(tmp_path, tiny_lm):
+    from qconvert.compatibility import check
+
+    out = tmp_path / "mxfp4"
+    assert model(tiny_lm, "-o", out, "--grid", "mxfp4", "--layout", "native").exit_code == 0
+    quantized = {r.name for r in read_manifest(out).tensors if r.action == "quantized"}
+    for to in ("mlx", "gguf"):
+        report = export(out, to, tmp_path / f"x-{to}")
+        assert quantized <= set(report.exact) and not report.requantized, to
+    mlx_config = json.loads((tmp_path / "x-mlx" / "config.json").read_text())["quantization"]
+    assert mlx_config == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    assert check(tmp_path / "x-mlx", "mlx", forward=True) == ("mlx", [])  # mlx_lm runs it with qconvert's values

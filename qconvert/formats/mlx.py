@@ -34,6 +34,7 @@ from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_outp
 from qconvert.manifest import TensorRecord
 from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize
+from qconvert.quantizers.grids import GRIDS, effective_scales
 from qconvert.quantizers.rtn import rtn_quantize
 
 MLX_GROUP_SIZES = (128, 64, 32)
@@ -72,17 +73,20 @@ def export(source: ExportSource, destination: Path, force: bool = False) -> Expo
     return report
 
 
-def mlx_grid(record: TensorRecord) -> tuple[int, int] | None:
-    """(bits, group size) mlx_lm will store the tensor with: its own grid where MLX has it, else the
-    largest MLX group dividing the row; None if none does (the tensor is then kept in float)."""
+def mlx_grid(record: TensorRecord) -> tuple[int, int, str] | None:
+    """(bits, group size, MLX mode) mlx_lm will store the tensor with: its own grid where MLX has it
+    (affine integers, or mxfp4 whose E2M1 codes and E8M0 scales MLX stores as they are), else affine on
+    the largest MLX group dividing the row; None if none does (the tensor is then kept in float)."""
     columns = record.shape[-1]
+    if record.grid == "mxfp4" and columns % 32 == 0:
+        return 4, 32, "mxfp4"
     if record.group_size in MLX_GROUP_SIZES and columns % record.group_size == 0:
-        return record.bits, record.group_size
+        return record.bits, record.group_size, "affine"
     group = next((g for g in MLX_GROUP_SIZES if columns % g == 0), None)
-    return (record.bits, group) if group else None
+    return (record.bits, group, "affine") if group else None
 
 
-def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpec]:
+def _specs(record: TensorRecord, grid: tuple[int, int, str] | None) -> list[TensorSpec]:
     if record.action != "quantized":
         return (
             []
@@ -91,8 +95,13 @@ def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpe
         )
     if grid is None:
         return [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
-    (rows, columns), (bits, group) = record.shape, grid
+    (rows, columns), (bits, group, mode) = record.shape, grid
     module = record.name.removesuffix(".weight")
+    if mode == "mxfp4":
+        return [
+            TensorSpec(f"{module}.weight", "U32", (rows, columns * bits // 32)),
+            TensorSpec(f"{module}.scales", "U8", (rows, columns // group)),
+        ]
     scale_dtype = DTYPE_NAMES[getattr(torch, record.scale_dtype)]
     return [
         TensorSpec(f"{module}.weight", "U32", (rows, columns * bits // 32)),
@@ -102,13 +111,21 @@ def _specs(record: TensorRecord, grid: tuple[int, int] | None) -> list[TensorSpe
 
 
 def _mlx_tensors(
-    name: str, q: QuantizedTensor, grid: tuple[int, int] | None, report: ExportReport
+    name: str, q: QuantizedTensor, grid: tuple[int, int, str] | None, report: ExportReport
 ) -> dict[str, torch.Tensor]:
     if grid is None:  # no MLX group divides the row: the float values, in the source dtype the specs promise
         report.dequantized.append(name)
         report.types[name] = "float"
         return {name: dequantize(q, q.dtype)}
-    bits, group = grid
+    bits, group, mode = grid
+    module = name.removesuffix(".weight")
+    if mode == "mxfp4":  # MLX's mxfp4 is the same bits: E2M1 codes in a little-endian stream, E8M0 exponents
+        report.exact.append(name)
+        report.types[f"{module}.weight"] = "mlx mxfp4"
+        return {
+            f"{module}.weight": pack_codes(q.codes, 4).view(torch.int32).view(torch.uint32),
+            f"{module}.scales": q.scales,
+        }
     requantize = group != q.group_size or q.grid != "int"
     if requantize:  # not a grid MLX has: round the float weights again on one it has
         scale_dtype = "bfloat16" if q.scales.dtype == torch.bfloat16 else "float16"
@@ -125,23 +142,27 @@ def _mlx_tensors(
         "requantized" if requantize else "exact" if torch.equal(biases.to(torch.float64), exact_biases) else "repacked"
     )
     getattr(report, how).append(name)
-    module = name.removesuffix(".weight")
     report.types[f"{module}.weight"] = f"mlx q{bits} g{group}"
     words = pack_codes(q.codes, bits).view(torch.int32).view(torch.uint32)  # little-endian machines only, as MLX itself
     return {f"{module}.weight": words, f"{module}.scales": q.scales, f"{module}.biases": biases}
 
 
-def _quantization_config(grids: dict[str, tuple[int, int] | None]) -> dict:
+def _quantization_config(grids: dict[str, tuple[int, int, str] | None]) -> dict:
     """The most common grid as the default, and every module on another grid by name."""
     counts = Counter(g for g in grids.values() if g)
     if not counts:
         return {}
-    bits, group = counts.most_common(1)[0][0]
-    config: dict = {"group_size": group, "bits": bits}
+    common = counts.most_common(1)[0][0]
+    config: dict = _grid_entry(common)
     for name, grid in sorted(grids.items()):
-        if grid and grid != (bits, group):
-            config[name.removesuffix(".weight")] = {"group_size": grid[1], "bits": grid[0]}
+        if grid and grid != common:
+            config[name.removesuffix(".weight")] = _grid_entry(grid)
     return config
+
+
+def _grid_entry(grid: tuple[int, int, str]) -> dict:
+    bits, group, mode = grid
+    return {"group_size": group, "bits": bits, **({"mode": mode} if mode != "affine" else {})}
 
 
 def _mlx_config(output: Path) -> dict:
@@ -170,16 +191,23 @@ def check(path: Path, runtime: str) -> list[Problem]:
     for name in sorted(n for n in tensors if n.endswith(".scales")):
         module = name.removesuffix(".scales")
         grid = quantization.get(module, quantization)
-        problems += _module_problems(module, grid.get("bits"), grid.get("group_size"), tensors)
+        problems += _module_problems(module, grid, tensors)
     return problems
 
 
-def _module_problems(module: str, bits, group, tensors: dict) -> list[Problem]:
+def _module_problems(module: str, grid: dict, tensors: dict) -> list[Problem]:
+    bits, group, mode = grid.get("bits"), grid.get("group_size"), grid.get("mode", "affine")
     weight, scales, biases = (
         tensors.get(f"{module}.weight"),
         tensors[f"{module}.scales"],
         tensors.get(f"{module}.biases"),
     )
+    if mode == "mxfp4":
+        if (bits, group) != (4, 32) or scales[0] != torch.uint8 or weight is None:
+            return [Problem(module, "MLX's mxfp4 takes 4-bit codes in groups of 32 with uint8 scales and no biases")]
+        biases = scales  # no biases: the shape checks below compare the scales with themselves
+    elif mode != "affine":
+        return [Problem(module, f"qconvert checks MLX's affine and mxfp4 modes, not {mode}")]
     if bits not in MLX_BITS or group not in MLX_GROUP_SIZES:
         return [Problem(module, f"MLX quantizes with 2-8 bits in groups of 32, 64 or 128, not {bits} bits in {group}")]
     if weight is None or biases is None:
@@ -201,7 +229,8 @@ def _module_problems(module: str, bits, group, tensors: dict) -> list[Problem]:
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
     """The float weights of an MLX folder, read by qconvert: per module, weight = scales · code + biases
-    over groups, the codes a little-endian bit stream in uint32 words."""
+    over groups (mxfp4: E2M1 value · 2^(scale − 127)), the codes a little-endian bit stream in uint32
+    words."""
     from safetensors.torch import load_file
 
     quantization = config_json(path)["quantization"]
@@ -212,15 +241,12 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
         module = name.removesuffix(".scales")
         grid = quantization.get(module, quantization)
         bits, group = grid["bits"], grid["group_size"]
-        words, scales, biases = state.pop(f"{module}.weight"), state.pop(name), state.pop(f"{module}.biases")
+        words, scales = state.pop(f"{module}.weight"), state.pop(name)
         rows, columns = words.shape[0], words.shape[1] * 32 // bits
-        codes = unpack_codes(words.contiguous().view(torch.uint8), bits, columns).float().view(rows, -1, group)
-        weight = codes * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
+        codes = unpack_codes(words.contiguous().view(torch.uint8), bits, columns).view(rows, -1, group)
+        if grid.get("mode") == "mxfp4":
+            weight = GRIDS["mxfp4"].decode(codes) * effective_scales(scales, "mxfp4", None).unsqueeze(-1)
+        else:
+            weight = codes.float() * scales.float().unsqueeze(-1) + state.pop(f"{module}.biases").float().unsqueeze(-1)
         state[f"{module}.weight"] = weight.view(rows, columns)
     return state
-
-
-def stored_in_float32(path: Path) -> bool:
-    """Whether an MLX folder's float tensors are float32 (MLX then computes in float32, else in 16 bits)."""
-    floats = [dtype for dtype, _ in stored_headers(path).values() if dtype.is_floating_point]
-    return bool(floats) and all(dtype == torch.float32 for dtype in floats)
