@@ -114,6 +114,12 @@ def sweep(
     group_size: Annotated[str, typer.Option(help="Comma-separated group sizes (0 = per channel).")] = "64",
     quantizer: Annotated[str, typer.Option("-q", "--quantizer", help="Comma-separated quantizer names.")] = "rtn",
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric")] = False,
+    grids: Annotated[
+        str,
+        typer.Option(
+            "--grids", help="Comma-separated table grids to add (nf4, iq4nl, mxfp4, nvfp4, fp8), each at its own bits."
+        ),
+    ] = "",
     reference: Annotated[
         Optional[list[Path]],
         typer.Option(help="Also evaluate this model (checkpoint, qconvert output or .gguf); repeatable."),
@@ -153,6 +159,7 @@ def sweep(
             [q.strip() for q in quantizer.split(",") if q.strip()],
             symmetric,
             calibration,
+            [g.strip() for g in grids.split(",") if g.strip()],
         )
         settings = EvalSettings(
             ctx=ctx, max_tokens=max_tokens or None, decode_tokens=decode_tokens, use_kernels=kernels

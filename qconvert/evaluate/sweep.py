@@ -20,6 +20,7 @@ from qconvert.io.loading import sha256_file
 from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.quantizers import get
+from qconvert.quantizers.grids import grid_defaults
 from qconvert.settings import Settings, settings_dict
 from qconvert.worker import run_in_process
 
@@ -61,8 +62,11 @@ def setting_grid(
     quantizers: list[str],
     symmetric: bool,
     calibration: CalibrationSettings | None = None,
+    grids: list[str] = (),
 ) -> list[Settings]:
-    """Every combination; calibrated quantizers get `calibration`, the others none."""
+    """Every combination of integer bits and group sizes, then every table grid (`quantizers/grids.py`,
+    with the bits and groups each implies), for each quantizer; calibrated quantizers get `calibration`,
+    the others none."""
 
     def calibration_for(name: str) -> CalibrationSettings | None:
         try:
@@ -74,14 +78,21 @@ def setting_grid(
             raise QConvertError(f"quantizer {name} learns from activations: give the sweep --calib FILE.")
         return calibration
 
-    return [
+    integer = [
         Settings(quantizer=q, bits=b, group_size=g, symmetric=symmetric, calibration=calibration_for(q))
         for q, b, g in itertools.product(quantizers, bits, group_sizes)
     ]
+    tables = [
+        Settings(quantizer=q, grid=grid, calibration=calibration_for(q), **grid_defaults(grid, {}))
+        for q, grid in itertools.product(quantizers, grids)
+    ]
+    return integer + tables
 
 
 def label(settings: Settings) -> str:
     group = f"g{settings.group_size}" if settings.group_size else "per-channel"
+    if settings.grid != "int":
+        return f"{settings.quantizer} {settings.grid} {group}"
     return f"{settings.quantizer} int{settings.bits} {group}{' sym' if settings.symmetric else ''}"
 
 

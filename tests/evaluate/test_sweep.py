@@ -79,3 +79,12 @@ def test_a_failed_setting_is_reported_and_does_not_stop_the_others(tiny_lm, tmp_
     assert len(failed) == 2 and "unknown quantizer" in failed[0]["error"]
     assert sum(r["status"] == "ok" for r in rows) == 3
     assert "Failures:" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_sweep_adds_table_grids_at_their_own_bits(tiny_lm, tmp_path, text):
+    result = sweep(tiny_lm, tmp_path / "report", text, "--bits", "4", "--grids", "nf4,mxfp4")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["float", "rtn int4 g32", "rtn nf4 g64", "rtn mxfp4 g32"]
+    assert all(r["status"] == "ok" and r["perplexity"] > 0 for r in rows)
+    assert rows[2]["quantized_bits_per_weight"] == 4.25  # a float16 scale per 64 codes
