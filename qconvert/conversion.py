@@ -322,9 +322,10 @@ def _from_quantized_source(
     columns = checkpoint.tensors[name].shape[1]
     same = (
         source is not None
+        and source.grid == config.grid  # int4 codes are not nf4 codes: same bits, other values
         and source.bits == config.bits
         and source.group_size == config.group_size_for(columns)
-        and source.scales.dtype == SCALE_DTYPES[config.scale_dtype]
+        and (config.grid in ("mxfp4", "nvfp4") or source.scales.dtype == SCALE_DTYPES[config.scale_dtype])
         and (source.zeros is None or not config.symmetric)
     )
     record.origin = REPACKED if same else REQUANTIZED

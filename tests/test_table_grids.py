@@ -109,3 +109,16 @@ def test_mxfp4_moves_exactly_into_mlx_and_gguf(tmp_path, tiny_lm):
     mlx_config = json.loads((tmp_path / "x-mlx" / "config.json").read_text())["quantization"]
     assert mlx_config == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
     assert check(tmp_path / "x-mlx", "mlx", forward=True) == ("mlx", [])  # mlx_lm runs it with qconvert's values
+
+
+def test_an_integer_source_is_requantized_onto_a_table_grid_of_the_same_bits(tmp_path, tiny_lm):
+    # int4 g32 symmetric and iq4nl share bits, group and symmetry: the codes must still not be repacked
+    source = tmp_path / "int4"
+    assert model(tiny_lm, "-o", source, "--bits", "4", "--group-size", "32", "--symmetric").exit_code == 0
+    result = model(source, "-o", tmp_path / "iq4nl", "--grid", "iq4nl")
+    assert result.exit_code == 0, result.output
+    records = [r for r in read_manifest(tmp_path / "iq4nl").tensors if r.action == "quantized"]
+    assert {(r.grid, r.origin) for r in records} == {("iq4nl", "requantized")}
+    ours, theirs = qconvert.load(source, torch.float32), qconvert.load(tmp_path / "iq4nl", torch.float32)
+    name = records[0].name
+    assert (ours[name] - theirs[name]).abs().max() < 0.2 * ours[name].abs().max()
