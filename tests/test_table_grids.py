@@ -122,3 +122,20 @@ def test_an_integer_source_is_requantized_onto_a_table_grid_of_the_same_bits(tmp
     ours, theirs = qconvert.load(source, torch.float32), qconvert.load(tmp_path / "iq4nl", torch.float32)
     name = records[0].name
     assert (ours[name] - theirs[name]).abs().max() < 0.2 * ours[name].abs().max()
+
+
+@pytest.mark.parametrize("grid", ["fp8", "nvfp4", "mxfp4"])
+def test_compressed_tensors_float_checkpoints_are_read_and_repacked_exactly(tmp_path, tiny_lm, grid):
+    source = tmp_path / "ct"
+    assert model(tiny_lm, "-o", source, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0
+    result = model(source, "-o", tmp_path / "native", "--grid", grid, "--layout", "native")
+    assert result.exit_code == 0, result.output
+    records = [r for r in read_manifest(tmp_path / "native").tensors if r.action == "quantized"]
+    assert records and {r.origin for r in records} == {"repacked"}
+    assert all(
+        r.reason.endswith(f"read from its compressed-tensors {grid} g{r.group_size} source")
+        or r.reason.endswith(f"read from its compressed-tensors {grid} per channel source")
+        for r in records
+    )
+    ours, theirs = qconvert.load(source, torch.float32), qconvert.load(tmp_path / "native", torch.float32)
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)

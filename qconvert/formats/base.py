@@ -102,6 +102,7 @@ class StoredModule:
     bits: int
     group_size: int  # 0: per channel
     symmetric: bool
+    grid: str = "int"  # or a table grid of quantizers/grids.py
 
 
 # decode(module, its stored parts by role, the source's quantization settings, float dtype) ->
@@ -132,6 +133,7 @@ def stored_quantized(codes, scales, zeros, group_size: int, module: StoredModule
         group_size=group_size,
         shape=module.shape,
         dtype=dtype,
+        grid=module.grid,
     )
 
 

@@ -263,23 +263,22 @@ def schemes_from_config(quantization_config: dict, modules: set[str], runtime_na
 
 
 def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
-    prefixes = [n.removesuffix("weight_packed") for n in raw.tensors if n.endswith(".weight_packed")]
+    prefixes = [n.removesuffix("weight_scale") for n in raw.tensors if n.endswith(".weight_scale")]
     skeleton = raw.skeleton()
     schemes = schemes_from_config(
         quantization, {p.rstrip(".") for p in prefixes}, skeleton.runtime_name if skeleton else None
     )
-    shapes = dict(raw.iter_tensors([p + "weight_shape" for p in prefixes], hash_on_the_way=False))
     modules = {}
     for prefix in prefixes:
         scheme = schemes[prefix.rstrip(".")]
         if scheme is None:
-            raise SourceError(f"{prefix}weight_packed is stored packed but no config group of {raw.source} targets it.")
-        bits, group, symmetric, kind = scheme
-        if kind != "int":
-            raise SourceError(
-                f"{prefix}weight_packed is compressed-tensors {bits}-bit {kind}, which qconvert does not read "
-                "as a source yet (it reads integer pack-quantized checkpoints)."
-            )
+            raise SourceError(f"{prefix}weight_scale is stored but no config group of {raw.source} targets it.")
+        if scheme[3] == "float":
+            modules[prefix + "weight"] = _float_module(raw, prefix, scheme)
+    int_prefixes = [p for p in prefixes if schemes[p.rstrip(".")][3] == "int"]
+    shapes = dict(raw.iter_tensors([p + "weight_shape" for p in int_prefixes], hash_on_the_way=False))
+    for prefix in int_prefixes:
+        bits, group, symmetric, _ = schemes[prefix.rstrip(".")]
         parts = {
             role: prefix + role
             for role in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -290,7 +289,29 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
     return modules
 
 
+def _float_module(raw: Checkpoint, prefix: str, scheme: tuple) -> StoredModule:
+    """A float-quantized (fp8) or FP4-packed (nvfp4, mxfp4) module, as `compressed_tensors_float.py` lays
+    them out; any other float scheme is refused by name."""
+    bits, group, _, _ = scheme
+    grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group)
+    roles = ("weight", "weight_scale") if grid == "fp8" else ("weight_packed", "weight_scale", "weight_global_scale")
+    parts = {role: prefix + role for role in roles if prefix + role in raw.tensors}
+    first = raw.tensors.get(prefix + roles[0])
+    if grid is None or first is None:
+        raise SourceError(
+            f"{prefix.rstrip('.')} is compressed-tensors {bits}-bit float in groups of {group}, which qconvert "
+            "does not read (it reads fp8, nvfp4 and mxfp4)."
+        )
+    rows, columns = first.shape
+    shape = (rows, columns if grid == "fp8" else 2 * columns)
+    return StoredModule(parts, shape, bits, group, True, grid)
+
+
 def _decode(module: StoredModule, parts: dict, quantization: dict, dtype: torch.dtype):
+    if module.grid != "int":
+        stored = {f"m.{role}": tensor for role, tensor in parts.items()}
+        config = QuantConfig(bits=module.bits, group_size=module.group_size, symmetric=True, grid=module.grid)
+        return floats.decode("m", stored, config, module.shape, dtype), None
     rows, columns = module.shape
     zeros = parts.get("weight_zero_point")
     if zeros is not None:
@@ -299,7 +320,7 @@ def _decode(module: StoredModule, parts: dict, quantization: dict, dtype: torch.
     return stored_quantized(codes, parts["weight_scale"], zeros, module.group_size or columns, module, dtype), None
 
 
-READER = Reader(markers=(".weight_packed",), modules=_modules, decode=_decode)
+READER = Reader(markers=(".weight_packed", ".weight_scale"), modules=_modules, decode=_decode)
 
 
 # ---------------------------------------------------------------- exporting a qconvert output

@@ -81,6 +81,8 @@ class QuantizedCheckpoint(Checkpoint):
         if name not in self.modules:
             return None
         m = self.modules[name]
+        if m.grid != "int":
+            return f"{self.method} {m.grid} {'g' + str(m.group_size) if m.group_size else 'per channel'}"
         return (
             f"{self.method} int{m.bits} "
             f"{'g' + str(m.group_size) if m.group_size else 'per channel'}{'' if m.symmetric else ' asym'}"
