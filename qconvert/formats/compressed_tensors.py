@@ -170,7 +170,9 @@ class CompressedTensorsLayout(Layout):
         for i, ((bits, group_size, symmetric, grid), modules) in enumerate(sorted(schemes.items())):
             groups[f"group_{i}"] = {
                 "targets": module_targets(modules, linear_like),
-                "weights": _int_weights_args(bits, group_size, symmetric)
+                "weights": floats.weights_args_of(
+                    bits, "int", symmetric, "group" if group_size else "channel", group_size
+                )
                 if grid == "int"
                 else floats.weights_args(grid, group_size),
                 "input_activations": None,
@@ -195,21 +197,6 @@ class CompressedTensorsLayout(Layout):
             # dequantized while loading they hold exactly qconvert's values. vLLM ignores this key.
             config["dequantize"] = True
         return config
-
-
-def _int_weights_args(bits: int, group_size: int, symmetric: bool) -> dict:
-    return {
-        "num_bits": bits,
-        "type": "int",
-        "symmetric": symmetric,
-        "strategy": "group" if group_size else "channel",
-        "group_size": group_size or None,
-        "dynamic": False,
-        "actorder": None,
-        "block_structure": None,
-        "observer": "minmax",
-        "observer_kwargs": {},
-    }
 
 
 def module_targets(modules: list[str], candidates: set[str]) -> list[str]:

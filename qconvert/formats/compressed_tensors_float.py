@@ -70,14 +70,12 @@ def decode(module: str, stored: dict[str, torch.Tensor], config: QuantConfig, sh
     )
 
 
-def weights_args(grid: str, group_size: int) -> dict:
-    """The `weights` entry of a config group, as compressed-tensors' presets write it (FP8 per channel or
-    in groups; NVFP4A16: tensor_group of 16; MXFP4A16: group of 32)."""
-    strategy = {"nvfp4": "tensor_group"}.get(grid, "group" if group_size else "channel")
-    args = {
-        "num_bits": 8 if grid == "fp8" else 4,
-        "type": "float",
-        "symmetric": True,
+def weights_args_of(bits: int, kind: str, symmetric: bool, strategy: str, group_size: int) -> dict:
+    """A config group's `weights` entry with the fields compressed-tensors' own configs carry."""
+    return {
+        "num_bits": bits,
+        "type": kind,
+        "symmetric": symmetric,
         "strategy": strategy,
         "group_size": group_size or None,
         "dynamic": False,
@@ -86,6 +84,13 @@ def weights_args(grid: str, group_size: int) -> dict:
         "observer": "minmax",
         "observer_kwargs": {},
     }
+
+
+def weights_args(grid: str, group_size: int) -> dict:
+    """The `weights` entry of a config group, as compressed-tensors' presets write it (FP8 per channel or
+    in groups; NVFP4A16: tensor_group of 16; MXFP4A16: group of 32)."""
+    strategy = {"nvfp4": "tensor_group"}.get(grid, "group" if group_size else "channel")
+    args = weights_args_of(8 if grid == "fp8" else 4, "float", True, strategy, group_size)
     if grid in SCALE_DTYPE_NAMES:
         args["scale_dtype"] = SCALE_DTYPE_NAMES[grid]
     return args

@@ -210,28 +210,17 @@ def table_quantize(name: str, weight: torch.Tensor, config: QuantConfig) -> Quan
     if not torch.isfinite(weight).all():
         raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
     rounding = Rounding(config, weight)
-    rows, columns = weight.shape
-    codes = torch.empty(rows, columns, dtype=torch.uint8)
-    scales = torch.empty(rows, config.groups_for(columns))
-    blocks = row_blocks(rows, columns)
-    for start in blocks:
-        block = slice(start, start + blocks.step)
-        groups = group_view(weight[block], config)
+
+    def nearest(name: str, rows: torch.Tensor, config: QuantConfig):
+        groups = group_view(rows, config)
         low, high = torch.aminmax(groups, dim=-1)
         try:
             scale, zero = rounding.fit(low.clamp(max=0), high.clamp(min=0))
         except ScaleRangeError as exc:
             raise SchemeError(f"tensor {name} {exc}") from exc
-        codes[block] = rounding.codes(groups, scale, zero).view(groups.shape[0], -1)[:, :columns].to(torch.uint8)
-        scales[block] = scale
-    return QuantizedTensor(
-        codes=codes,
-        bits=config.bits,
-        group_size=config.group_size_for(columns),
-        shape=(rows, columns),
-        dtype=weight.dtype,
-        **rounding.stored(scales, None),
-    )
+        return rounding.codes(groups, scale, zero).view(groups.shape[0], -1)[:, : rows.shape[1]], scale, None
+
+    return quantize_in_row_blocks(name, weight, config, nearest, rounding)
 
 
 def quantize_in_row_blocks(
