@@ -62,6 +62,11 @@ class Settings:
             raise SchemeError("--max-shard-size must be positive.")
         if self.target_bpw is not None and self.target_size is not None:
             raise SchemeError("give --target-bpw or --target-size, not both.")
+        if (self.target_bpw is not None or self.target_size is not None) and self.grid != "int":
+            raise SchemeError(
+                f"a size budget chooses among integer widths; it cannot start from --grid {self.grid} "
+                "(drop one of them)."
+            )
         if self.target_bpw is not None and not 2 <= self.target_bpw <= 9:
             raise SchemeError(
                 f"--target-bpw {self.target_bpw} is out of reach: quantized tensors take 2 to 9 bits per weight."

@@ -88,6 +88,7 @@ def test_exports_re_round_table_grids_onto_their_own(tmp_path, tiny_lm):
         (["--grid", "mxfp4", "--group-size", "64"], "grid mxfp4 scales groups of 32"),
         (["--grid", "nvfp4", "--asymmetric"], "no zero point"),
         (["--grid", "fp4"], "unknown grid 'fp4'"),
+        (["--grid", "nf4", "--target-bpw", "4.5"], "a size budget chooses among integer widths"),
         (["--grid", "nf4", "--layout", "compressed-tensors"], "compressed-tensors has no format for the nf4 grid"),
     ],
 )
