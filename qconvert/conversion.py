@@ -286,7 +286,7 @@ def _convert_one(
         except ScaleRangeError as exc:
             raise SchemeError(f"tensor {name} {exc}") from exc
         record.relative_mse = error if error is not None else relative_error(tensor, q)
-        return plan.layout.encode(name, q)
+        return plan.layout.encode(name, dataclasses.replace(q, activations=record.activations))
     if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
         tensor, record.origin = result, RESCALED
     return {name: _cast_kept(name, tensor, kept_dtype(tensor.dtype, settings))}

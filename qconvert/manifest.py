@@ -66,6 +66,7 @@ class TensorRecord:
     symmetric: bool | None = None
     scale_dtype: str | None = None
     grid: str | None = None  # "int" or a table grid (quantizers/grids.py); None for kept tensors and schema 1
+    activations: str | None = None  # "int8": the runtime quantizes this linear's input per token (W8A8)
     relative_mse: float | None = None
     decided_by: str | None = None
     origin: str | None = None

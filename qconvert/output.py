@@ -11,6 +11,7 @@ from qconvert.errors import SourceError
 from qconvert.formats.registry import get_layout
 from qconvert.manifest import Manifest, TensorRecord, read_manifest
 from qconvert.quantizers import QuantizedTensor, dequantize
+from qconvert.quantizers.activations import fake_quantize
 
 
 def iter_records(output: Path, manifest: Manifest) -> Iterator[tuple[TensorRecord, dict[str, torch.Tensor]]]:
@@ -117,4 +118,16 @@ def load_model(output: str | Path, dtype: torch.dtype = torch.float32):
     state = load(output, dtype)
     # transformers builds the skeleton without allocating weights, then takes ours (ties included).
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    _quantize_inputs(model, read_manifest(output))
     return model.eval()
+
+
+def _quantize_inputs(model, manifest: Manifest) -> None:
+    """Give every W8A8 linear its input quantization (`quantizers/activations.py`) as a forward pre-hook,
+    so the model computes what a runtime that quantizes activations computes."""
+    modules = dict(model.named_modules())
+    for record in manifest.tensors:
+        module = modules.get(record.name.removesuffix(".weight"))
+        if record.activations and module is not None:
+            scheme = record.activations
+            module.register_forward_pre_hook(lambda _, args, scheme=scheme: (fake_quantize(args[0], scheme), *args[1:]))

@@ -41,6 +41,7 @@ class Settings:
     symmetric: bool = False
     scale_dtype: str = "float16"
     grid: str = "int"  # or a table grid of quantizers/grids.py (nf4, iq4nl, mxfp4, nvfp4, fp8)
+    activations: str | None = None  # "int8": W8A8, inputs quantized per token (quantizers/activations.py)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # cast for kept float tensors; None keeps the source dtype
@@ -81,6 +82,7 @@ class Settings:
             symmetric=self.symmetric,
             scale_dtype=self.scale_dtype,
             grid=self.grid,
+            activations=self.activations,
         )
 
     def scheme(self, overrides: dict[str, Any]) -> TensorScheme:
@@ -103,7 +105,8 @@ class Settings:
         else:
             parts += [f"int{self.bits}" if self.grid == "int" else self.grid]  # "nf4-g64": a table grid's bits
         parts += [f"g{self.group_size}" if self.group_size else "ch"]
-        return "-".join(parts + (["sym"] if self.symmetric and self.grid == "int" else []))
+        parts += ["sym"] if self.symmetric and self.grid == "int" else []
+        return "-".join(parts + (["a8"] if self.activations else []))
 
 
 def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_flags: dict[str, Any]) -> Settings:

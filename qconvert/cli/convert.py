@@ -10,6 +10,7 @@ import typer
 
 from qconvert.cli.common import app, print_export, run_command, say, settings_from_flags, stderr
 from qconvert.cli.options import (
+    ActivationsOption,
     ActOrderOption,
     BitsOption,
     CalibBatchOption,
@@ -54,6 +55,7 @@ def model(
     recipe: RecipeOption = None,
     bits: BitsOption = None,
     grid: GridOption = None,
+    activations: ActivationsOption = None,
     group_size: GroupOption = None,
     symmetric: SymmetricOption = None,
     quantizer: QuantizerOption = None,
@@ -88,6 +90,7 @@ def model(
             quantizer=quantizer,
             bits=bits,
             grid=grid,
+            activations=activations,
             group_size=group_size,
             symmetric=symmetric,
             scale_dtype=scale_dtype.value if scale_dtype else None,

@@ -53,6 +53,14 @@ GridOption = Annotated[
         show_default=False,
     ),
 ]
+ActivationsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--activations",
+        help="int8: W8A8, each linear's input quantized per token at run time (needs --bits 8 --symmetric "
+        "--group-size 0); written as compressed-tensors int-quantized.",
+    ),
+]
 GroupOption = Annotated[
     Optional[int],
     typer.Option(

@@ -2,6 +2,9 @@
 
 It picks the fastest path torch offers on CPU for its scheme, keeping one copy of the weight:
 
+- W8A8 (`activations="int8"`): the input is quantized per token (`quantizers/activations.py`) and the
+  int8 × int8 product accumulates exactly in int32 (`torch._int_mm`), then both scales apply: what
+  compressed-tensors computes for the same file, without its dequantized float weight.
 - int8 per output channel: int8 codes and a per-row scale. A few rows of input (decoding) go
   through `aten._weight_int8pack_mm`; a long prompt dequantizes the weight for one float32 matmul,
   which is exact and, on a long input, faster. An asymmetric zero point becomes a per-row
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from qconvert.packing import pack_codes, unpack_codes
+from qconvert.quantizers.activations import int8_per_token
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 
@@ -33,9 +37,14 @@ class QuantizedLinear(nn.Module):
     SMALL_INPUT_ROWS = 16  # up to this many rows, int8 uses the kernel; more, a float32 matmul
 
     def __init__(
-        self, q: QuantizedTensor, has_bias: bool, dtype: torch.dtype = torch.float32, use_kernels: bool = True
+        self,
+        q: QuantizedTensor,
+        has_bias: bool,
+        dtype: torch.dtype = torch.float32,
+        use_kernels: bool = True,
     ) -> None:
         super().__init__()
+        self.activations = q.activations
         self.out_features, self.in_features = q.shape
         self.bits, self.group_size, self.dtype = q.bits, q.group_size, dtype
         self.use_kernels = use_kernels
@@ -97,7 +106,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
-        if self.kernel == "int8":
+        if self.kernel == "int8" and self.activations == "int8":
+            codes, scales = int8_per_token(x)
+            y = torch._int_mm(codes, self.weight_int8.T).float().mul_(scales).mul_(self.scales).to(self.dtype)
+        elif self.kernel == "int8":
             if self.use_kernels and x.shape[0] <= self.SMALL_INPUT_ROWS:
                 k = self.KERNEL_DTYPE
                 y = torch.ops.aten._weight_int8pack_mm(x.to(k), self.weight_int8, self.scales.to(k)).to(self.dtype)

@@ -94,7 +94,10 @@ def build_quantized_model(
                 model,
                 record.name,
                 QuantizedLinear(
-                    quantized_tensor(manifest, record, stored), _has_bias(model, record.name), dtype, use_kernels
+                    quantized_tensor(manifest, record, stored),
+                    _has_bias(model, record.name),
+                    dtype,
+                    use_kernels,
                 ),
             )
         elif record.action == "quantized":  # e.g. an embedding, looked up rather than multiplied: keep its float values

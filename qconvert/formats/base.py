@@ -69,12 +69,14 @@ def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> Tensor
 
 
 def record_config(record: TensorRecord) -> QuantConfig:
+    """The QuantConfig a record was quantized with (a group as wide as the row is per channel: 0)."""
     return QuantConfig(
         bits=record.bits,
-        group_size=record.group_size,
+        group_size=0 if len(record.shape) == 2 and record.group_size == record.shape[1] else record.group_size,
         symmetric=record.symmetric,
         scale_dtype=record.scale_dtype,
         grid=record.grid or "int",
+        activations=record.activations,
     )
 
 

@@ -117,6 +117,11 @@ class CompressedTensorsLayout(Layout):
         module = module_name(name)
         if config.grid != "int":
             return floats.specs(module, shape, config)
+        if config.activations:  # W8A8: compressed-tensors' int-quantized, int8 codes unpacked
+            return [
+                TensorSpec(f"{module}.weight", "I8", shape),
+                scale_spec(f"{module}.weight_scale", rows, groups, config),
+            ]
         specs = [
             TensorSpec(f"{module}.weight_packed", "I32", (rows, words_per_row(columns, config.bits))),
             scale_spec(f"{module}.weight_scale", rows, groups, config),
@@ -130,6 +135,11 @@ class CompressedTensorsLayout(Layout):
         module = module_name(name)
         if q.grid != "int":
             return floats.encode(module, q)
+        if q.activations:
+            return {
+                f"{module}.weight": (q.codes.to(torch.int16) - 128).to(torch.int8),
+                f"{module}.weight_scale": q.scales,
+            }
         stored = {f"{module}.weight_packed": pack_stream_words(q.codes, q.bits), f"{module}.weight_scale": q.scales}
         if q.zeros is not None:
             stored[f"{module}.weight_zero_point"] = pack_stream_words(q.zeros.T, q.bits).T.contiguous()
@@ -142,6 +152,17 @@ class CompressedTensorsLayout(Layout):
         rows, columns = record.shape
         if config.grid != "int":
             return floats.decode(module, stored, config, (rows, columns), source_dtype(record))
+        if config.activations:
+            return QuantizedTensor(
+                codes=(stored[f"{module}.weight"].to(torch.int16) + 128).to(torch.uint8),
+                scales=stored[f"{module}.weight_scale"],
+                zeros=None,
+                bits=8,
+                group_size=columns,
+                shape=(rows, columns),
+                dtype=source_dtype(record),
+                activations=config.activations,
+            )
         scales = stored[f"{module}.weight_scale"]
         zeros = stored.get(f"{module}.weight_zero_point")
         if zeros is not None:
@@ -164,20 +185,17 @@ class CompressedTensorsLayout(Layout):
         schemes: dict[tuple, list[str]] = defaultdict(list)
         for r in records:
             if r.action == "quantized":
-                schemes[(r.bits, r.group_size, r.symmetric, r.grid or "int")].append(module_name(rename(r.name)))
+                key = (r.bits, r.group_size, r.symmetric, r.grid or "int", r.activations or "")
+                schemes[key].append(module_name(rename(r.name)))
         linear_like = {module_name(rename(r.name)) for r in records if r.name.endswith(".weight") and len(r.shape) == 2}
         groups = {}
-        for i, ((bits, group_size, symmetric, grid), modules) in enumerate(sorted(schemes.items())):
+        for i, ((bits, group_size, symmetric, grid, activations), modules) in enumerate(sorted(schemes.items())):
             groups[f"group_{i}"] = {
                 "targets": module_targets(modules, linear_like),
-                "weights": floats.weights_args_of(
-                    bits, "int", symmetric, "group" if group_size else "channel", group_size
-                )
-                if grid == "int"
-                else floats.weights_args(grid, group_size),
-                "input_activations": None,
+                "weights": _weights_args(bits, group_size, symmetric, grid, activations),
+                "input_activations": INPUT_ACTIVATIONS if activations else None,
                 "output_activations": None,
-                "format": floats.FLOAT_FORMATS.get(grid, FORMAT),
+                "format": floats.FLOAT_FORMATS.get(grid, "int-quantized" if activations else FORMAT),
             }
         formats = {group["format"] for group in groups.values()}
         config = {
@@ -189,7 +207,7 @@ class CompressedTensorsLayout(Layout):
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
         }
-        if any(not symmetric or grid in ("nvfp4", "mxfp4") for _, _, symmetric, grid in schemes):
+        if any(not symmetric or grid in ("nvfp4", "mxfp4") for _, _, symmetric, grid, _ in schemes):
             # transformers 5 builds asymmetric modules with unpacked zero-point shapes and then
             # rejects the packed ones compressed-tensors itself writes; dequantizing while loading
             # takes the path that reads them correctly. Its FP4 modules, kept compressed, unpack to
@@ -197,6 +215,21 @@ class CompressedTensorsLayout(Layout):
             # dequantized while loading they hold exactly qconvert's values. vLLM ignores this key.
             config["dequantize"] = True
         return config
+
+
+# W8A8: each token's input quantized to int8 at run time (qconvert/quantizers/activations.py).
+INPUT_ACTIVATIONS = {
+    **floats.weights_args_of(8, "int", True, "token", 0),
+    "dynamic": True,
+    "observer": None,
+}
+
+
+def _weights_args(bits: int, group_size: int, symmetric: bool, grid: str, activations: str) -> dict:
+    if grid != "int":
+        return floats.weights_args(grid, group_size)
+    strategy = "channel" if activations or not group_size else "group"
+    return floats.weights_args_of(bits, "int", symmetric, strategy, 0 if activations else group_size)
 
 
 def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
@@ -220,7 +253,7 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
 
 
 def schemes_from_config(quantization_config: dict, modules: set[str], runtime_name=None) -> dict[str, tuple | None]:
-    """module -> (bits, group size or 0, symmetric, type "int" or "float") of the first config group
+    """module -> (bits, group size or 0, symmetric, type "int" or "float", format) of the first config group
     targeting it (a module name, a "re:" pattern or the class name Linear), or None: how readers resolve
     `targets`. Targets are matched against each module's name as stored and as the runtime renames it
     (`runtime_name`)."""
@@ -232,6 +265,7 @@ def schemes_from_config(quantization_config: dict, modules: set[str], runtime_na
             weights.get("group_size") or 0,
             weights.get("symmetric", True),
             weights.get("type", "int"),
+            group.get("format") or quantization_config.get("format") or FORMAT,
         )
         rules += [(target, scheme) for target in group.get("targets", [])]
 
@@ -263,9 +297,15 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
         if scheme[3] == "float":
             modules[prefix + "weight"] = _float_module(raw, prefix, scheme)
     int_prefixes = [p for p in prefixes if schemes[p.rstrip(".")][3] == "int"]
+    unpacked = [p for p in int_prefixes if schemes[p.rstrip(".")][4] != FORMAT]
+    if unpacked:
+        raise SourceError(
+            f"{unpacked[0].rstrip('.')} is compressed-tensors {schemes[unpacked[0].rstrip('.')][4]}, which qconvert "
+            f"does not read as a source yet (it reads {FORMAT}, float-quantized, nvfp4 and mxfp4)."
+        )
     shapes = dict(raw.iter_tensors([p + "weight_shape" for p in int_prefixes], hash_on_the_way=False))
     for prefix in int_prefixes:
-        bits, group, symmetric, _ = schemes[prefix.rstrip(".")]
+        bits, group, symmetric = schemes[prefix.rstrip(".")][:3]
         parts = {
             role: prefix + role
             for role in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
@@ -279,7 +319,7 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
 def _float_module(raw: Checkpoint, prefix: str, scheme: tuple) -> StoredModule:
     """A float-quantized (fp8) or FP4-packed (nvfp4, mxfp4) module, as `compressed_tensors_float.py` lays
     them out; any other float scheme is refused by name."""
-    bits, group, _, _ = scheme
+    bits, group = scheme[:2]
     grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group)
     roles = ("weight", "weight_scale") if grid == "fp8" else ("weight_packed", "weight_scale", "weight_global_scale")
     parts = {role: prefix + role for role in roles if prefix + role in raw.tensors}
@@ -411,8 +451,10 @@ FLOAT_PARTS = {
 
 
 def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) -> list[Problem]:
-    bits, group, symmetric, kind = scheme
-    if kind == "float":
+    bits, group, symmetric, kind, layout = scheme
+    if kind == "int" and layout == "int-quantized":
+        required = {"weight": torch.int8, "weight_scale": None}
+    elif kind == "float":
         grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group)
         if grid is None:
             return [Problem(module, f"compressed-tensors has no {bits}-bit float format in groups of {group}")]

@@ -64,6 +64,7 @@ class NativeLayout(Layout):
             dtype=source_dtype(record),
             grid=config.grid,
             global_scale=stored.get(f"{record.name}.global_scale"),
+            activations=config.activations,
         )
 
     def quantization_config(self, records: list[TensorRecord], runtime_name=None) -> dict:

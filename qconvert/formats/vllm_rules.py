@@ -44,5 +44,5 @@ def fused_problems(schemes: dict[str, tuple | None]) -> list[Problem]:
 def _describe(scheme: tuple | None) -> str:
     if not scheme or scheme[0] is None:
         return "float"
-    bits, group, symmetric, kind = scheme
+    bits, group, symmetric, kind = scheme[:4]
     return f"{kind}{bits} {'g' + str(group) if group else 'per channel'}{'' if symmetric else ' asym'}"

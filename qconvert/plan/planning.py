@@ -128,6 +128,7 @@ def _planned(
         record.quantizer, record.quantizer_version = quantizer.name, quantizer.version
         record.bits, record.group_size = config.bits, config.group_size_for(info.shape[1])
         record.symmetric, record.scale_dtype, record.grid = config.symmetric, config.scale_dtype, config.grid
+        record.activations = config.activations
         specs = layout.specs(name, info.shape, config)
     else:
         specs = [TensorSpec(name, DTYPE_NAMES[kept_dtype(info.dtype, settings)], info.shape)]

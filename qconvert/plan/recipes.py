@@ -37,7 +37,15 @@ from qconvert.limits import SUPPORTED_BITS
 from qconvert.quantizers.base import SCALE_DTYPES
 from qconvert.quantizers.grids import GRID_NAMES
 
-SCHEME_KEYS = {"quantizer": str, "grid": str, "bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str}
+SCHEME_KEYS = {
+    "quantizer": str,
+    "grid": str,
+    "bits": int,
+    "group_size": int,
+    "symmetric": bool,
+    "scale_dtype": str,
+    "activations": str,
+}
 DEFAULT_KEYS = {**SCHEME_KEYS, "options": dict}
 CALIBRATION_KEYS = {"text": str, "dataset": str, "samples": int, "seqlen": int, "seed": int, "batch_size": int}
 RULE_KEYS = {"match": str, "keep": bool, **SCHEME_KEYS}

@@ -14,6 +14,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
+from qconvert.quantizers.activations import ACTIVATION_SCHEMES
 from qconvert.quantizers.grids import effective_scales, get_grid
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,6 +34,8 @@ class QuantConfig:
             (mxfp4's E8M0, nvfp4's E4M3) ignores it.
         grid: "int" (integer codes, the default) or a table grid of `grids.py` (nf4, iq4nl, mxfp4,
             nvfp4, fp8), which fixes bits, symmetry and, for some, the group size.
+        activations: None (float inputs) or "int8": W8A8, the layer's input quantized per token
+            (`activations.py`); needs int8 weights, symmetric, one scale per output channel.
     """
 
     bits: int = 4
@@ -40,9 +43,18 @@ class QuantConfig:
     symmetric: bool = False
     scale_dtype: str = "float16"
     grid: str = "int"
+    activations: str | None = None
 
     def __post_init__(self) -> None:
         grid = get_grid(self.grid)
+        if self.activations is not None:
+            if self.activations not in ACTIVATION_SCHEMES:
+                raise SchemeError(f"--activations {self.activations} is not supported; choose int8.")
+            if (self.grid, self.bits, self.symmetric, self.group_size) != ("int", 8, True, 0):
+                raise SchemeError(
+                    "--activations int8 (W8A8) takes int8 weights, symmetric, one scale per output channel: "
+                    "give --bits 8 --symmetric --group-size 0."
+                )
         if self.grid != "int":
             if self.bits != grid.bits or not self.symmetric:
                 raise SchemeError(
@@ -82,6 +94,7 @@ class QuantizedTensor:
         bits, group_size: as applied (group_size is the effective size, never 0).
         shape: the original weight shape; dtype: its original dtype.
         grid: the grid's name; global_scale: float32 (1,) for grids with one (nvfp4), else None.
+        activations: "int8" when the layer's input is quantized too (W8A8), else None.
     """
 
     codes: torch.Tensor
@@ -93,6 +106,7 @@ class QuantizedTensor:
     dtype: torch.dtype
     grid: str = "int"
     global_scale: torch.Tensor | None = None
+    activations: str | None = None
 
     @property
     def symmetric(self) -> bool:
