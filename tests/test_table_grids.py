@@ -140,3 +140,20 @@ def test_compressed_tensors_float_checkpoints_are_read_and_repacked_exactly(tmp_
     )
     ours, theirs = qconvert.load(source, torch.float32), qconvert.load(tmp_path / "native", torch.float32)
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+@pytest.mark.parametrize("grid, block", [("mxfp4", 32), ("nvfp4", 16)])
+def test_a_row_exactly_one_block_wide_reads_back(tmp_path, grid, block):
+    from safetensors.torch import save_file
+
+    from qconvert.conversion import convert
+    from qconvert.settings import Settings
+    from qconvert.verification import verify_output
+
+    (tmp_path / "src").mkdir()
+    weight = torch.randn(8, block, generator=torch.Generator().manual_seed(0))
+    save_file({"blocks.0.proj.weight": weight}, tmp_path / "src" / "model.safetensors")
+    settings = Settings(grid=grid, bits=4, symmetric=True, group_size=block, layout="native")
+    out = convert(tmp_path / "src", tmp_path / grid, settings).output
+    assert verify_output(out) == ([], 1)
+    assert qconvert.load(out)["blocks.0.proj.weight"].shape == (8, block)

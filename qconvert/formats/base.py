@@ -69,10 +69,12 @@ def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> Tensor
 
 
 def record_config(record: TensorRecord) -> QuantConfig:
-    """The QuantConfig a record was quantized with (a group as wide as the row is per channel: 0)."""
+    """The QuantConfig a record was quantized with. A W8A8 record's group spans its row: per channel, 0
+    (a table grid's fixed block stays as recorded even when a row is exactly one block long)."""
+    per_channel = record.activations and len(record.shape) == 2 and record.group_size == record.shape[1]
     return QuantConfig(
         bits=record.bits,
-        group_size=0 if len(record.shape) == 2 and record.group_size == record.shape[1] else record.group_size,
+        group_size=0 if per_channel else record.group_size,
         symmetric=record.symmetric,
         scale_dtype=record.scale_dtype,
         grid=record.grid or "int",
