@@ -41,7 +41,10 @@ from qconvert.manifest import SCHEMA_VERSION, read_manifest
 from qconvert.worker import run_in_process
 
 # What a job's `settings` may set: Settings fields, and two calibration fields under their flags' names.
-SETTING_KEYS = ("quantizer", "bits", "group_size", "symmetric", "scale_dtype", "target_bpw", "target_size", "layout")
+SETTING_KEYS = (
+    *("quantizer", "grid", "bits", "group_size", "symmetric", "scale_dtype", "activations"),
+    *("target_bpw", "target_size", "layout"),
+)
 CALIBRATION_KEYS = {"calib_samples": "samples", "calib_seqlen": "seqlen"}
 JOB_KEYS = {"source", "recipe", "settings", "output", "calib"}
 

@@ -157,3 +157,37 @@ def test_a_row_exactly_one_block_wide_reads_back(tmp_path, grid, block):
     out = convert(tmp_path / "src", tmp_path / grid, settings).output
     assert verify_output(out) == ([], 1)
     assert qconvert.load(out)["blocks.0.proj.weight"].shape == (8, block)
+
+
+def test_a_model_mixing_grids_is_written_native(tmp_path, tiny_lm):
+    recipe = tmp_path / "mixed.toml"
+    recipe.write_text(
+        '[defaults]\nbits = 4\ngroup_size = 32\nsymmetric = true\n\n[[rules]]\nmatch = "mlp"\ngrid = "mxfp4"\n'
+    )
+    result = model(tiny_lm, "-o", tmp_path / "auto", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layout"] == "native"
+    records = [r for r in read_manifest(tmp_path / "auto").tensors if r.action == "quantized"]
+    assert {r.grid for r in records} == {"int", "mxfp4"}
+    refused = model(tiny_lm, "-o", tmp_path / "ct", "--recipe", recipe, "--layout", "compressed-tensors")
+    assert refused.exit_code == 2 and "mixing grids (int, mxfp4)" in refused.output
+
+
+def test_w8a8_exports_only_to_compressed_tensors(tmp_path, tiny_lm):
+    out = tmp_path / "w8a8"
+    flags = ["--bits", "8", "--group-size", "0", "--symmetric", "--activations", "int8", "--layout", "native"]
+    assert model(tiny_lm, "-o", out, *flags).exit_code == 0
+    refused = runner.invoke(app, ["export", str(out), "--to", "gguf"])
+    assert refused.exit_code == 7 and "W8A8" in refused.output and not (tmp_path / "w8a8.gguf").exists()
+    report = export(out, "compressed-tensors", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert report.exact and config["config_groups"]["group_0"]["format"] == "int-quantized"
+    assert "W8A8" in runner.invoke(app, ["inspect", str(out)]).output
+
+
+def test_batch_jobs_take_grids(tmp_path, tiny_lm):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[jobs]]\nsource = "{tiny_lm}"\noutput = "nf4"\nsettings = {{ grid = "nf4" }}\n')
+    result = runner.invoke(app, ["batch", str(jobs), "--json"])
+    assert result.exit_code == 0, result.output
+    assert {r.grid for r in read_manifest(tmp_path / "nf4").tensors if r.action == "quantized"} == {"nf4"}

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from qconvert.cli.common import app, run_command, say, settings_from_flags, stdout_console
 from qconvert.cli.options import (
+    ActivationsOption,
     BitsOption,
     CalibOption,
     CalibSamplesOption,
@@ -73,6 +74,7 @@ def plan(
     recipe: RecipeOption = None,
     bits: BitsOption = None,
     grid: GridOption = None,
+    activations: ActivationsOption = None,
     group_size: GroupOption = None,
     symmetric: SymmetricOption = None,
     quantizer: QuantizerOption = None,
@@ -95,6 +97,7 @@ def plan(
                 quantizer=quantizer,
                 bits=bits,
                 grid=grid,
+                activations=activations,
                 group_size=group_size,
                 symmetric=symmetric,
                 target_bpw=target_bpw,

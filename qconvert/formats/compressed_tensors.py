@@ -104,6 +104,12 @@ class CompressedTensorsLayout(Layout):
         return None
 
     def unsupported_mix_reason(self, configs: list[QuantConfig]) -> str | None:
+        formats = {(c.grid, c.activations) for c in configs}
+        if len(formats) > 1:
+            # a model mixing compressed-tensors formats (mixed-precision) fails in transformers' loading of
+            # the packed float and int groups together (measured: "Expected torch.int32 but got torch.uint8")
+            grids = ", ".join(sorted({f"{g}{' W8A8' if a else ''}" for g, a in formats}))
+            return f"transformers cannot load one compressed-tensors model mixing grids ({grids})"
         schemes = {(c.bits, c.group_size, c.symmetric) for c in configs}
         if len(schemes) > 1 and any(not c.symmetric for c in configs):
             # transformers (5.x) dequantizes asymmetric checkpoints while loading, and does so with the
@@ -371,7 +377,8 @@ def export(source: ExportSource, destination: Path, force: bool = False) -> Expo
     )
     if refusal:
         raise UnsupportedModelError(
-            f"compressed-tensors cannot store this model: {refusal}; use --layout native or auto."
+            f"compressed-tensors cannot store this model: {refusal}; qconvert's native layout holds it "
+            "(qconvert model --layout native)."
         )
     records = [_relaid(r, layout) for r in manifest.tensors]
     relaid = dataclasses.replace(manifest, layout=layout.name, tensors=records)

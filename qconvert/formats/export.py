@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from qconvert.errors import SchemeError
-from qconvert.formats import EXPORTS
+from qconvert.errors import SchemeError, UnsupportedModelError
+from qconvert.formats import EXPORTS, Format
 from qconvert.formats.exporting import ExportReport
 from qconvert.formats.registry import EXPORTERS
 from qconvert.output import open_output
@@ -24,4 +24,10 @@ def export(output: Path, to: str, destination: Path | None = None, force: bool =
     """
     if to not in EXPORTERS:
         raise SchemeError(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}.")
-    return EXPORTERS[to](open_output(output), destination or default_destination(output, to), force)
+    source = open_output(output)
+    if to != Format.COMPRESSED_TENSORS and any(r.activations for r in source.manifest.tensors):
+        raise UnsupportedModelError(
+            f"{output} quantizes its linears' inputs (W8A8), which {to} cannot express, so the export would not "
+            "compute what it does; export it to compressed-tensors, or convert without --activations."
+        )
+    return EXPORTERS[to](source, destination or default_destination(output, to), force)
