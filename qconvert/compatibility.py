@@ -75,6 +75,9 @@ def check(path: Path, runtime: str, forward: bool = False) -> tuple[str, list[Pr
     }[runtime]
     if found not in accepted:
         advice = {"llama.cpp": "gguf", "mlx": "mlx"}.get(runtime, "compressed-tensors")
+        refusal = _compressed_tensors_refusal(path) if advice == "compressed-tensors" else None
+        if refusal:  # e.g. an nf4 grid: no format this runtime reads holds it, so no export would help
+            return found, [Problem(None, f"{runtime} does not read the {found} format, and no export helps: {refusal}")]
         return found, [
             Problem(
                 None,
@@ -88,6 +91,16 @@ def check(path: Path, runtime: str, forward: bool = False) -> tuple[str, list[Pr
     if forward and not problems:
         problems = forward_problems(path, runtime, found)
     return found, problems
+
+
+def _compressed_tensors_refusal(path: Path) -> str | None:
+    """Why a qconvert output cannot be exported to compressed-tensors, or None if it can."""
+    from qconvert.formats.base import record_config
+    from qconvert.formats.compressed_tensors import CompressedTensorsLayout
+    from qconvert.manifest import read_manifest
+
+    records = [r for r in read_manifest(path).tensors if r.action == "quantized"]
+    return CompressedTensorsLayout().refusal([(r.name, tuple(r.shape), record_config(r)) for r in records])
 
 
 def _transformers_load(path: Path, **kwargs):

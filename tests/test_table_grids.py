@@ -191,3 +191,11 @@ def test_batch_jobs_take_grids(tmp_path, tiny_lm):
     result = runner.invoke(app, ["batch", str(jobs), "--json"])
     assert result.exit_code == 0, result.output
     assert {r.grid for r in read_manifest(tmp_path / "nf4").tensors if r.action == "quantized"} == {"nf4"}
+
+
+def test_check_does_not_suggest_an_export_that_cannot_hold_the_grid(tmp_path, tiny_lm):
+    from qconvert.compatibility import check
+
+    assert model(tiny_lm, "-o", tmp_path / "nf4", "--grid", "nf4").exit_code == 0
+    _, problems = check(tmp_path / "nf4", "transformers")
+    assert len(problems) == 1 and "no export helps" in problems[0].message and "nf4" in problems[0].message
