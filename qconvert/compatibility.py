@@ -95,12 +95,10 @@ def check(path: Path, runtime: str, forward: bool = False) -> tuple[str, list[Pr
 
 def _compressed_tensors_refusal(path: Path) -> str | None:
     """Why a qconvert output cannot be exported to compressed-tensors, or None if it can."""
-    from qconvert.formats.base import record_config
-    from qconvert.formats.compressed_tensors import CompressedTensorsLayout
+    from qconvert.formats.compressed_tensors import refusal_for
     from qconvert.manifest import read_manifest
 
-    records = [r for r in read_manifest(path).tensors if r.action == "quantized"]
-    return CompressedTensorsLayout().refusal([(r.name, tuple(r.shape), record_config(r)) for r in records])
+    return refusal_for(read_manifest(path).tensors)
 
 
 def _transformers_load(path: Path, **kwargs):

@@ -372,9 +372,7 @@ def export(source: ExportSource, destination: Path, force: bool = False) -> Expo
     output, manifest = source.path, source.manifest
     config = read_config(output, "a compressed-tensors checkpoint")
     layout = CompressedTensorsLayout()
-    refusal = layout.refusal(
-        [(r.name, tuple(r.shape), record_config(r)) for r in manifest.tensors if r.action == "quantized"]
-    )
+    refusal = refusal_for(manifest.tensors)
     if refusal:
         raise UnsupportedModelError(
             f"compressed-tensors cannot store this model: {refusal}; qconvert's native layout holds it "
@@ -410,6 +408,13 @@ def export(source: ExportSource, destination: Path, force: bool = False) -> Expo
         (folder / MANIFEST_FILE).write_text(relaid.to_json() + "\n")
         copy_tokenizer_files(output, folder)
     return report
+
+
+def refusal_for(records: list[TensorRecord]) -> str | None:
+    """Why this layout cannot hold these records' quantized tensors, or None: what `export` and `check`
+    both ask of a qconvert output."""
+    quantized = [(r.name, tuple(r.shape), record_config(r)) for r in records if r.action == "quantized"]
+    return CompressedTensorsLayout().refusal(quantized)
 
 
 def _relaid(record: TensorRecord, layout: Layout) -> TensorRecord:

@@ -26,6 +26,7 @@ own bit pattern, so packed codes are the format's bytes; for NF4 and IQ4_NL it i
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -62,13 +63,25 @@ class Grid:
     default_group: int = 64
     signed_extreme: bool = False  # the table is lopsided: put the group's largest-magnitude weight on its end
 
-    @property
+    @cached_property
     def table(self) -> torch.Tensor:
         return torch.tensor(self.values, dtype=torch.float32)
 
-    @property
+    @cached_property
     def largest(self) -> float:
         return max(abs(v) for v in self.values if v == v)
+
+    @cached_property
+    def _midpoints_and_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The boundaries between consecutive distinct finite values, and the code of each value: built
+        once, since gptq asks for the nearest codes once per column."""
+        table = self.table
+        finite = torch.nonzero(table == table).view(-1)
+        ordered, order = torch.sort(table[finite], stable=True)
+        keep = torch.ones_like(ordered, dtype=torch.bool)
+        keep[1:] = ordered[1:] != ordered[:-1]  # -0.0 and 0.0: one value, the first code
+        ordered, codes = ordered[keep], finite[order][keep]
+        return (ordered[1:] + ordered[:-1]) / 2, codes.to(torch.uint8)
 
     def fit(
         self, absmax: torch.Tensor, extreme: torch.Tensor, global_scale: float | None, scale_dtype: str, strict=True
@@ -106,15 +119,8 @@ class Grid:
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (uint8) of the table values nearest to `x` (weights already divided by their scale);
         a tie goes to the lower value. NaN entries of the table are never chosen."""
-        table = self.table
-        finite = torch.nonzero(table == table).view(-1)
-        ordered, order = torch.sort(table[finite], stable=True)
-        keep = torch.ones_like(ordered, dtype=torch.bool)
-        keep[1:] = ordered[1:] != ordered[:-1]  # -0.0 and 0.0: one value, the first code
-        ordered, codes = ordered[keep], finite[order][keep]
-        midpoints = (ordered[1:] + ordered[:-1]) / 2
-        index = torch.bucketize(x.float(), midpoints)
-        return codes[index].to(torch.uint8)
+        midpoints, codes = self._midpoints_and_codes
+        return codes[torch.bucketize(x.float(), midpoints)]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """The table value of every code (float32)."""
