@@ -207,9 +207,7 @@ def _calibrate(
     if quantizer is None:
         return None
     if settings.calibration is None:
-        raise SchemeError(
-            f"quantizer {quantizer.name!r} learns from activations: give calibration text with --calib FILE."
-        )
+        raise SchemeError(f"{quantizer.calibration_use()}: give calibration text with --calib FILE.")
     key = {
         "qconvert_version": __version__,
         "settings": settings_dict(settings),
@@ -286,6 +284,7 @@ def _convert_one(
         except ScaleRangeError as exc:
             raise SchemeError(f"tensor {name} {exc}") from exc
         record.relative_mse = error if error is not None else relative_error(tensor, q)
+        record.input_scale = None if q.input_scale is None else float(q.input_scale)
         return plan.layout.encode(name, dataclasses.replace(q, activations=record.activations))
     if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
         tensor, record.origin = result, RESCALED

@@ -66,7 +66,8 @@ class TensorRecord:
     symmetric: bool | None = None
     scale_dtype: str | None = None
     grid: str | None = None  # "int" or a table grid (quantizers/grids.py); None for kept tensors and schema 1
-    activations: str | None = None  # "int8": the runtime quantizes this linear's input per token (W8A8)
+    activations: str | None = None  # W8A8: how the runtime quantizes this linear's input (quantizers/activations.py)
+    input_scale: float | None = None  # int8-static: the input scale found at calibration (float32 value)
     relative_mse: float | None = None
     decided_by: str | None = None
     origin: str | None = None
@@ -121,6 +122,7 @@ class Manifest:
             replace(
                 t,
                 relative_mse=WIDEST_FLOAT if t.action == QUANTIZED else t.relative_mse,
+                input_scale=WIDEST_FLOAT if t.activations else t.input_scale,
                 origin=widest_origin,
                 stored={n: replace(s, sha256="f" * 64) for n, s in t.stored.items()},
             )

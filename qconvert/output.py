@@ -129,5 +129,7 @@ def _quantize_inputs(model, manifest: Manifest) -> None:
     for record in manifest.tensors:
         module = modules.get(record.name.removesuffix(".weight"))
         if record.activations and module is not None:
-            scheme = record.activations
-            module.register_forward_pre_hook(lambda _, args, scheme=scheme: (fake_quantize(args[0], scheme), *args[1:]))
+            scale = None if record.input_scale is None else torch.tensor([record.input_scale])
+            module.register_forward_pre_hook(
+                lambda _, args, s=record.activations, scale=scale: (fake_quantize(args[0], s, scale), *args[1:])
+            )

@@ -13,6 +13,7 @@ from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES
 from qconvert.plan.recipes import Recipe, Rule, load_recipe
 from qconvert.quantizers import QuantConfig
+from qconvert.quantizers.activations import weights_of
 from qconvert.quantizers.grids import grid_defaults
 
 PASSTHROUGH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,7 +42,8 @@ class Settings:
     symmetric: bool = False
     scale_dtype: str = "float16"
     grid: str = "int"  # or a table grid of quantizers/grids.py (nf4, iq4nl, mxfp4, nvfp4, fp8)
-    activations: str | None = None  # "int8": W8A8, inputs quantized per token (quantizers/activations.py)
+    activations: str | None = None  # W8A8: a scheme of quantizers/activations.py, e.g. "int8-dynamic"
+    smooth: float | str | None = None  # SmoothQuant's migration strength α in [0, 1], or "auto"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     dtype: str | None = None  # cast for kept float tensors; None keeps the source dtype
@@ -72,7 +74,22 @@ class Settings:
             raise SchemeError(
                 f"--target-bpw {self.target_bpw} is out of reach: quantized tensors take 2 to 9 bits per weight."
             )
+        if self.smooth is not None:
+            self._check_smooth()
         self.config  # validates bits, group size and scale dtype now, not mid-conversion
+
+    def _check_smooth(self) -> None:
+        if self.activations is None:
+            raise SchemeError(
+                "--smooth moves activation outliers into the weights, which only helps when activations are "
+                "quantized too; add --activations (e.g. int8-dynamic) or drop --smooth."
+            )
+        if self.smooth != "auto" and not (isinstance(self.smooth, float) and 0.0 <= self.smooth <= 1.0):
+            raise SchemeError(f"--smooth {self.smooth} is not a strength in [0, 1] or auto.")
+        if self.quantizer == "awq":
+            raise SchemeError(
+                "awq already scales input channels to suit the weights; --smooth takes rtn, clip or gptq."
+            )
 
     @property
     def config(self) -> QuantConfig:
@@ -98,6 +115,10 @@ class Settings:
         if self.recipe is not None:
             return self.recipe.path.stem
         parts = [] if self.quantizer == "rtn" else [self.quantizer]
+        if self.activations:  # "w8a8-int8-dynamic-sq0.5": the scheme implies the weights' grid
+            return "-".join(
+                parts + ["w8a8", self.activations] + ([f"sq{self.smooth}"] if self.smooth is not None else [])
+            )
         if self.target_bpw is not None:
             parts += [f"bpw{self.target_bpw:g}"]
         elif self.target_size is not None:
@@ -106,7 +127,7 @@ class Settings:
             parts += [f"int{self.bits}" if self.grid == "int" else self.grid]  # "nf4-g64": a table grid's bits
         parts += [f"g{self.group_size}" if self.group_size else "ch"]
         parts += ["sym"] if self.symmetric and self.grid == "int" else []
-        return "-".join(parts + (["a8"] if self.activations else []))
+        return "-".join(parts)
 
 
 def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_flags: dict[str, Any]) -> Settings:
@@ -119,7 +140,11 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
     }
     has_source = calibration.get("text") is not None or calibration.get("dataset") is not None
     values = {**(recipe.defaults if recipe else {}), **given}
+    if values.get("activations"):  # W8A8 implies its weights, as a grid implies its bits
+        values.update({k: v for k, v in weights_of(values["activations"]).items() if k not in values})
     values.update(grid_defaults(values.get("grid", "int"), values))
+    if isinstance(values.get("smooth"), (int, str)) and values["smooth"] != "auto":
+        values["smooth"] = _strength(values["smooth"])
     if recipe is not None:
         values.update(rules=recipe.rules, recipe=recipe)
     return Settings(**values, calibration=CalibrationSettings(**calibration) if has_source else None)
@@ -142,6 +167,13 @@ def settings_from_options(recipe: str | Path | None, options: dict[str, Any], ca
     text = calibration.get("text")
     calibration = {**calibration, "text": str(text) if text else None}
     return build_settings(load_recipe(recipe) if recipe else None, options, calibration)
+
+
+def _strength(value: int | str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise SchemeError(f"--smooth {value} is not a strength in [0, 1] or auto.") from None
 
 
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

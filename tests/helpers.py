@@ -69,3 +69,26 @@ def save_tiny(folder, config, model_class, tokenizer_from=None, biases=False):
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tokenizer_from / name, folder / name)
     return folder
+
+
+CALIBRATION_TEXT = " ".join(f"Line {i} of a calibration text about rivers, foxes and dogs." for i in range(200))
+
+
+def first_block(source: Path, tmp_path: Path, config=None):
+    """The first decoder block of `source` as a calibrated quantizer sees it, with a few calibration
+    windows of a made-up text, its q/k/v/o and MLP weights selected (at `config`, default int3 g32)."""
+    from qconvert.calibration.blocks import DecoderBlocks
+    from qconvert.calibration.samples import CalibrationSettings, calibration_windows
+    from qconvert.calibration.statistics import CalibrationBlock
+    from qconvert.io.sources import open_checkpoint
+    from qconvert.quantizers import QuantConfig
+
+    (tmp_path / "calib.txt").write_text(CALIBRATION_TEXT)
+    checkpoint = open_checkpoint(source)
+    blocks = DecoderBlocks(checkpoint)
+    settings = CalibrationSettings(text=str(tmp_path / "calib.txt"), samples=4, seqlen=32, batch_size=2)
+    inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
+    module = blocks.load(0)
+    names = [n for n in checkpoint.tensors if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
+    config = config or QuantConfig(bits=3, group_size=32)
+    return CalibrationBlock(module, blocks.block_prefix(0), {n: config for n in names}, inputs)

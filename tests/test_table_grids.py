@@ -175,7 +175,7 @@ def test_a_model_mixing_grids_is_written_native(tmp_path, tiny_lm):
 
 def test_w8a8_exports_only_to_compressed_tensors(tmp_path, tiny_lm):
     out = tmp_path / "w8a8"
-    flags = ["--bits", "8", "--group-size", "0", "--symmetric", "--activations", "int8", "--layout", "native"]
+    flags = ["--bits", "8", "--group-size", "0", "--symmetric", "--activations", "int8-dynamic", "--layout", "native"]
     assert model(tiny_lm, "-o", out, *flags).exit_code == 0
     refused = runner.invoke(app, ["export", str(out), "--to", "gguf"])
     assert refused.exit_code == 7 and "W8A8" in refused.output and not (tmp_path / "w8a8.gguf").exists()

@@ -58,6 +58,42 @@ class CalibrationBlock:
                     pass
         return collector.results()
 
+    def input_ranges(self, sample_tokens: int = 0) -> dict[str, "InputRange"]:
+        """Per selected linear: the largest |x_j| of each input channel over all calibration tokens, and
+        (with `sample_tokens`) about that many of its input rows, evenly spaced, in float32."""
+        tokens = sum(h.numel() // h.shape[-1] for h in self.inputs.hidden)
+        collector = _RangeCollector(self.linears, max(1, tokens // sample_tokens) if sample_tokens else 0)
+        with collector, torch.no_grad():
+            for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
+                collector.start_batch()
+                try:
+                    self.module(hidden, **kwargs)
+                except _AllInputsSeen:
+                    pass
+        return collector.ranges
+
+
+class InputRange:
+    """What a linear's inputs X (tokens × channels) looked like over the calibration tokens.
+
+    Attributes:
+        absmax: float32 (channels,), max over tokens of |X[t, j]|.
+        sample: float32 (k, channels), every `stride`-th token's row (None when not asked for).
+    """
+
+    def __init__(self, channels: int, keep_sample: bool) -> None:
+        self.absmax = torch.zeros(channels)
+        self.sample = [] if keep_sample else None
+
+    def add(self, x: torch.Tensor, stride: int) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        torch.maximum(self.absmax, flat.abs().amax(0).float(), out=self.absmax)
+        if self.sample is not None:
+            self.sample.append(flat[::stride].float())
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
 
 def add_gram(total: torch.Tensor, x: torch.Tensor, chunk: int = 384) -> None:
     """total += XᵀX, computing only the blocks on and above the diagonal and mirroring the rest.
@@ -139,6 +175,36 @@ class _HessianCollector:
             names = [n for n in self.linears if self.leader.get(n) == leader]
             groups.append((names, total.mul_(2 / self.tokens[leader])))
         return groups
+
+
+class _RangeCollector:
+    """Forward pre-hooks that record each selected linear's input range (`InputRange`)."""
+
+    def __init__(self, linears: dict[str, torch.nn.Linear], stride: int) -> None:
+        self.linears, self.stride = linears, stride
+        self.ranges = {name: InputRange(linear.in_features, stride > 0) for name, linear in linears.items()}
+        self._seen: set[str] = set()
+        self._hooks = []
+
+    def __enter__(self) -> "_RangeCollector":
+        self._hooks = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def start_batch(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def record(module, args) -> None:
+            self.ranges[name].add(args[0], self.stride)
+            self._seen.add(name)
+            if len(self._seen) == len(self.linears):
+                raise _AllInputsSeen
+
+        return record
 
 
 def _not_linear(name: str, module) -> Exception:

@@ -20,7 +20,7 @@ from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 from qconvert.quantizers.base import QuantizedTensor
 
 BlockResults = dict[str, "QuantizedTensor | torch.Tensor"]
-_PARTS = ("codes", "scales", "zeros", "global_scale")
+_PARTS = ("codes", "scales", "zeros", "global_scale", "input_scale")
 
 
 def calibration_folder(destination: Path) -> Path:

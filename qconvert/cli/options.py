@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from qconvert.formats import EXPORTS, LAYOUT_CHOICES
-from qconvert.limits import GRID_NAMES, SUPPORTED_BITS
+from qconvert.limits import ACTIVATION_SCHEMES, GRID_NAMES, SUPPORTED_BITS
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -57,8 +57,21 @@ ActivationsOption = Annotated[
     Optional[str],
     typer.Option(
         "--activations",
-        help="int8: W8A8, each linear's input quantized per token at run time (needs --bits 8 --symmetric "
-        "--group-size 0); written as compressed-tensors int-quantized.",
+        help=f"W8A8: quantize each linear's input too ({', '.join(ACTIVATION_SCHEMES)}): int8 per token at run "
+        "time, int8 with one scale per layer from --calib text, or FP8 per token. Implies 8-bit weights per "
+        "output channel (int8, or fp8 for fp8-dynamic); written as compressed-tensors.",
+        show_default=False,
+    ),
+]
+SmoothOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--smooth",
+        help="SmoothQuant with --activations: migrate activation outliers into the weights with strength "
+        "ALPHA in [0, 1] (0.5 is the paper's default), or 'auto' to choose it per layer group on the "
+        "--calib text.",
+        metavar="ALPHA|auto",
+        show_default=False,
     ),
 ]
 GroupOption = Annotated[

@@ -2,9 +2,12 @@
 
 It picks the fastest path torch offers on CPU for its scheme, keeping one copy of the weight:
 
-- W8A8 (`activations="int8"`): the input is quantized per token (`quantizers/activations.py`) and the
-  int8 × int8 product accumulates exactly in int32 (`torch._int_mm`), then both scales apply: what
-  compressed-tensors computes for the same file, without its dequantized float weight.
+- W8A8 int8 (`int8-dynamic`, `int8-static`): the input is quantized per token or with its static
+  scale (`quantizers/activations.py`) and the int8 × int8 product accumulates exactly in int32
+  (`torch._int_mm`, which runs on the CPU's VNNI int8 instructions), then both scales apply: what
+  compressed-tensors computes for the same file, without its dequantized float weight. W8A8 FP8
+  quantizes the input the same way and multiplies the FP8 values in float32 (torch has no FP8
+  matmul on CPU).
 - int8 per output channel: int8 codes and a per-row scale. A few rows of input (decoding) go
   through `aten._weight_int8pack_mm`; a long prompt dequantizes the weight for one float32 matmul,
   which is exact and, on a long input, faster. An asymmetric zero point becomes a per-row
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from qconvert.packing import pack_codes, unpack_codes
-from qconvert.quantizers.activations import int8_per_token
+from qconvert.quantizers.activations import fake_quantize, quantize_input
 from qconvert.quantizers.base import QuantizedTensor, dequantize
 
 
@@ -44,7 +47,7 @@ class QuantizedLinear(nn.Module):
         use_kernels: bool = True,
     ) -> None:
         super().__init__()
-        self.activations = q.activations
+        self.activations, self.input_scale = q.activations, q.input_scale
         self.out_features, self.in_features = q.shape
         self.bits, self.group_size, self.dtype = q.bits, q.group_size, dtype
         self.use_kernels = use_kernels
@@ -101,13 +104,15 @@ class QuantizedLinear(nn.Module):
             dtype=self.dtype,
             grid=self.grid,
             global_scale=self.global_scale,
+            activations=self.activations,
+            input_scale=self.input_scale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
-        if self.kernel == "int8" and self.activations == "int8":
-            codes, scales = int8_per_token(x)
+        if self.kernel == "int8" and self.activations:
+            codes, scales = quantize_input(x, self.activations, self.input_scale)
             y = torch._int_mm(codes, self.weight_int8.T).float().mul_(scales).mul_(self.scales).to(self.dtype)
         elif self.kernel == "int8":
             if self.use_kernels and x.shape[0] <= self.SMALL_INPUT_ROWS:
@@ -123,6 +128,7 @@ class QuantizedLinear(nn.Module):
                 x.to(k), self.weight_int4, self.group_size, self.scales_and_zeros
             ).to(self.dtype)
         else:
+            x = x if self.activations is None else fake_quantize(x, self.activations, self.input_scale)
             y = x @ dequantize(self.quantized(), self.dtype).T
         if self.bias is not None:
             y = y + self.bias

@@ -50,6 +50,7 @@ from qconvert.io.skeleton import EXPERTS, build_skeleton
 from qconvert.io.writing import SafetensorsStreamWriter, TensorSpec, staged_output
 from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorRecord
 from qconvert.packing import pack_stream_words, unpack_stream_words
+from qconvert.quantizers.activations import get_scheme
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
 
 FORMAT = "pack-quantized"
@@ -122,11 +123,12 @@ class CompressedTensorsLayout(Layout):
         groups = config.groups_for(columns)
         module = module_name(name)
         if config.grid != "int":
-            return floats.specs(module, shape, config)
+            return floats.specs(module, shape, config) + _input_specs(module, config)
         if config.activations:  # W8A8: compressed-tensors' int-quantized, int8 codes unpacked
             return [
                 TensorSpec(f"{module}.weight", "I8", shape),
                 scale_spec(f"{module}.weight_scale", rows, groups, config),
+                *_input_specs(module, config),
             ]
         specs = [
             TensorSpec(f"{module}.weight_packed", "I32", (rows, words_per_row(columns, config.bits))),
@@ -140,11 +142,12 @@ class CompressedTensorsLayout(Layout):
     def encode(self, name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
         module = module_name(name)
         if q.grid != "int":
-            return floats.encode(module, q)
+            return {**floats.encode(module, q), **_input_tensors(module, q)}
         if q.activations:
             return {
                 f"{module}.weight": (q.codes.to(torch.int16) - 128).to(torch.int8),
                 f"{module}.weight_scale": q.scales,
+                **_input_tensors(module, q),
             }
         stored = {f"{module}.weight_packed": pack_stream_words(q.codes, q.bits), f"{module}.weight_scale": q.scales}
         if q.zeros is not None:
@@ -157,9 +160,13 @@ class CompressedTensorsLayout(Layout):
         module = module_name(record.name)
         rows, columns = record.shape
         if config.grid != "int":
-            return floats.decode(module, stored, config, (rows, columns), source_dtype(record))
+            q = floats.decode(module, stored, config, (rows, columns), source_dtype(record))
+            return dataclasses.replace(
+                q, activations=config.activations, input_scale=stored.get(f"{module}.input_scale")
+            )
         if config.activations:
             return QuantizedTensor(
+                input_scale=stored.get(f"{module}.input_scale"),
                 codes=(stored[f"{module}.weight"].to(torch.int16) + 128).to(torch.uint8),
                 scales=stored[f"{module}.weight_scale"],
                 zeros=None,
@@ -199,7 +206,7 @@ class CompressedTensorsLayout(Layout):
             groups[f"group_{i}"] = {
                 "targets": module_targets(modules, linear_like),
                 "weights": _weights_args(bits, group_size, symmetric, grid, activations),
-                "input_activations": INPUT_ACTIVATIONS if activations else None,
+                "input_activations": input_activations_args(activations) if activations else None,
                 "output_activations": None,
                 "format": floats.FLOAT_FORMATS.get(grid, "int-quantized" if activations else FORMAT),
             }
@@ -223,12 +230,24 @@ class CompressedTensorsLayout(Layout):
         return config
 
 
-# W8A8: each token's input quantized to int8 at run time (qconvert/quantizers/activations.py).
-INPUT_ACTIVATIONS = {
-    **floats.weights_args_of(8, "int", True, "token", 0),
-    "dynamic": True,
-    "observer": None,
-}
+def input_activations_args(name: str) -> dict:
+    """The `input_activations` entry of a W8A8 scheme (qconvert/quantizers/activations.py): int or
+    float, 8 bits, symmetric, per token and dynamic, or per tensor with a static `input_scale`."""
+    scheme = get_scheme(name)
+    strategy = "token" if scheme.dynamic else "tensor"
+    args = floats.weights_args_of(8, scheme.kind, True, strategy, 0)
+    return {**args, "dynamic": scheme.dynamic, "observer": None if scheme.dynamic else "minmax"}
+
+
+def _input_specs(module: str, config: QuantConfig) -> list[TensorSpec]:
+    """A static scheme's input scale (symmetric: compressed-tensors expects no zero point)."""
+    if config.activations is None or get_scheme(config.activations).dynamic:
+        return []
+    return [TensorSpec(f"{module}.input_scale", "F32", (1,))]
+
+
+def _input_tensors(module: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
+    return {} if q.input_scale is None else {f"{module}.input_scale": q.input_scale.float()}
 
 
 def _weights_args(bits: int, group_size: int, symmetric: bool, grid: str, activations: str) -> dict:
@@ -259,7 +278,8 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
 
 
 def schemes_from_config(quantization_config: dict, modules: set[str], runtime_name=None) -> dict[str, tuple | None]:
-    """module -> (bits, group size or 0, symmetric, type "int" or "float", format) of the first config group
+    """module -> (bits, group size or 0, symmetric, type "int" or "float", format, static input scale?) of the
+    first config group
     targeting it (a module name, a "re:" pattern or the class name Linear), or None: how readers resolve
     `targets`. Targets are matched against each module's name as stored and as the runtime renames it
     (`runtime_name`)."""
@@ -272,6 +292,7 @@ def schemes_from_config(quantization_config: dict, modules: set[str], runtime_na
             weights.get("symmetric", True),
             weights.get("type", "int"),
             group.get("format") or quantization_config.get("format") or FORMAT,
+            (group.get("input_activations") or {}).get("dynamic") is False,
         )
         rules += [(target, scheme) for target in group.get("targets", [])]
 
@@ -463,7 +484,7 @@ FLOAT_PARTS = {
 
 
 def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) -> list[Problem]:
-    bits, group, symmetric, kind, layout = scheme
+    bits, group, symmetric, kind, layout, static_input = scheme
     if kind == "int" and layout == "int-quantized":
         required = {"weight": torch.int8, "weight_scale": None}
     elif kind == "float":
@@ -473,6 +494,8 @@ def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) ->
         required = FLOAT_PARTS[grid]
     else:
         required = {**INT_PARTS, **({} if symmetric else {"weight_zero_point": None})}
+    if static_input:  # the config promises a fixed input scale: without it the runtime runs uncalibrated
+        required["input_scale"] = torch.float32
     problems = []
     for part, dtype in required.items():
         header = tensors.get(f"{module}.{part}")

@@ -65,6 +65,7 @@ class NativeLayout(Layout):
             grid=config.grid,
             global_scale=stored.get(f"{record.name}.global_scale"),
             activations=config.activations,
+            input_scale=None if record.input_scale is None else torch.tensor([record.input_scale]),
         )
 
     def quantization_config(self, records: list[TensorRecord], runtime_name=None) -> dict:

@@ -18,6 +18,7 @@ from qconvert.io.writing import TensorSpec
 from qconvert.manifest import BY_BUDGET, KEPT, QUANTIZED, Manifest, StoredRecord, TensorRecord
 from qconvert.plan.selection import IN_BLOCK, Decision, command_line_rules, decide
 from qconvert.quantizers import Quantizer, get
+from qconvert.quantizers.activations import get_scheme
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
 
 
@@ -157,7 +158,7 @@ def _quantizers(schemes: set[TensorScheme], settings: Settings) -> dict[TensorSc
     quantizers = {}
     for scheme in sorted(schemes, key=lambda s: (s.quantizer, s.config.bits, s.config.group_size, s.config.symmetric)):
         options = settings.options if scheme.quantizer == settings.quantizer else {}
-        quantizers[scheme] = get(scheme.quantizer)(scheme.config, **options)
+        quantizers[scheme] = _with_activation_calibration(get(scheme.quantizer)(scheme.config, **options), settings)
     calibrated = sorted({q.name for q in quantizers.values() if q.requires_calibration})
     if len(calibrated) > 1:
         raise SchemeError(f"one conversion can run one calibrated quantizer, not {' and '.join(calibrated)}.")
@@ -169,6 +170,17 @@ def _quantizers(schemes: set[TensorScheme], settings: Settings) -> dict[TensorSc
             f"quantizer {settings.quantizer!r} uses no calibration data; drop --calib or choose gptq or awq."
         )
     return quantizers
+
+
+def _with_activation_calibration(quantizer: Quantizer, settings: Settings) -> Quantizer:
+    """W8A8 layers whose activations need calibration (SmoothQuant, a static scheme) get their quantizer
+    wrapped in the calibrated steps of `quantizers/smoothquant.py`."""
+    activations = quantizer.config.activations
+    if activations is None or (settings.smooth is None and get_scheme(activations).dynamic):
+        return quantizer
+    from qconvert.quantizers.smoothquant import W8A8Calibration
+
+    return W8A8Calibration(quantizer, activations, settings.smooth)
 
 
 def kept_dtype(dtype: torch.dtype, settings: Settings) -> torch.dtype:

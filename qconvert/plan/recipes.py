@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qconvert.errors import SchemeError
-from qconvert.limits import SUPPORTED_BITS
+from qconvert.limits import ACTIVATION_SCHEMES, SUPPORTED_BITS
 from qconvert.quantizers.base import SCALE_DTYPES
 from qconvert.quantizers.grids import GRID_NAMES
 
@@ -46,7 +46,7 @@ SCHEME_KEYS = {
     "scale_dtype": str,
     "activations": str,
 }
-DEFAULT_KEYS = {**SCHEME_KEYS, "options": dict}
+DEFAULT_KEYS = {**SCHEME_KEYS, "options": dict, "smooth": (float, int, str)}  # SmoothQuant: one α per conversion
 CALIBRATION_KEYS = {"text": str, "dataset": str, "samples": int, "seqlen": int, "seed": int, "batch_size": int}
 RULE_KEYS = {"match": str, "keep": bool, **SCHEME_KEYS}
 SECTIONS = {"defaults": DEFAULT_KEYS, "calibration": CALIBRATION_KEYS}
@@ -167,6 +167,14 @@ def _impossible(key: str, value: Any) -> str | None:
         return "group_size must be 0 (one scale per output channel) or positive"
     if key == "scale_dtype" and value not in SCALE_DTYPES:
         return f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}"
+    if key == "activations" and value not in ACTIVATION_SCHEMES:
+        return f"no activation scheme {value!r}; choose one of {', '.join(ACTIVATION_SCHEMES)}"
+    if (
+        key == "smooth"
+        and value != "auto"
+        and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1)
+    ):
+        return 'smooth must be a strength in [0, 1] or "auto"'
     if key == "grid" and value not in GRID_NAMES:
         return f"no grid named {value!r}; choose one of {', '.join(GRID_NAMES)}"
     if key == "quantizer" and value not in registry.available():
@@ -177,7 +185,14 @@ def _impossible(key: str, value: Any) -> str | None:
 
 
 def _type_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", bool: "true or false", dict: "a table"}[kind]
+    names = {
+        str: "a string",
+        int: "an integer",
+        bool: "true or false",
+        dict: "a table",
+        (float, int, str): "a number or a string",
+    }
+    return names[kind]
 
 
 class _Locator:

@@ -87,7 +87,7 @@ class AWQQuantizer(CalibratedQuantizer):
                 continue  # not all selected: leave this group unscaled
             weight = torch.cat([block.weight(n) for n in names])
             scales = search_scales(weight, hessians[names[0]], block.configs[names[0]], self.settings["grid"], names[0])
-            replaced.update(_fold(block, feeder, scales))
+            replaced.update(fold_into_feeder(block, feeder, scales, self.name))
             hessian = hessians[names[0]] / scales.outer(scales)  # inputs are now x / s
             for name in names:
                 block.linears[name].weight.data.mul_(scales)
@@ -99,7 +99,7 @@ def _column_importance(block, name: str, hessians: dict[str, torch.Tensor]) -> t
     return torch.diagonal(hessians[name]).clamp(min=0) + 1e-12
 
 
-def norm_offset(module: torch.nn.Module, name: str) -> float:
+def norm_offset(module: torch.nn.Module, name: str, method: str = "awq") -> float:
     """How a norm applies its weight, found by running it: 0 when it multiplies by `w` (LayerNorm,
     Llama's RMSNorm), 1 when by `1 + w` (Gemma's RMSNorm).
 
@@ -127,22 +127,27 @@ def norm_offset(module: torch.nn.Module, name: str) -> float:
     ):
         return 1.0
     raise UnsupportedModelError(
-        f"awq folds its scales into {name}, a {type(module).__name__} that applies its weight "
-        "neither as w nor as 1 + w, so no exact fold is known; use gptq or clip for this model."
+        f"{method} folds its scales into {name}, a {type(module).__name__} that applies its weight "
+        f"neither as w nor as 1 + w, so no exact fold is known; this model cannot take {method}."
     )
 
 
-def _fold(block, feeder: str, scales: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Divide the output channels of `feeder` by `scales`; return its changed kept tensors (norms)."""
+def fold_into_feeder(block, feeder: str, scales: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
+    """Divide the output channels of `feeder` (a module path in `block`, from FOLDS) by `scales` (float32,
+    its output width), in place; return its changed kept tensors (a norm's weight and bias) by name.
+
+    Raises:
+        UnsupportedModelError: the block has no such module, or it is a norm with no exact fold.
+    """
     try:
         module = block.module.get_submodule(feeder)
     except AttributeError as exc:
         raise UnsupportedModelError(
-            f"awq folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
-            "awq supports Llama-style blocks (use gptq or clip for others)."
+            f"{method} folds its scales into {block.prefix}{feeder}, which this model's blocks lack; "
+            f"{method} supports Llama-style blocks (Llama, Mistral, Qwen2, Gemma and kin)."
         ) from exc
     weight = module.weight.data
-    offset = 0.0 if isinstance(module, torch.nn.Linear) else norm_offset(module, f"{block.prefix}{feeder}")
+    offset = 0.0 if isinstance(module, torch.nn.Linear) else norm_offset(module, f"{block.prefix}{feeder}", method)
     # A norm that multiplies by (offset + w) folds 1/s as (offset + w) / s - offset.
     weight.add_(offset).div_(scales.view(-1, *([1] * (weight.dim() - 1)))).sub_(offset)
     if getattr(module, "bias", None) is not None:

@@ -14,7 +14,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
-from qconvert.quantizers.activations import ACTIVATION_SCHEMES
+from qconvert.quantizers.activations import get_scheme, weights_of
 from qconvert.quantizers.grids import effective_scales, get_grid
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,8 +34,9 @@ class QuantConfig:
             (mxfp4's E8M0, nvfp4's E4M3) ignores it.
         grid: "int" (integer codes, the default) or a table grid of `grids.py` (nf4, iq4nl, mxfp4,
             nvfp4, fp8), which fixes bits, symmetry and, for some, the group size.
-        activations: None (float inputs) or "int8": W8A8, the layer's input quantized per token
-            (`activations.py`); needs int8 weights, symmetric, one scale per output channel.
+        activations: None (float inputs) or a scheme of `activations.py` ("int8-dynamic",
+            "int8-static", "fp8-dynamic"): W8A8, the layer's input quantized too; needs 8-bit weights of
+            the scheme's grid, symmetric, one scale per output channel (`activations.weights_of`).
     """
 
     bits: int = 4
@@ -48,12 +49,13 @@ class QuantConfig:
     def __post_init__(self) -> None:
         grid = get_grid(self.grid)
         if self.activations is not None:
-            if self.activations not in ACTIVATION_SCHEMES:
-                raise SchemeError(f"--activations {self.activations} is not supported; choose int8.")
-            if (self.grid, self.bits, self.symmetric, self.group_size) != ("int", 8, True, 0):
+            get_scheme(self.activations)
+            wanted = weights_of(self.activations)
+            if {k: getattr(self, k) for k in wanted} != wanted:
+                weights = "fp8" if wanted["grid"] == "fp8" else "int8"
                 raise SchemeError(
-                    "--activations int8 (W8A8) takes int8 weights, symmetric, one scale per output channel: "
-                    "give --bits 8 --symmetric --group-size 0."
+                    f"--activations {self.activations} takes {weights} weights with one scale per output channel; "
+                    "drop --bits, --grid, --group-size and --asymmetric (it implies them)."
                 )
         if self.grid != "int":
             if self.bits != grid.bits or not self.symmetric:
@@ -94,7 +96,8 @@ class QuantizedTensor:
         bits, group_size: as applied (group_size is the effective size, never 0).
         shape: the original weight shape; dtype: its original dtype.
         grid: the grid's name; global_scale: float32 (1,) for grids with one (nvfp4), else None.
-        activations: "int8" when the layer's input is quantized too (W8A8), else None.
+        activations: the scheme of `activations.py` when the layer's input is quantized too (W8A8), else None.
+        input_scale: float32 (1,), the static input scale of an `int8-static` layer, else None.
     """
 
     codes: torch.Tensor
@@ -107,6 +110,7 @@ class QuantizedTensor:
     grid: str = "int"
     global_scale: torch.Tensor | None = None
     activations: str | None = None
+    input_scale: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -193,6 +197,10 @@ class CalibratedQuantizer(Quantizer):
         A float tensor in the result replaces that tensor of the source (e.g. a norm weight that
         absorbed AWQ's scales); a QuantizedTensor is the quantized form of a selected weight.
         """
+
+    def calibration_use(self) -> str:
+        """What it uses calibration text for, for the message that asks for it."""
+        return f"quantizer {self.name!r} learns from activations"
 
     def quantize(self, name: str, weight: torch.Tensor, stats: Any = None) -> QuantizedTensor:
         raise SchemeError(

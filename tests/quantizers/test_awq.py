@@ -1,28 +1,10 @@
 import pytest
 import torch
+from helpers import first_block
 
-from qconvert.calibration.blocks import DecoderBlocks
-from qconvert.calibration.samples import CalibrationSettings, calibration_windows
-from qconvert.calibration.statistics import CalibrationBlock
-from qconvert.io.sources import open_checkpoint
 from qconvert.quantizers import QuantConfig, dequantize, get
 from qconvert.quantizers.awq import output_error, search_scales
 from qconvert.quantizers.rtn import rtn_quantize
-
-TEXT = " ".join(f"Line {i} of a calibration text about rivers, foxes and dogs." for i in range(200))
-
-
-def first_block(source, tmp_path):
-    (tmp_path / "calib.txt").write_text(TEXT)
-    checkpoint = open_checkpoint(source)
-    blocks = DecoderBlocks(checkpoint)
-    settings = CalibrationSettings(text=str(tmp_path / "calib.txt"), samples=4, seqlen=32, batch_size=2)
-    inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
-    module = blocks.load(0)
-    names = [n for n in checkpoint.tensors if n.startswith("model.layers.0.") and n.endswith("proj.weight")]
-    return CalibrationBlock(
-        module, blocks.block_prefix(0), {n: QuantConfig(bits=3, group_size=32) for n in names}, inputs
-    )
 
 
 def test_folding_scales_leaves_the_float_block_unchanged(tiny_lm, tmp_path):
