@@ -47,6 +47,7 @@ from qconvert.manifest import (
 )
 from qconvert.plan.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
+from qconvert.quantizers.grids import GRIDS
 from qconvert.quantizers.rtn import ScaleRangeError
 from qconvert.settings import Settings, settings_dict
 
@@ -324,7 +325,7 @@ def _from_quantized_source(
         and source.grid == config.grid  # int4 codes are not nf4 codes: same bits, other values
         and source.bits == config.bits
         and source.group_size == config.group_size_for(columns)
-        and (config.grid in ("mxfp4", "nvfp4") or source.scales.dtype == SCALE_DTYPES[config.scale_dtype])
+        and (GRIDS[config.grid].scale != "float" or source.scales.dtype == SCALE_DTYPES[config.scale_dtype])
         and (source.zeros is None or not config.symmetric)
     )
     record.origin = REPACKED if same else REQUANTIZED

@@ -14,7 +14,7 @@ from qconvert.formats.export import export
 from qconvert.manifest import read_manifest
 
 runner = CliRunner()
-TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "fp8"]
+TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8"]
 
 
 def model(*args):
@@ -26,10 +26,10 @@ def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
     result = model(tiny_lm, "-o", tmp_path / grid, "--grid", grid)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    # compressed-tensors has formats for fp8, nvfp4 and mxfp4 (auto picks it); nf4 and iq4nl stay native
+    # compressed-tensors has formats for fp8, mxfp8, nvfp4 and mxfp4 (auto picks it); nf4 and iq4nl stay native
     assert summary["layout"] == ("native" if grid in ("nf4", "iq4nl") else "compressed-tensors")
     records = [r for r in read_manifest(tmp_path / grid).tensors if r.action == "quantized"]
-    assert {r.grid for r in records} == {grid} and {r.bits for r in records} == {8 if grid == "fp8" else 4}
+    assert {r.grid for r in records} == {grid} and {r.bits for r in records} == {8 if "fp8" in grid else 4}
     verified = runner.invoke(app, ["verify", str(tmp_path / grid)])
     assert verified.exit_code == 0, verified.output
     inspected = runner.invoke(app, ["inspect", str(tmp_path / grid), "--json"])
@@ -42,7 +42,7 @@ def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
     assert torch.allclose(exact, packed, atol=1e-4 * float(exact.abs().max()))
 
 
-@pytest.mark.parametrize("grid", ["fp8", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("grid", ["fp8", "mxfp8", "nvfp4", "mxfp4"])
 def test_transformers_loads_the_float_formats_with_qconvert_s_values(tmp_path, tiny_lm, grid):
     from qconvert.compatibility import check
 
@@ -50,9 +50,8 @@ def test_transformers_loads_the_float_formats_with_qconvert_s_values(tmp_path, t
     assert model(tiny_lm, "-o", out, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
-    assert group["format"] == {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized"}.get(
-        grid, "mxfp4-pack-quantized"
-    )
+    formats = {"fp8": "float-quantized", "mxfp8": "mxfp8-quantized", "nvfp4": "nvfp4-pack-quantized"}
+    assert group["format"] == formats.get(grid, "mxfp4-pack-quantized")
     assert group["weights"]["type"] == "float"
     # transformers' own loading and forward, against qconvert's dequantized model of the same files
     assert check(out, "transformers", forward=True) == ("compressed-tensors", [])
@@ -98,17 +97,18 @@ def test_impossible_grid_flags_are_one_sentence(tmp_path, tiny_lm, flags, fragme
     assert not (tmp_path / "x").exists()
 
 
-def test_mxfp4_moves_exactly_into_mlx_and_gguf(tmp_path, tiny_lm):
+@pytest.mark.parametrize("grid, bits, exports", [("mxfp4", 4, ("mlx", "gguf")), ("mxfp8", 8, ("mlx",))])
+def test_mx_grids_move_exactly_into_mlx_and_gguf(tmp_path, tiny_lm, grid, bits, exports):
     from qconvert.compatibility import check
 
-    out = tmp_path / "mxfp4"
-    assert model(tiny_lm, "-o", out, "--grid", "mxfp4", "--layout", "native").exit_code == 0
+    out = tmp_path / grid
+    assert model(tiny_lm, "-o", out, "--grid", grid, "--layout", "native").exit_code == 0
     quantized = {r.name for r in read_manifest(out).tensors if r.action == "quantized"}
-    for to in ("mlx", "gguf"):
+    for to in exports:
         report = export(out, to, tmp_path / f"x-{to}")
         assert quantized <= set(report.exact) and not report.requantized, to
     mlx_config = json.loads((tmp_path / "x-mlx" / "config.json").read_text())["quantization"]
-    assert mlx_config == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    assert mlx_config == {"group_size": 32, "bits": bits, "mode": grid}
     assert check(tmp_path / "x-mlx", "mlx", forward=True) == ("mlx", [])  # mlx_lm runs it with qconvert's values
 
 
@@ -125,7 +125,7 @@ def test_an_integer_source_is_requantized_onto_a_table_grid_of_the_same_bits(tmp
     assert (ours[name] - theirs[name]).abs().max() < 0.2 * ours[name].abs().max()
 
 
-@pytest.mark.parametrize("grid", ["fp8", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("grid", ["fp8", "mxfp8", "nvfp4", "mxfp4"])
 def test_compressed_tensors_float_checkpoints_are_read_and_repacked_exactly(tmp_path, tiny_lm, grid):
     source = tmp_path / "ct"
     assert model(tiny_lm, "-o", source, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0

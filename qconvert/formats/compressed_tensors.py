@@ -220,12 +220,13 @@ class CompressedTensorsLayout(Layout):
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
         }
-        if any(not symmetric or grid in ("nvfp4", "mxfp4") for _, _, symmetric, grid, _ in schemes):
+        if any(not symmetric or grid in ("nvfp4", "mxfp4", "mxfp8") for _, _, symmetric, grid, _ in schemes):
             # transformers 5 builds asymmetric modules with unpacked zero-point shapes and then
             # rejects the packed ones compressed-tensors itself writes; dequantizing while loading
-            # takes the path that reads them correctly. Its FP4 modules, kept compressed, unpack to
-            # bfloat16 whatever the model's dtype, so a float32 model fails at its first matmul on CPU;
-            # dequantized while loading they hold exactly qconvert's values. vLLM ignores this key.
+            # takes the path that reads them correctly. Its FP4 and MXFP8 modules, kept compressed,
+            # unpack to bfloat16 whatever the model's dtype, so a float32 model fails at its first
+            # matmul on CPU (measured for each); dequantized while loading they hold exactly
+            # qconvert's values. vLLM ignores this key.
             config["dequantize"] = True
         return config
 
@@ -328,7 +329,7 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
     if unpacked:
         raise SourceError(
             f"{unpacked[0].rstrip('.')} is compressed-tensors {schemes[unpacked[0].rstrip('.')][4]}, which qconvert "
-            f"does not read as a source yet (it reads {FORMAT}, float-quantized, nvfp4 and mxfp4)."
+            f"does not read as a source yet (it reads {FORMAT} and {', '.join(floats.FLOAT_FORMATS.values())})."
         )
     shapes = dict(raw.iter_tensors([p + "weight_shape" for p in int_prefixes], hash_on_the_way=False))
     for prefix in int_prefixes:
@@ -344,20 +345,21 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
 
 
 def _float_module(raw: Checkpoint, prefix: str, scheme: tuple) -> StoredModule:
-    """A float-quantized (fp8) or FP4-packed (nvfp4, mxfp4) module, as `compressed_tensors_float.py` lays
-    them out; any other float scheme is refused by name."""
-    bits, group = scheme[:2]
-    grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group)
-    roles = ("weight", "weight_scale") if grid == "fp8" else ("weight_packed", "weight_scale", "weight_global_scale")
+    """A float-quantized (fp8, mxfp8) or FP4-packed (nvfp4, mxfp4) module, as `compressed_tensors_float.py`
+    lays them out; any other float scheme is refused by name."""
+    bits, group, layout = scheme[0], scheme[1], scheme[4]
+    grid = floats.grid_of(bits, group, layout)
+    one_byte = grid in floats.FP8_GRIDS
+    roles = ("weight", "weight_scale") if one_byte else ("weight_packed", "weight_scale", "weight_global_scale")
     parts = {role: prefix + role for role in roles if prefix + role in raw.tensors}
     first = raw.tensors.get(prefix + roles[0])
     if grid is None or first is None:
         raise SourceError(
             f"{prefix.rstrip('.')} is compressed-tensors {bits}-bit float in groups of {group}, which qconvert "
-            "does not read (it reads fp8, nvfp4 and mxfp4)."
+            "does not read (it reads fp8, mxfp8, nvfp4 and mxfp4)."
         )
     rows, columns = first.shape
-    shape = (rows, columns if grid == "fp8" else 2 * columns)
+    shape = (rows, columns if one_byte else 2 * columns)
     return StoredModule(parts, shape, bits, group, True, grid)
 
 
@@ -478,6 +480,7 @@ def check(path: Path, runtime: str) -> list[Problem]:
 INT_PARTS = {"weight_packed": torch.int32, "weight_scale": None, "weight_shape": torch.int64}
 FLOAT_PARTS = {
     "fp8": {"weight": torch.float8_e4m3fn, "weight_scale": None},
+    "mxfp8": {"weight": torch.float8_e4m3fn, "weight_scale": torch.uint8},
     "nvfp4": {"weight_packed": torch.uint8, "weight_scale": torch.float8_e4m3fn, "weight_global_scale": torch.float32},
     "mxfp4": {"weight_packed": torch.uint8, "weight_scale": torch.uint8},
 }
@@ -488,7 +491,7 @@ def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) ->
     if kind == "int" and layout == "int-quantized":
         required = {"weight": torch.int8, "weight_scale": None}
     elif kind == "float":
-        grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group)
+        grid = floats.grid_of(bits, group, layout)
         if grid is None:
             return [Problem(module, f"compressed-tensors has no {bits}-bit float format in groups of {group}")]
         required = FLOAT_PARTS[grid]

@@ -1,9 +1,10 @@
-"""compressed-tensors' float formats, for qconvert's fp8, nvfp4 and mxfp4 grids (the rest of the
+"""compressed-tensors' float formats, for qconvert's fp8, mxfp8, nvfp4 and mxfp4 grids (the rest of the
 compressed-tensors room is `compressed_tensors.py`, whose layout calls these for those grids).
 
 For a linear layer `<module>` whose weight is rows × columns (compressed-tensors 0.20's compressors):
 
 - fp8, `float-quantized`: `weight` F8_E4M3 (rows, columns), `weight_scale` F16/BF16 (rows, groups);
+- mxfp8, `mxfp8-quantized`: `weight` F8_E4M3 (rows, columns), `weight_scale` U8 E8M0 (rows, columns/32);
 - nvfp4, `nvfp4-pack-quantized`: `weight_packed` U8 (rows, columns/2), `weight_scale` F8_E4M3
   (rows, columns/16), `weight_global_scale` F32 (1);
 - mxfp4, `mxfp4-pack-quantized`: `weight_packed` U8 (rows, columns/2), `weight_scale` U8 E8M0
@@ -22,8 +23,21 @@ from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
 from qconvert.quantizers.grids import stored_scale_dtype
 
-FLOAT_FORMATS = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
-SCALE_DTYPE_NAMES = {"nvfp4": "torch.float8_e4m3fn", "mxfp4": "torch.uint8"}
+FLOAT_FORMATS = {
+    "fp8": "float-quantized",
+    "mxfp8": "mxfp8-quantized",
+    "nvfp4": "nvfp4-pack-quantized",
+    "mxfp4": "mxfp4-pack-quantized",
+}
+SCALE_DTYPE_NAMES = {"nvfp4": "torch.float8_e4m3fn", "mxfp4": "torch.uint8", "mxfp8": "torch.uint8"}
+FP8_GRIDS = ("fp8", "mxfp8")  # one float8_e4m3fn byte per weight, unpacked
+
+
+def grid_of(bits: int, group_size: int, layout: str) -> str | None:
+    """qconvert's grid for a compressed-tensors float scheme (bits, group size, format), or None."""
+    if layout == FLOAT_FORMATS["mxfp8"]:
+        return "mxfp8"
+    return "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group_size)
 
 
 def specs(module: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:
@@ -33,7 +47,7 @@ def specs(module: str, shape: tuple[int, int], config: QuantConfig) -> list[Tens
         stored_scale_dtype(config.grid, config.scale_dtype),
         (rows, config.groups_for(columns)),
     )
-    if config.grid == "fp8":
+    if config.grid in FP8_GRIDS:
         return [TensorSpec(f"{module}.weight", "F8_E4M3", (rows, columns)), scale]
     stored = [TensorSpec(f"{module}.weight_packed", "U8", (rows, columns // 2)), scale]
     if config.grid == "nvfp4":
@@ -42,7 +56,7 @@ def specs(module: str, shape: tuple[int, int], config: QuantConfig) -> list[Tens
 
 
 def encode(module: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
-    if q.grid == "fp8":
+    if q.grid in FP8_GRIDS:
         return {f"{module}.weight": q.codes.view(torch.float8_e4m3fn), f"{module}.weight_scale": q.scales}
     stored = {f"{module}.weight_packed": pack_codes(q.codes, 4), f"{module}.weight_scale": q.scales}
     if q.global_scale is not None:
@@ -52,7 +66,7 @@ def encode(module: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 def decode(module: str, stored: dict[str, torch.Tensor], config: QuantConfig, shape, dtype) -> QuantizedTensor:
     rows, columns = shape
-    if config.grid == "fp8":
+    if config.grid in FP8_GRIDS:
         codes = stored[f"{module}.weight"].view(torch.uint8)
     else:
         codes = unpack_codes(stored[f"{module}.weight_packed"], 4, columns)
@@ -90,7 +104,7 @@ def weights_args(grid: str, group_size: int) -> dict:
     """The `weights` entry of a config group, as compressed-tensors' presets write it (FP8 per channel or
     in groups; NVFP4A16: tensor_group of 16; MXFP4A16: group of 32)."""
     strategy = {"nvfp4": "tensor_group"}.get(grid, "group" if group_size else "channel")
-    args = weights_args_of(8 if grid == "fp8" else 4, "float", True, strategy, group_size)
+    args = weights_args_of(8 if grid in FP8_GRIDS else 4, "float", True, strategy, group_size)
     if grid in SCALE_DTYPE_NAMES:
         args["scale_dtype"] = SCALE_DTYPE_NAMES[grid]
     return args

@@ -39,6 +39,7 @@ from qconvert.quantizers.rtn import rtn_quantize
 
 MLX_GROUP_SIZES = (128, 64, 32)
 MLX_BITS = (2, 3, 4, 5, 6, 8)
+MX_MODES = {"mxfp4": 4, "mxfp8": 8}  # MLX modes whose codes and E8M0 scales are qconvert's grids bit for bit
 
 
 def export(source: ExportSource, destination: Path, force: bool = False) -> ExportReport:
@@ -75,11 +76,11 @@ def export(source: ExportSource, destination: Path, force: bool = False) -> Expo
 
 def mlx_grid(record: TensorRecord) -> tuple[int, int, str] | None:
     """(bits, group size, MLX mode) mlx_lm will store the tensor with: its own grid where MLX has it
-    (affine integers, or mxfp4 whose E2M1 codes and E8M0 scales MLX stores as they are), else affine on
-    the largest MLX group dividing the row; None if none does (the tensor is then kept in float)."""
+    (affine integers, or mxfp4 / mxfp8 whose E2M1 / E4M3 codes and E8M0 scales MLX stores as they are),
+    else affine on the largest MLX group dividing the row; None if none does (the tensor is then kept in float)."""
     columns = record.shape[-1]
-    if record.grid == "mxfp4" and columns % 32 == 0:
-        return 4, 32, "mxfp4"
+    if record.grid in MX_MODES and columns % 32 == 0:
+        return MX_MODES[record.grid], 32, record.grid
     if record.group_size in MLX_GROUP_SIZES and columns % record.group_size == 0:
         return record.bits, record.group_size, "affine"
     group = next((g for g in MLX_GROUP_SIZES if columns % g == 0), None)
@@ -97,7 +98,7 @@ def _specs(record: TensorRecord, grid: tuple[int, int, str] | None) -> list[Tens
         return [TensorSpec(record.name, record.source_dtype, tuple(record.shape))]
     (rows, columns), (bits, group, mode) = record.shape, grid
     module = record.name.removesuffix(".weight")
-    if mode == "mxfp4":
+    if mode in MX_MODES:
         return [
             TensorSpec(f"{module}.weight", "U32", (rows, columns * bits // 32)),
             TensorSpec(f"{module}.scales", "U8", (rows, columns // group)),
@@ -119,11 +120,11 @@ def _mlx_tensors(
         return {name: dequantize(q, q.dtype)}
     bits, group, mode = grid
     module = name.removesuffix(".weight")
-    if mode == "mxfp4":  # MLX's mxfp4 is the same bits: E2M1 codes in a little-endian stream, E8M0 exponents
+    if mode in MX_MODES:  # the same bits: E2M1 / E4M3 codes in a little-endian stream, E8M0 exponents
         report.exact.append(name)
-        report.types[f"{module}.weight"] = "mlx mxfp4"
+        report.types[f"{module}.weight"] = f"mlx {mode}"
         return {
-            f"{module}.weight": pack_codes(q.codes, 4).view(torch.int32).view(torch.uint32),
+            f"{module}.weight": pack_codes(q.codes, bits).view(torch.int32).view(torch.uint32),
             f"{module}.scales": q.scales,
         }
     requantize = group != q.group_size or q.grid != "int"
@@ -202,12 +203,13 @@ def _module_problems(module: str, grid: dict, tensors: dict) -> list[Problem]:
         tensors[f"{module}.scales"],
         tensors.get(f"{module}.biases"),
     )
-    if mode == "mxfp4":
-        if (bits, group) != (4, 32) or scales[0] != torch.uint8 or weight is None:
-            return [Problem(module, "MLX's mxfp4 takes 4-bit codes in groups of 32 with uint8 scales and no biases")]
+    if mode in MX_MODES:
+        if (bits, group) != (MX_MODES[mode], 32) or scales[0] != torch.uint8 or weight is None:
+            why = f"MLX's {mode} takes {MX_MODES[mode]}-bit codes in groups of 32 with uint8 scales and no biases"
+            return [Problem(module, why)]
         biases = scales  # no biases: the shape checks below compare the scales with themselves
     elif mode != "affine":
-        return [Problem(module, f"qconvert checks MLX's affine and mxfp4 modes, not {mode}")]
+        return [Problem(module, f"qconvert checks MLX's affine, mxfp4 and mxfp8 modes, not {mode}")]
     if bits not in MLX_BITS or group not in MLX_GROUP_SIZES:
         return [Problem(module, f"MLX quantizes with 2-8 bits in groups of 32, 64 or 128, not {bits} bits in {group}")]
     if weight is None or biases is None:
@@ -229,7 +231,7 @@ def _module_problems(module: str, grid: dict, tensors: dict) -> list[Problem]:
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:
     """The float weights of an MLX folder, read by qconvert: per module, weight = scales · code + biases
-    over groups (mxfp4: E2M1 value · 2^(scale − 127)), the codes a little-endian bit stream in uint32
+    over groups (mxfp4 / mxfp8: E2M1 / E4M3 value · 2^(scale − 127)), the codes a little-endian bit stream in uint32
     words."""
     from safetensors.torch import load_file
 
@@ -244,8 +246,9 @@ def dequantized(path: Path) -> dict[str, torch.Tensor]:
         words, scales = state.pop(f"{module}.weight"), state.pop(name)
         rows, columns = words.shape[0], words.shape[1] * 32 // bits
         codes = unpack_codes(words.contiguous().view(torch.uint8), bits, columns).view(rows, -1, group)
-        if grid.get("mode") == "mxfp4":
-            weight = GRIDS["mxfp4"].decode(codes) * effective_scales(scales, "mxfp4", None).unsqueeze(-1)
+        mode = grid.get("mode", "affine")
+        if mode in MX_MODES:
+            weight = GRIDS[mode].decode(codes) * effective_scales(scales, mode, None).unsqueeze(-1)
         else:
             weight = codes.float() * scales.float().unsqueeze(-1) + state.pop(f"{module}.biases").float().unsqueeze(-1)
         state[f"{module}.weight"] = weight.view(rows, columns)

@@ -12,11 +12,13 @@ rtn, clip and gptq target every grid alike.
 | iq4nl | llama.cpp's IQ4_NL table, −127 … 113     | signed extreme / −127, float16          | 32      |
 | mxfp4 | FP4 E2M1: ±{0, .5, 1, 1.5, 2, 3, 4, 6}   | power of two: E8M0, uint8 (bias 127)    | 32      |
 | nvfp4 | FP4 E2M1                                 | FP8 E4M3 × one float32 scale per tensor | 16      |
+| mxfp8 | FP8 E4M3 (±448)                          | power of two: E8M0, uint8 (bias 127)    | 32      |
 | fp8   | every finite FP8 E4M3 value (±448)       | absmax / 448, float16 / bfloat16        | any, 0  |
 
 Sources: NF4, Dettmers et al. 2023 (QLoRA), the table bitsandbytes uses; IQ4_NL, llama.cpp's
-`kvalues_iq4nl`; MXFP4, the OCP Microscaling Formats (MX) v1.0 spec (shared exponent
-floor(log2 absmax) − 2, the E2M1 maximum's exponent); NVFP4, NVIDIA's format as compressed-tensors
+`kvalues_iq4nl`; MXFP4 and MXFP8, the OCP Microscaling Formats (MX) v1.0 spec (shared exponent
+floor(log2 absmax) minus the element format's largest exponent: 2 for E2M1's 6, 8 for E4M3's 448);
+NVFP4, NVIDIA's format as compressed-tensors
 and MLX define it (a global scale near absmax / (448 · 6), block scales absmax / 6 in E4M3 units of it);
 FP8 E4M3, the OCP 8-bit floating point spec (`torch.float8_e4m3fn`, largest 448).
 
@@ -93,8 +95,8 @@ class Grid:
         Raises:
             ScaleRangeError: (strict) a float scale outside what `scale_dtype` holds.
         """
-        if self.scale == "e8m0":
-            exponent = torch.floor(torch.log2(absmax.clamp(min=2.0**-126))) - 2  # E2M1's largest, 6, is 1.5 · 2²
+        if self.scale == "e8m0":  # E2M1's largest, 6, is 1.5 · 2²; E4M3's, 448, is 1.75 · 2⁸
+            exponent = torch.floor(torch.log2(absmax.clamp(min=2.0**-126))) - math.floor(math.log2(self.largest))
             return torch.exp2(exponent.clamp(-E8M0_BIAS, E8M0_BIAS))
         if self.scale == "e4m3":
             units = (absmax / self.largest / global_scale).clamp(max=E4M3_MAX)
@@ -133,6 +135,7 @@ GRIDS = {
     "iq4nl": Grid("iq4nl", 4, tuple(float(v) for v in IQ4_NL), block=32, default_group=32, signed_extreme=True),
     "mxfp4": Grid("mxfp4", 4, E2M1, scale="e8m0", block=32, default_group=32),
     "nvfp4": Grid("nvfp4", 4, E2M1, scale="e4m3", block=16, default_group=16),
+    "mxfp8": Grid("mxfp8", 8, _e4m3_values(), scale="e8m0", block=32, default_group=32),
     "fp8": Grid("fp8", 8, _e4m3_values(), default_group=0),
 }
 

@@ -16,7 +16,7 @@ from qconvert.quantizers.gptq import gptq_quantize
 from qconvert.quantizers.grids import GRIDS, IQ4_NL, NF4, effective_scales, grid_defaults
 from qconvert.quantizers.rtn import rtn_quantize
 
-TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "fp8"]
+TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8"]
 
 
 def config(grid: str) -> QuantConfig:
@@ -62,25 +62,30 @@ def test_rtn_picks_the_nearest_value_and_dequantizes_to_it(name, seed, scale):
     assert bool((error <= nearest + 1e-6 * step.abs())[inside].all())
 
 
-def test_mxfp4_and_nvfp4_dequantize_as_mlx_does():
+def test_mx_and_nvfp4_dequantize_as_mlx_does():
     mx = pytest.importorskip("mlx.core")
     w = weight(rows=8, columns=64)
-    for name, extra in [("mxfp4", {}), ("nvfp4", {})]:
+    for name, extra in [("mxfp4", {}), ("nvfp4", {}), ("mxfp8", {})]:
         q = rtn_quantize("w", w, config(name))
-        words = mx.array(pack_codes(q.codes, 4).view(torch.int32).numpy().view(np.uint32))
+        words = mx.array(pack_codes(q.codes, q.bits).view(torch.int32).numpy().view(np.uint32))
         scales = mx.array(q.scales.view(torch.uint8).numpy())  # E8M0 exponents, or E4M3 bit patterns
         if name == "nvfp4":  # MLX takes the tensor's absmax and divides by 6 · 448 itself
             extra = {"global_scale": mx.array(np.float32(float(q.global_scale) * 6 * 448))}
-        theirs = mx.dequantize(words, scales, group_size=q.group_size, bits=4, mode=name, dtype=mx.float32, **extra)
+        theirs = mx.dequantize(
+            words, scales, group_size=q.group_size, bits=q.bits, mode=name, dtype=mx.float32, **extra
+        )
         assert np.array_equal(np.array(theirs), dequantize(q).numpy()), name
 
 
-def test_mxfp4_scales_follow_the_ocp_rule():
+def test_mx_scales_follow_the_ocp_rule():
     # shared exponent floor(log2(absmax)) - 2: the E2M1 maximum, 6, is 1.5 · 2²
     w = torch.zeros(1, 32)
     w[0, 0] = 5.0  # log2 5 = 2.32 -> 2^(2-2) = 1: 5 rounds to 4 or 6 at scale 1
     q = rtn_quantize("w", w, config("mxfp4"))
     assert int(q.scales[0, 0]) == 127 and float(dequantize(q)[0, 0]) in (4.0, 6.0)
+    # mxfp8: floor(log2(absmax)) - 8, E4M3's 448 being 1.75 · 2⁸: 5 -> 2^(2-8), and 5 = 320 · 2^-6 exactly
+    q = rtn_quantize("w", w, config("mxfp8"))
+    assert int(q.scales[0, 0]) == 127 - 6 and float(dequantize(q)[0, 0]) == 5.0
 
 
 def test_iq4nl_dequantizes_as_gguf_does():
