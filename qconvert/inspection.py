@@ -14,9 +14,10 @@ def scheme_label(record: TensorRecord) -> str:
         return f"kept {'/'.join(sorted(dtypes))}"
     group = f"g{record.group_size}" if record.group_size < record.shape[1] else "per-channel"
     if record.grid not in (None, "int"):
-        return f"{record.quantizer} {record.grid} {group}"
-    label = f"{record.quantizer} int{record.bits} {group} {'sym' if record.symmetric else 'asym'}"
-    return label + (f" W8A8 ({record.activations} inputs per token)" if record.activations else "")
+        label = f"{record.quantizer} {record.grid} {group}"
+    else:
+        label = f"{record.quantizer} int{record.bits} {group} {'sym' if record.symmetric else 'asym'}"
+    return label + (f" W8A8 ({record.activations} inputs)" if record.activations else "")
 
 
 def inspect_rows(path: Path) -> tuple[list[dict], dict]:

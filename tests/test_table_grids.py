@@ -55,7 +55,8 @@ def test_transformers_loads_the_float_formats_with_qconvert_s_values(tmp_path, t
     assert group["weights"]["type"] == "float"
     # transformers' own loading and forward, against qconvert's dequantized model of the same files
     assert check(out, "transformers", forward=True) == ("compressed-tensors", [])
-    assert check(out, "vllm")[1] == []
+    vllm = check(out, "vllm")[1]
+    assert (vllm == []) is (grid != "mxfp8")  # vLLM runs mxfp8 only as W8A8
 
 
 @pytest.mark.parametrize("quantizer", ["clip", "gptq", "awq"])
@@ -199,3 +200,12 @@ def test_check_does_not_suggest_an_export_that_cannot_hold_the_grid(tmp_path, ti
     assert model(tiny_lm, "-o", tmp_path / "nf4", "--grid", "nf4").exit_code == 0
     _, problems = check(tmp_path / "nf4", "transformers")
     assert len(problems) == 1 and "no export helps" in problems[0].message and "nf4" in problems[0].message
+
+
+def test_vllm_check_refuses_fp8_in_groups(tmp_path, tiny_lm):
+    from qconvert.compatibility import check
+
+    out = tmp_path / "fp8-g32"
+    assert model(tiny_lm, "-o", out, "--grid", "fp8", "--group-size", "32").exit_code == 0
+    assert check(out, "transformers")[1] == []
+    assert any("not groups of 32" in p.message for p in check(out, "vllm")[1])

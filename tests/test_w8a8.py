@@ -13,6 +13,7 @@ import qconvert
 from qconvert.cli import app
 from qconvert.compatibility import check
 from qconvert.evaluate.runtime import build_quantized_model
+from qconvert.formats.export import export
 from qconvert.manifest import read_manifest
 from qconvert.quantizers.activations import fake_quantize, quantize_input, static_scale
 
@@ -80,6 +81,21 @@ def test_transformers_and_qconvert_compute_the_same_w8a8_model(tmp_path, tiny_lm
         assert inputs["type"] == ("float" if "fp8" in scheme else "int")
         assert check(out, "transformers", forward=True) == ("compressed-tensors", [])
         assert check(out, "vllm")[1] == []
+
+
+def test_smoothed_static_output_exports_to_compressed_tensors_that_transformers_runs(tmp_path, tiny_lm, calib):
+    flags = ["--activations", "int8-static", "--smooth", "auto", "--layout", "native"]
+    out = convert(tiny_lm, tmp_path / "native", *flags, calib=calib)
+    records = read_manifest(out).tensors
+    rescaled = {r.name for r in records if r.origin == "rescaled"}
+    assert {n.rsplit(".", 2)[-2] for n in rescaled} == {"input_layernorm", "post_attention_layernorm"}
+    report = export(out, "compressed-tensors", tmp_path / "ct")
+    assert not report.requantized
+    assert check(tmp_path / "ct", "transformers", forward=True) == ("compressed-tensors", [])
+    ids = torch.arange(1, 17).view(1, -1)
+    with torch.no_grad():
+        ours, theirs = qconvert.load_model(out)(ids).logits, qconvert.load_model(tmp_path / "ct")(ids).logits
+    assert torch.equal(ours, theirs)
 
 
 def test_check_finds_a_missing_static_input_scale(tmp_path, tiny_lm, calib):

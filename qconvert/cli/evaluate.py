@@ -117,7 +117,8 @@ def sweep(
     grids: Annotated[
         str,
         typer.Option(
-            "--grids", help="Comma-separated table grids to add (nf4, iq4nl, mxfp4, nvfp4, fp8), each at its own bits."
+            "--grids",
+            help="Comma-separated table grids to add (nf4, iq4nl, mxfp4, nvfp4, mxfp8, fp8), each at its own bits.",
         ),
     ] = "",
     reference: Annotated[

@@ -52,6 +52,7 @@ from qconvert.manifest import MANIFEST_FILE, METADATA_KEY, StoredRecord, TensorR
 from qconvert.packing import pack_stream_words, unpack_stream_words
 from qconvert.quantizers.activations import get_scheme
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
+from qconvert.quantizers.grids import GRIDS
 
 FORMAT = "pack-quantized"
 EMBEDDING = re.compile(r"(embed|wte|wpe|lm_head)", re.IGNORECASE)
@@ -198,7 +199,11 @@ class CompressedTensorsLayout(Layout):
         schemes: dict[tuple, list[str]] = defaultdict(list)
         for r in records:
             if r.action == "quantized":
-                key = (r.bits, r.group_size, r.symmetric, r.grid or "int", r.activations or "")
+                # A group spanning its row is one scale per output channel: compressed-tensors' "channel"
+                # strategy (vLLM's kernels take no group as wide as a row); a format's fixed block stays a group.
+                grid = r.grid or "int"
+                per_channel = r.group_size >= r.shape[1] and GRIDS[grid].block is None
+                key = (r.bits, 0 if per_channel else r.group_size, r.symmetric, grid, r.activations or "")
                 schemes[key].append(module_name(rename(r.name)))
         linear_like = {module_name(rename(r.name)) for r in records if r.name.endswith(".weight") and len(r.shape) == 2}
         groups = {}
@@ -511,4 +516,23 @@ def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) ->
         problems.append(Problem(module, why))
     if runtime == "vllm" and kind == "int":
         problems += vllm_scheme_problems(module, bits, group, allowed_bits=(4, 8))
+    if runtime == "vllm" and kind == "float":
+        problems += _vllm_float_problems(module, floats.grid_of(bits, group, layout), group)
     return problems
+
+
+def _vllm_float_problems(module: str, grid: str, group: int) -> list[Problem]:
+    """What vLLM's compressed-tensors schemes (CompressedTensorsW8A16Fp8, W8A8Fp8, W8A8Mxfp8) do not take."""
+    if grid == "fp8" and group:
+        return [
+            Problem(module, f"vLLM's FP8 kernels take one scale per output channel or tensor, not groups of {group}")
+        ]
+    if grid == "mxfp8":
+        return [
+            Problem(
+                module,
+                "vLLM runs mxfp8 only as W8A8, quantizing the inputs to MXFP8 too: its output would differ "
+                "from this weight-only model",
+            )
+        ]
+    return []

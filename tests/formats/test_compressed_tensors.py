@@ -144,3 +144,20 @@ def test_compressed_tensors_export_refuses_what_the_layout_cannot_hold(tmp_path,
     result = runner.invoke(app, ["export", str(tmp_path / "mixed"), "--to", "compressed-tensors"])
     assert result.exit_code == 7 and "embed_tokens" in result.stderr, result.output
     assert runner.invoke(app, ["export", str(out), "--to", "compressed-tensors"]).exit_code == 0
+
+
+@pytest.mark.parametrize("flags", [["--bits", "4", "--symmetric"], ["--grid", "fp8"]])
+def test_per_channel_is_written_as_the_channel_strategy(tmp_path, tiny_lm, flags):
+    import json
+
+    from qconvert.compatibility import check
+
+    out = tmp_path / "per-channel"
+    result = runner.invoke(app, ["model", str(tiny_lm), "-o", str(out), *flags, "--group-size", "0"])
+    assert result.exit_code == 0, result.output
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    # rows of 64 (attention) and 128 (down_proj) columns: one scheme, not a group per row width
+    assert len(groups) == 1 and groups["group_0"]["weights"]["strategy"] == "channel"
+    assert groups["group_0"]["weights"]["group_size"] is None
+    assert check(out, "transformers", forward=True) == ("compressed-tensors", [])
+    assert check(out, "vllm")[1] == []
