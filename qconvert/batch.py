@@ -43,7 +43,7 @@ from qconvert.worker import run_in_process
 # What a job's `settings` may set: Settings fields, and two calibration fields under their flags' names.
 SETTING_KEYS = (
     *("quantizer", "grid", "bits", "group_size", "symmetric", "scale_dtype", "activations", "smooth"),
-    *("target_bpw", "target_size", "layout"),
+    *("target_bpw", "target_size", "budget_grids", "layout"),
 )
 CALIBRATION_KEYS = {"calib_samples": "samples", "calib_seqlen": "seqlen"}
 JOB_KEYS = {"source", "recipe", "settings", "output", "calib"}

@@ -11,6 +11,7 @@ import torch
 from qconvert.calibration.samples import CalibrationSettings
 from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES
+from qconvert.limits import GRID_NAMES
 from qconvert.plan.recipes import Recipe, Rule, load_recipe
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.activations import weights_of
@@ -55,6 +56,7 @@ class Settings:
     recipe: Recipe | None = None
     target_bpw: float | None = None  # bits per quantized weight, scales and zero points counted
     target_size: int | None = None  # bytes of the whole output
+    budget_grids: tuple[str, ...] = ()  # table grids a budget may choose besides integer widths
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_CHOICES:
@@ -65,7 +67,10 @@ class Settings:
             raise SchemeError("--max-shard-size must be positive.")
         if self.target_bpw is not None and self.target_size is not None:
             raise SchemeError("give --target-bpw or --target-size, not both.")
-        if (self.target_bpw is not None or self.target_size is not None) and self.grid != "int":
+        budgeted = self.target_bpw is not None or self.target_size is not None
+        if self.budget_grids:
+            self._check_budget_grids(budgeted)
+        if budgeted and self.grid != "int":
             raise SchemeError(
                 f"a size budget chooses among integer widths; it cannot start from --grid {self.grid} "
                 "(drop one of them)."
@@ -77,6 +82,14 @@ class Settings:
         if self.smooth is not None:
             self._check_smooth()
         self.config  # validates bits, group size and scale dtype now, not mid-conversion
+
+    def _check_budget_grids(self, budgeted: bool) -> None:
+        if not budgeted:
+            raise SchemeError("--budget-grids names candidates of a size budget; add --target-bpw or --target-size.")
+        unknown = [g for g in self.budget_grids if g not in GRID_NAMES or g == "int"]
+        if unknown:
+            tables = ", ".join(g for g in GRID_NAMES if g != "int")
+            raise SchemeError(f"--budget-grids takes table grids ({tables}), not {', '.join(unknown)}.")
 
     def _check_smooth(self) -> None:
         if self.activations is None:
@@ -161,6 +174,10 @@ def settings_from_options(recipe: str | Path | None, options: dict[str, Any], ca
     options = dict(options)
     for key in ("include", "exclude"):
         options[key] = tuple(options[key]) if options.get(key) else None
+    grids = options.get("budget_grids")
+    if isinstance(grids, str):  # "nf4,fp8" from the command line
+        grids = [g.strip() for g in grids.split(",") if g.strip()]
+    options["budget_grids"] = tuple(grids) if grids else None
     for key in ("target_size", "max_shard_size"):
         value = options.get(key)
         options[key] = parse_size(value) if isinstance(value, str) else value or None

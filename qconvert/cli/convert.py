@@ -13,6 +13,7 @@ from qconvert.cli.options import (
     ActivationsOption,
     ActOrderOption,
     BitsOption,
+    BudgetGridsOption,
     CalibBatchOption,
     CalibDatasetOption,
     CalibOption,
@@ -63,6 +64,7 @@ def model(
     quantizer: QuantizerOption = None,
     target_bpw: TargetBpwOption = None,
     target_size: TargetSizeOption = None,
+    budget_grids: BudgetGridsOption = None,
     include: IncludeOption = None,
     exclude: ExcludeOption = None,
     dtype: DtypeOption = None,
@@ -104,6 +106,7 @@ def model(
             layout=Format.COMPRESSED_TENSORS.value if to == Format.COMPRESSED_TENSORS else layout.value,
             target_bpw=target_bpw,
             target_size=target_size,
+            budget_grids=budget_grids,
             options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None,
         )
         calibration = dict(

@@ -105,6 +105,16 @@ TargetBpwOption = Annotated[
         ),
     ),
 ]
+BudgetGridsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--budget-grids",
+        help="With --target-bpw/--target-size: table grids the budget may also choose per tensor, comma-separated "
+        "(e.g. nf4,fp8), each at its own bits and block.",
+        metavar="GRID,...",
+        show_default=False,
+    ),
+]
 TargetSizeOption = Annotated[
     Optional[str],
     typer.Option("--target-size", help="Choose each tensor's bits so the whole output fits this size, e.g. 90MB."),

@@ -11,6 +11,7 @@ from qconvert.cli.common import app, run_command, say, settings_from_flags, stdo
 from qconvert.cli.options import (
     ActivationsOption,
     BitsOption,
+    BudgetGridsOption,
     CalibOption,
     CalibSamplesOption,
     CalibSeqlenOption,
@@ -82,6 +83,7 @@ def plan(
     quantizer: QuantizerOption = None,
     target_bpw: TargetBpwOption = None,
     target_size: TargetSizeOption = None,
+    budget_grids: BudgetGridsOption = None,
     include: IncludeOption = None,
     exclude: ExcludeOption = None,
     calib: CalibOption = None,
@@ -105,6 +107,7 @@ def plan(
                 symmetric=symmetric,
                 target_bpw=target_bpw,
                 target_size=target_size,
+                budget_grids=budget_grids,
                 include=include,
                 exclude=exclude,
             ),

@@ -1,8 +1,9 @@
 """Choose each tensor's bit width to fit a size budget with the least total error.
 
 Sensitivity is measured one tensor at a time: the reconstruction error of round-to-nearest on every
-candidate grid (2-8 bits; half, once, twice and four times the tensor's own group size, and per
-channel), in one of two units:
+candidate (integers of 2-8 bits in groups of half, once, twice and four times the tensor's own group
+size, and per channel; with `--budget-grids`, also those table grids at their own bits and blocks),
+in one of two units:
 - with calibration text (`--calib`): the loss increase it predicts, Σ F ΔW² with F the diagonal of
   the empirical Fisher information (`calibration/fisher.py`), so a weight the loss is sensitive to
   costs more than one it ignores, across tensors and within them;
@@ -29,6 +30,7 @@ from qconvert.limits import SUPPORTED_BITS
 from qconvert.plan.planning import ConversionPlan
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.base import dequantize
+from qconvert.quantizers.grids import GRIDS
 from qconvert.quantizers.rtn import rtn_quantize
 from qconvert.settings import Settings
 
@@ -41,9 +43,28 @@ GROUP_MULTIPLES = (
 )  # group sizes tried: half, once, twice and four times the tensor's own, and per channel
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One scheme a budget may give a tensor: a grid at some bits and group size (0: per channel)."""
+
+    grid: str
+    bits: int
+    group_size: int
+
+    def describe(self) -> str:
+        """e.g. "int4 g64", "nf4 g64", "fp8 per-channel"."""
+        kind = f"int{self.bits}" if self.grid == "int" else self.grid
+        return f"{kind} {f'g{self.group_size}' if self.group_size else 'per-channel'}"
+
+    def overrides(self) -> dict:
+        """The scheme keys this candidate sets (a table grid has no zero point)."""
+        keys = {"grid": self.grid, "bits": self.bits, "group_size": self.group_size}
+        return keys if self.grid == "int" else {**keys, "symmetric": True}
+
+
 @dataclass
 class _Option:
-    grid: tuple[int, int]  # (bits, group size)
+    candidate: Candidate
     bytes: int
     error: float
 
@@ -53,6 +74,7 @@ class Sensitivity:
 
     def __init__(self, checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings) -> None:
         self.schemes = {p.record.name: p.scheme for p in plan.tensors if p.scheme}
+        self.tables = settings.budget_grids
         self.shapes = {name: tuple(checkpoint.tensors[name].shape) for name in self.schemes}
         if settings.calibration is None:
             self.errors = {
@@ -67,29 +89,38 @@ class Sensitivity:
             _, weight = next(checkpoint.iter_tensors([name], hash_on_the_way=False))
             self.errors[name] = self._loss_errors(name, weight, fisher)
 
-    def _candidate(self, name: str, grid: tuple[int, int]) -> QuantConfig:
+    def _config(self, name: str, candidate: Candidate) -> QuantConfig:
         config = self.schemes[name].config
-        return QuantConfig(bits=grid[0], group_size=grid[1], symmetric=config.symmetric, scale_dtype=config.scale_dtype)
+        symmetric = config.symmetric if candidate.grid == "int" else True
+        return QuantConfig(
+            bits=candidate.bits,
+            group_size=candidate.group_size,
+            symmetric=symmetric,
+            scale_dtype=config.scale_dtype,
+            grid=candidate.grid,
+        )
 
-    def _grids(self, name: str) -> list[tuple[int, int]]:
+    def _candidates(self, name: str) -> list[Candidate]:
         own, columns = self.schemes[name].config.group_size, self.shapes[name][1]
         sizes = {0} | ({int(own * m) for m in GROUP_MULTIPLES if 16 <= own * m < columns} if own else set())
-        return [(bits, size) for bits in CANDIDATE_BITS for size in sorted(sizes)]
+        integers = [Candidate("int", bits, size) for bits in CANDIDATE_BITS for size in sorted(sizes)]
+        tables = [Candidate(g, GRIDS[g].bits, GRIDS[g].block or GRIDS[g].default_group) for g in self.tables]
+        return integers + tables
 
-    def _relative_errors(self, name: str, weight: torch.Tensor) -> dict[tuple[int, int], float]:
-        """|W - Q(W)|² / |W|² on each candidate grid, times the tensor's size."""
+    def _relative_errors(self, name: str, weight: torch.Tensor) -> dict[Candidate, float]:
+        """|W - Q(W)|² / |W|² on each candidate, times the tensor's size."""
         scale = weight.numel() / max(float(weight.float().square().sum()), 1e-30)
-        return {grid: float(self._squared_error(name, weight, grid).sum()) * scale for grid in self._grids(name)}
+        return {c: float(self._squared_error(name, weight, c).sum()) * scale for c in self._candidates(name)}
 
-    def _loss_errors(self, name: str, weight: torch.Tensor, fisher: torch.Tensor) -> dict[tuple[int, int], float]:
-        """Σ F (W - Q(W))² on each candidate grid: twice the loss increase it predicts."""
-        return {grid: float(self._squared_error(name, weight, grid).mul_(fisher).sum()) for grid in self._grids(name)}
+    def _loss_errors(self, name: str, weight: torch.Tensor, fisher: torch.Tensor) -> dict[Candidate, float]:
+        """Σ F (W - Q(W))² on each candidate: twice the loss increase it predicts."""
+        return {c: float(self._squared_error(name, weight, c).mul_(fisher).sum()) for c in self._candidates(name)}
 
-    def _squared_error(self, name: str, weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return dequantize(rtn_quantize(name, weight, self._candidate(name, grid))).sub_(weight.float()).square_()
+    def _squared_error(self, name: str, weight: torch.Tensor, candidate: Candidate) -> torch.Tensor:
+        return dequantize(rtn_quantize(name, weight, self._config(name, candidate))).sub_(weight.float()).square_()
 
-    def allocate(self, plan: ConversionPlan, settings: Settings) -> dict[str, int]:
-        """Tensor name -> bits within the budget of `settings`, bytes counted in `plan`'s layout.
+    def allocate(self, plan: ConversionPlan, settings: Settings) -> dict[str, Candidate]:
+        """Tensor name -> its candidate within the budget of `settings`, bytes counted in `plan`'s layout.
 
         Raises:
             SchemeError: the budget is below every tensor at 2 bits or above every tensor at 8 bits.
@@ -101,7 +132,7 @@ class Sensitivity:
         else:
             budget, wanted = settings.target_size - kept_bytes, f"--target-size {settings.target_size / 1e6:.1f} MB"
         options = {
-            name: _lower_hull([_Option(grid, self._bytes(plan, name, grid), error) for grid, error in errors.items()])
+            name: _lower_hull([_Option(c, self._bytes(plan, name, c), error) for c, error in errors.items()])
             for name, errors in self.errors.items()
         }
         smallest = sum(o[0].bytes for o in options.values())
@@ -114,8 +145,8 @@ class Sensitivity:
             )
         return _choose(options, budget)
 
-    def _bytes(self, plan: ConversionPlan, name: str, grid: tuple[int, int]) -> int:
-        return sum(spec.nbytes for spec in plan.layout.specs(name, self.shapes[name], self._candidate(name, grid)))
+    def _bytes(self, plan: ConversionPlan, name: str, candidate: Candidate) -> int:
+        return sum(spec.nbytes for spec in plan.layout.specs(name, self.shapes[name], self._config(name, candidate)))
 
 
 def _lower_hull(options: list[_Option]) -> list[_Option]:
@@ -135,7 +166,7 @@ def _slope(a: _Option, b: _Option) -> float:
     return (a.error - b.error) / max(b.bytes - a.bytes, 1)
 
 
-def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, tuple[int, int]]:
+def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, Candidate]:
     level = {name: 0 for name in options}
     spent = sum(o[0].bytes for o in options.values())
     heap = [(-_slope(o[0], o[1]), name) for name, o in options.items() if len(o) > 1]
@@ -150,7 +181,7 @@ def _choose(options: dict[str, list[_Option]], budget: float) -> dict[str, tuple
         level[name] += 1
         if level[name] + 1 < len(options[name]):
             heapq.heappush(heap, (-_slope(following, options[name][level[name] + 1]), name))
-    return {name: options[name][level[name]].grid for name in sorted(options)}
+    return {name: options[name][level[name]].candidate for name in sorted(options)}
 
 
 def _bpw(stored: float, parameters: int) -> str:

@@ -5,6 +5,7 @@ they show is what conversion then does.
 """
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from qconvert.plan.selection import IN_BLOCK, Decision, command_line_rules, deci
 from qconvert.quantizers import Quantizer, get
 from qconvert.quantizers.activations import get_scheme
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
+
+if TYPE_CHECKING:
+    from qconvert.plan.allocation import Candidate
 
 
 @dataclass
@@ -50,12 +54,12 @@ class ConversionPlan:
 
 
 def plan_conversion(
-    checkpoint: Checkpoint, settings: Settings, chosen: dict[str, tuple[int, int]] | None = None
+    checkpoint: Checkpoint, settings: Settings, chosen: dict[str, "Candidate"] | None = None
 ) -> ConversionPlan:
     """Decide every tensor: kept or quantized, with which quantizer and grid, stored how.
 
-    `chosen` (tensor name -> (bits, group size)) overrides the grid of quantized tensors, as chosen
-    for `--target-bpw` / `--target-size`.
+    `chosen` (tensor name -> `allocation.Candidate`) overrides the grid, bits and group size of quantized
+    tensors, as chosen for `--target-bpw` / `--target-size`.
 
     Raises:
         SchemeError: nothing to quantize, an impossible scheme, or calibration settings that do
@@ -77,7 +81,7 @@ def plan_conversion(
                 )
             overrides = dict(decision.overrides)
             if chosen and name in chosen:
-                overrides["bits"], overrides["group_size"] = chosen[name]
+                overrides.update(chosen[name].overrides())
             schemes[name] = settings.scheme(overrides)
     if not schemes:
         raise _nothing_selected(checkpoint, skeleton)
@@ -102,14 +106,13 @@ def _planned(
     quantizers: dict[TensorScheme, Quantizer],
     layout: Layout,
     settings: Settings,
-    chosen: dict[str, tuple[int, int]] | None,
+    chosen: dict[str, "Candidate"] | None,
 ) -> PlannedTensor:
     """One tensor's record (with its decision and scheme) and stored tensors."""
     info = checkpoint.tensors[name]
     reason, decided_by = decision.reason, decision.by
     if chosen and name in chosen:
-        bits, group_size = chosen[name]
-        reason += f"; int{bits} {f'g{group_size}' if group_size else 'per-channel'} chosen by the size budget"
+        reason += f"; {chosen[name].describe()} chosen by the size budget"
         decided_by = BY_BUDGET
     stored_as = checkpoint.stored_scheme(name)
     if scheme and stored_as:

@@ -78,8 +78,8 @@ def test_greedy_on_convex_hulls_matches_brute_force():
     hulls = {name: _lower_hull(options) for name, options in curves.items()}
     for budget in (460, 600, 800, 1000, 1300, 1840):
         chosen = _choose(hulls, budget)
-        spent = sum(next(o.bytes for o in curves[n] if o.grid == b) for n, b in chosen.items())
-        error = sum(next(o.error for o in curves[n] if o.grid == b) for n, b in chosen.items())
+        spent = sum(next(o.bytes for o in curves[n] if o.candidate == b) for n, b in chosen.items())
+        error = sum(next(o.error for o in curves[n] if o.candidate == b) for n, b in chosen.items())
         best = min(
             sum(o.error for o in combo)
             for combo in itertools.product(*curves.values())
@@ -96,7 +96,7 @@ def test_lower_hull_drops_dominated_and_concave_points():
         _Option((4, 32), 200, 2.0),
         _Option((5, 32), 250, 2.5),
     ]
-    assert [o.grid[0] for o in _lower_hull(options)] == [2, 4]
+    assert [o.candidate[0] for o in _lower_hull(options)] == [2, 4]
 
 
 def test_block_by_block_fisher_equals_the_whole_model_gradient(tmp_path, tiny_lm):
@@ -144,3 +144,27 @@ def test_calibration_weighs_the_budget_by_the_loss(tmp_path, tiny_lm):
         tiny_lm, tmp_path / "out", Settings(group_size=32, target_bpw=3.5, calibration=calibration)
     ).manifest
     assert 3.5 * 0.99 <= manifest.totals["quantized_bits_per_weight"] <= 3.5
+
+
+def test_a_budget_may_choose_table_grids(tmp_path, tiny_llama):
+    settings = Settings(group_size=64, target_bpw=4.4, budget_grids=("nf4", "fp8"))
+    manifest = convert(tiny_llama, tmp_path / "out", settings).manifest
+    quantized = [t for t in manifest.tensors if t.action == "quantized"]
+    assert manifest.totals["quantized_bits_per_weight"] <= 4.4
+    # normal-shaped weights sit better on NF4's values than on int4's at fewer bits: some tensors take it
+    assert "nf4" in {t.grid for t in quantized}
+    assert any("nf4 g64 chosen by the size budget" in t.reason for t in quantized)
+    assert manifest.layout == "native"  # compressed-tensors cannot hold nf4
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        (dict(budget_grids=("nf4",)), "add --target-bpw"),
+        (dict(target_bpw=4.0, budget_grids=("int",)), "not int"),
+        (dict(target_bpw=4.0, budget_grids=("nf5",)), "not nf5"),
+    ],
+)
+def test_budget_grids_refusals(settings, words):
+    with pytest.raises(SchemeError, match=words):
+        Settings(**settings)
