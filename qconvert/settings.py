@@ -156,8 +156,8 @@ def build_settings(recipe: Recipe | None, flags: dict[str, Any], calibration_fla
     if values.get("activations"):  # W8A8 implies its weights, as a grid implies its bits
         values.update({k: v for k, v in weights_of(values["activations"]).items() if k not in values})
     values.update(grid_defaults(values.get("grid", "int"), values))
-    if isinstance(values.get("smooth"), (int, str)) and values["smooth"] != "auto":
-        values["smooth"] = _strength(values["smooth"])
+    if "smooth" in values:
+        values["smooth"] = smooth_strength(values["smooth"])
     if recipe is not None:
         values.update(rules=recipe.rules, recipe=recipe)
     return Settings(**values, calibration=CalibrationSettings(**calibration) if has_source else None)
@@ -186,7 +186,14 @@ def settings_from_options(recipe: str | Path | None, options: dict[str, Any], ca
     return build_settings(load_recipe(recipe) if recipe else None, options, calibration)
 
 
-def _strength(value: int | str) -> float:
+def smooth_strength(value: float | int | str | None) -> float | str | None:
+    """--smooth as given ("0.5", 0.5, "auto", None) -> 0.5, "auto" or None (range checked by Settings).
+
+    Raises:
+        SchemeError: neither a number nor auto.
+    """
+    if value is None or value == "auto":
+        return value
     try:
         return float(value)
     except ValueError:

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qconvert.cli.common import app, run_command, stderr
+from qconvert.cli.options import SmoothOption
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -121,6 +122,15 @@ def sweep(
             help="Comma-separated table grids to add (nf4, iq4nl, mxfp4, nvfp4, mxfp8, fp8), each at its own bits.",
         ),
     ] = "",
+    activations: Annotated[
+        str,
+        typer.Option(
+            "--activations",
+            help="Comma-separated W8A8 schemes to add (int8-dynamic, int8-static, fp8-dynamic), each with its "
+            "8-bit per-channel weights.",
+        ),
+    ] = "",
+    smooth: SmoothOption = None,
     reference: Annotated[
         Optional[list[Path]],
         typer.Option(help="Also evaluate this model (checkpoint, qconvert output or .gguf); repeatable."),
@@ -147,6 +157,7 @@ def sweep(
     from qconvert.evaluate.report import require_plotting
     from qconvert.evaluate.sweep import EvalText, run_sweep, setting_grid
     from qconvert.io.text import read_text
+    from qconvert.settings import smooth_strength
 
     def action() -> int:
         calibration = (
@@ -161,6 +172,8 @@ def sweep(
             symmetric,
             calibration,
             [g.strip() for g in grids.split(",") if g.strip()],
+            [a.strip() for a in activations.split(",") if a.strip()],
+            smooth_strength(smooth),
         )
         settings = EvalSettings(
             ctx=ctx, max_tokens=max_tokens or None, decode_tokens=decode_tokens, use_kernels=kernels

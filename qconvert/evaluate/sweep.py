@@ -20,6 +20,7 @@ from qconvert.io.loading import sha256_file
 from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.quantizers import get
+from qconvert.quantizers.activations import weights_of
 from qconvert.quantizers.grids import grid_defaults
 from qconvert.settings import Settings, settings_dict
 from qconvert.worker import run_in_process
@@ -63,19 +64,27 @@ def setting_grid(
     symmetric: bool,
     calibration: CalibrationSettings | None = None,
     grids: list[str] = (),
+    activations: list[str] = (),
+    smooth: float | str | None = None,
 ) -> list[Settings]:
     """Every combination of integer bits and group sizes, then every table grid (`quantizers/grids.py`,
-    with the bits and groups each implies), for each quantizer; calibrated quantizers get `calibration`,
-    the others none."""
+    with the bits and groups each implies), then every W8A8 scheme (`quantizers/activations.py`, with
+    SmoothQuant at `smooth` if given), for each quantizer; calibrated settings get `calibration`, the
+    others none.
 
-    def calibration_for(name: str) -> CalibrationSettings | None:
+    Raises:
+        QConvertError: a calibrated setting and no `calibration`.
+    """
+
+    def calibration_for(name: str, needs: bool = False) -> CalibrationSettings | None:
         try:
-            if not get(name).requires_calibration:
+            if not (needs or get(name).requires_calibration):
                 return None
         except QConvertError:
             return None  # an unknown quantizer fails its own row, not the whole sweep
         if calibration is None:
-            raise QConvertError(f"quantizer {name} learns from activations: give the sweep --calib FILE.")
+            why = f"quantizer {name} learns from" if not needs else "--smooth and static schemes measure"
+            raise QConvertError(f"{why} activations: give the sweep --calib FILE.")
         return calibration
 
     integer = [
@@ -86,10 +95,23 @@ def setting_grid(
         Settings(quantizer=q, grid=grid, calibration=calibration_for(q), **grid_defaults(grid, {}))
         for q, grid in itertools.product(quantizers, grids)
     ]
-    return integer + tables
+    w8a8 = [
+        Settings(
+            quantizer=q,
+            activations=a,
+            smooth=smooth,
+            calibration=calibration_for(q, smooth is not None or a.endswith("static")),
+            **weights_of(a),
+        )
+        for q, a in itertools.product(quantizers, activations)
+    ]
+    return integer + tables + w8a8
 
 
 def label(settings: Settings) -> str:
+    if settings.activations:
+        smooth = f" smooth {settings.smooth}" if settings.smooth is not None else ""
+        return f"{settings.quantizer} w8a8 {settings.activations}{smooth}"
     group = f"g{settings.group_size}" if settings.group_size else "per-channel"
     if settings.grid != "int":
         return f"{settings.quantizer} {settings.grid} {group}"

@@ -88,3 +88,19 @@ def test_sweep_adds_table_grids_at_their_own_bits(tiny_lm, tmp_path, text):
     assert [r["label"] for r in rows] == ["float", "rtn int4 g32", "rtn nf4 g64", "rtn mxfp4 g32"]
     assert all(r["status"] == "ok" and r["perplexity"] > 0 for r in rows)
     assert rows[2]["quantized_bits_per_weight"] == 4.25  # a float16 scale per 64 codes
+
+
+def test_sweep_adds_w8a8_schemes(tiny_lm, tmp_path, text):
+    extra = ["--bits", "8", "--activations", "int8-dynamic,int8-static", "--smooth", "0.5"]
+    extra += ["--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "32"]
+    result = sweep(tiny_lm, tmp_path / "report", text, *extra)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
+    labels = [r["label"] for r in rows]
+    assert labels[-2:] == ["rtn w8a8 int8-dynamic smooth 0.5", "rtn w8a8 int8-static smooth 0.5"]
+    assert all(r["status"] == "ok" for r in rows), rows
+
+
+def test_sweep_w8a8_with_smoothing_needs_calibration(tiny_lm, tmp_path, text):
+    result = sweep(tiny_lm, tmp_path / "report", text, "--activations", "int8-dynamic", "--smooth", "auto")
+    assert result.exit_code != 0 and "give the sweep --calib FILE" in result.output, result.output
