@@ -47,8 +47,7 @@ from qconvert.manifest import (
 )
 from qconvert.plan.planning import ConversionPlan, PlannedTensor, kept_dtype, plan_conversion
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, relative_error
-from qconvert.quantizers.grids import GRIDS
-from qconvert.quantizers.rtn import ScaleRangeError
+from qconvert.quantizers.grids import GRIDS, ScaleRangeError
 from qconvert.settings import Settings, settings_dict
 
 # Called after each source tensor with (its manifest record, source bytes done, source bytes in all, tensors in all).

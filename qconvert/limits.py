@@ -2,5 +2,5 @@
 texts are built from it, and `qconvert --help` must not pay for importing torch)."""
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-GRID_NAMES = ("int", "nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8")  # quantizers/grids.py defines each
+GRID_NAMES = ("int", "nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8", "fp8-block")  # quantizers/grids.py defines each
 ACTIVATION_SCHEMES = ("int8-dynamic", "int8-static", "fp8-dynamic")  # quantizers/activations.py defines each

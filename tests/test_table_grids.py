@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import make_tiny_lm
 from typer.testing import CliRunner
 
 import qconvert
@@ -14,7 +15,7 @@ from qconvert.formats.export import export
 from qconvert.manifest import read_manifest
 
 runner = CliRunner()
-TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8"]
+TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8", "fp8-block"]
 
 
 def model(*args):
@@ -26,8 +27,9 @@ def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
     result = model(tiny_lm, "-o", tmp_path / grid, "--grid", grid)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    # compressed-tensors has formats for fp8, mxfp8, nvfp4 and mxfp4 (auto picks it); nf4 and iq4nl stay native
-    assert summary["layout"] == ("native" if grid in ("nf4", "iq4nl") else "compressed-tensors")
+    # compressed-tensors has formats for fp8, mxfp8, nvfp4 and mxfp4 (auto picks it); nf4 and iq4nl stay native,
+    # and fp8-block too on this model: its 64-wide rows are half a block, which compressed-tensors cannot store
+    assert summary["layout"] == ("native" if grid in ("nf4", "iq4nl", "fp8-block") else "compressed-tensors")
     records = [r for r in read_manifest(tmp_path / grid).tensors if r.action == "quantized"]
     assert {r.grid for r in records} == {grid} and {r.bits for r in records} == {8 if "fp8" in grid else 4}
     verified = runner.invoke(app, ["verify", str(tmp_path / grid)])
@@ -42,15 +44,24 @@ def test_every_grid_converts_verifies_and_runs(tmp_path, tiny_lm, grid):
     assert torch.allclose(exact, packed, atol=1e-4 * float(exact.abs().max()))
 
 
-@pytest.mark.parametrize("grid", ["fp8", "mxfp8", "nvfp4", "mxfp4"])
-def test_transformers_loads_the_float_formats_with_qconvert_s_values(tmp_path, tiny_lm, grid):
+@pytest.fixture(scope="module")
+def tiny_lm_128(tmp_path_factory, real_models):
+    """A tiny Llama whose rows are whole 128-wide blocks (fp8-block's)."""
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny-lm-128"), real_models, hidden=128)
+
+
+@pytest.mark.parametrize("grid", ["fp8", "mxfp8", "fp8-block", "nvfp4", "mxfp4"])
+def test_transformers_loads_the_float_formats_with_qconvert_s_values(tmp_path, tiny_lm, tiny_lm_128, grid):
     from qconvert.compatibility import check
 
     out = tmp_path / grid
-    assert model(tiny_lm, "-o", out, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0
+    source = tiny_lm_128 if grid == "fp8-block" else tiny_lm
+    result = model(source, "-o", out, "--grid", grid, "--layout", "compressed-tensors")
+    assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
-    formats = {"fp8": "float-quantized", "mxfp8": "mxfp8-quantized", "nvfp4": "nvfp4-pack-quantized"}
+    formats = {"fp8": "float-quantized", "fp8-block": "float-quantized", "mxfp8": "mxfp8-quantized"}
+    formats["nvfp4"] = "nvfp4-pack-quantized"
     assert group["format"] == formats.get(grid, "mxfp4-pack-quantized")
     assert group["weights"]["type"] == "float"
     # transformers' own loading and forward, against qconvert's dequantized model of the same files
@@ -126,10 +137,11 @@ def test_an_integer_source_is_requantized_onto_a_table_grid_of_the_same_bits(tmp
     assert (ours[name] - theirs[name]).abs().max() < 0.2 * ours[name].abs().max()
 
 
-@pytest.mark.parametrize("grid", ["fp8", "mxfp8", "nvfp4", "mxfp4"])
-def test_compressed_tensors_float_checkpoints_are_read_and_repacked_exactly(tmp_path, tiny_lm, grid):
+@pytest.mark.parametrize("grid", ["fp8", "mxfp8", "fp8-block", "nvfp4", "mxfp4"])
+def test_compressed_tensors_float_checkpoints_are_read_and_repacked_exactly(tmp_path, tiny_lm, tiny_lm_128, grid):
     source = tmp_path / "ct"
-    assert model(tiny_lm, "-o", source, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0
+    checkpoint = tiny_lm_128 if grid == "fp8-block" else tiny_lm
+    assert model(checkpoint, "-o", source, "--grid", grid, "--layout", "compressed-tensors").exit_code == 0
     result = model(source, "-o", tmp_path / "native", "--grid", grid, "--layout", "native")
     assert result.exit_code == 0, result.output
     records = [r for r in read_manifest(tmp_path / "native").tensors if r.action == "quantized"]

@@ -23,7 +23,8 @@ from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize, relative_error
-from qconvert.quantizers.rtn import ScaleRangeError, check_scale_range
+from qconvert.quantizers.grids import ScaleRangeError
+from qconvert.quantizers.rtn import check_scale_range
 
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
 BlockProgress = Callable[[str, int, int], None]

@@ -16,7 +16,7 @@ from qconvert.io.loading import Checkpoint, read_checkpoint
 from qconvert.io.writing import TensorSpec
 from qconvert.manifest import Manifest, TensorRecord
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
-from qconvert.quantizers.grids import stored_scale_dtype
+from qconvert.quantizers.grids import GRIDS, stored_scale_dtype, stored_scale_rows
 
 
 class Layout(ABC):
@@ -64,17 +64,23 @@ class Layout(ABC):
 
 
 def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> TensorSpec:
-    """The stored scales: in the config's scale dtype, or the grid's own format (E8M0 as U8, E4M3)."""
-    return TensorSpec(name, stored_scale_dtype(config.grid, config.scale_dtype), (rows, groups))
+    """The stored scales of a weight with `rows` rows: in the config's scale dtype, or the grid's own format
+    (E8M0 as U8, E4M3); one row per band of rows for a grid whose rows share scales (fp8-block)."""
+    shape = (stored_scale_rows(config.grid, rows), groups)
+    return TensorSpec(name, stored_scale_dtype(config.grid, config.scale_dtype), shape)
 
 
 def record_config(record: TensorRecord) -> QuantConfig:
     """The QuantConfig a record was quantized with. A W8A8 record's group spans its row: per channel, 0
     (a table grid's fixed block stays as recorded even when a row is exactly one block long)."""
     per_channel = record.activations and len(record.shape) == 2 and record.group_size == record.shape[1]
+    block = GRIDS[record.grid or "int"].block
+    group_size = 0 if per_channel else record.group_size
+    if block and record.group_size < block and record.group_size == record.shape[-1]:
+        group_size = block  # a row narrower than the format's block: one partial block, recorded at its width
     return QuantConfig(
         bits=record.bits,
-        group_size=0 if per_channel else record.group_size,
+        group_size=group_size,
         symmetric=record.symmetric,
         scale_dtype=record.scale_dtype,
         grid=record.grid or "int",

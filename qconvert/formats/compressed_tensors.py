@@ -284,21 +284,23 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
 
 
 def schemes_from_config(quantization_config: dict, modules: set[str], runtime_name=None) -> dict[str, tuple | None]:
-    """module -> (bits, group size or 0, symmetric, type "int" or "float", format, static input scale?) of the
-    first config group
+    """module -> (bits, group size or 0, symmetric, type "int" or "float", format, static input scale?,
+    strategy) of the first config group (a `block` strategy's group size is its blocks' width)
     targeting it (a module name, a "re:" pattern or the class name Linear), or None: how readers resolve
     `targets`. Targets are matched against each module's name as stored and as the runtime renames it
     (`runtime_name`)."""
     rules = []
     for group in (quantization_config.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
+        block = weights.get("block_structure") if weights.get("strategy") == "block" else None
         scheme = (
             weights.get("num_bits"),
-            weights.get("group_size") or 0,
+            (block[1] if block else weights.get("group_size")) or 0,
             weights.get("symmetric", True),
             weights.get("type", "int"),
             group.get("format") or quantization_config.get("format") or FORMAT,
             (group.get("input_activations") or {}).get("dynamic") is False,
+            weights.get("strategy") or "",
         )
         rules += [(target, scheme) for target in group.get("targets", [])]
 
@@ -352,8 +354,8 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
 def _float_module(raw: Checkpoint, prefix: str, scheme: tuple) -> StoredModule:
     """A float-quantized (fp8, mxfp8) or FP4-packed (nvfp4, mxfp4) module, as `compressed_tensors_float.py`
     lays them out; any other float scheme is refused by name."""
-    bits, group, layout = scheme[0], scheme[1], scheme[4]
-    grid = floats.grid_of(bits, group, layout)
+    bits, group, layout, strategy = scheme[0], scheme[1], scheme[4], scheme[6]
+    grid = floats.grid_of(bits, group, layout, strategy)
     one_byte = grid in floats.FP8_GRIDS
     roles = ("weight", "weight_scale") if one_byte else ("weight_packed", "weight_scale", "weight_global_scale")
     parts = {role: prefix + role for role in roles if prefix + role in raw.tensors}
@@ -486,17 +488,18 @@ INT_PARTS = {"weight_packed": torch.int32, "weight_scale": None, "weight_shape":
 FLOAT_PARTS = {
     "fp8": {"weight": torch.float8_e4m3fn, "weight_scale": None},
     "mxfp8": {"weight": torch.float8_e4m3fn, "weight_scale": torch.uint8},
+    "fp8-block": {"weight": torch.float8_e4m3fn, "weight_scale": None},
     "nvfp4": {"weight_packed": torch.uint8, "weight_scale": torch.float8_e4m3fn, "weight_global_scale": torch.float32},
     "mxfp4": {"weight_packed": torch.uint8, "weight_scale": torch.uint8},
 }
 
 
 def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) -> list[Problem]:
-    bits, group, symmetric, kind, layout, static_input = scheme
+    bits, group, symmetric, kind, layout, static_input, strategy = scheme
     if kind == "int" and layout == "int-quantized":
         required = {"weight": torch.int8, "weight_scale": None}
     elif kind == "float":
-        grid = floats.grid_of(bits, group, layout)
+        grid = floats.grid_of(bits, group, layout, strategy)
         if grid is None:
             return [Problem(module, f"compressed-tensors has no {bits}-bit float format in groups of {group}")]
         required = FLOAT_PARTS[grid]
@@ -517,7 +520,7 @@ def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) ->
     if runtime == "vllm" and kind == "int":
         problems += vllm_scheme_problems(module, bits, group, allowed_bits=(4, 8))
     if runtime == "vllm" and kind == "float":
-        problems += _vllm_float_problems(module, floats.grid_of(bits, group, layout), group)
+        problems += _vllm_float_problems(module, floats.grid_of(bits, group, layout, strategy), group)
     return problems
 
 

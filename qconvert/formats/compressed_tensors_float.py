@@ -18,35 +18,35 @@ of two, so exactly). Every value moves bit for bit.
 
 import torch
 
+from qconvert.formats.base import scale_spec
 from qconvert.io.writing import TensorSpec
 from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
-from qconvert.quantizers.grids import stored_scale_dtype
+from qconvert.quantizers.grids import compact_scales, expand_scales
 
 FLOAT_FORMATS = {
     "fp8": "float-quantized",
+    "fp8-block": "float-quantized",
     "mxfp8": "mxfp8-quantized",
     "nvfp4": "nvfp4-pack-quantized",
     "mxfp4": "mxfp4-pack-quantized",
 }
 SCALE_DTYPE_NAMES = {"nvfp4": "torch.float8_e4m3fn", "mxfp4": "torch.uint8", "mxfp8": "torch.uint8"}
-FP8_GRIDS = ("fp8", "mxfp8")  # one float8_e4m3fn byte per weight, unpacked
+FP8_GRIDS = ("fp8", "mxfp8", "fp8-block")  # one float8_e4m3fn byte per weight, unpacked
 
 
-def grid_of(bits: int, group_size: int, layout: str) -> str | None:
-    """qconvert's grid for a compressed-tensors float scheme (bits, group size, format), or None."""
+def grid_of(bits: int, group_size: int, layout: str, strategy: str = "") -> str | None:
+    """qconvert's grid for a compressed-tensors float scheme (bits, group size, format, strategy), or None."""
     if layout == FLOAT_FORMATS["mxfp8"]:
         return "mxfp8"
+    if strategy == "block":
+        return "fp8-block" if (bits, group_size) == (8, 128) else None
     return "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group_size)
 
 
 def specs(module: str, shape: tuple[int, int], config: QuantConfig) -> list[TensorSpec]:
     rows, columns = shape
-    scale = TensorSpec(
-        f"{module}.weight_scale",
-        stored_scale_dtype(config.grid, config.scale_dtype),
-        (rows, config.groups_for(columns)),
-    )
+    scale = scale_spec(f"{module}.weight_scale", rows, config.groups_for(columns), config)
     if config.grid in FP8_GRIDS:
         return [TensorSpec(f"{module}.weight", "F8_E4M3", (rows, columns)), scale]
     stored = [TensorSpec(f"{module}.weight_packed", "U8", (rows, columns // 2)), scale]
@@ -57,7 +57,10 @@ def specs(module: str, shape: tuple[int, int], config: QuantConfig) -> list[Tens
 
 def encode(module: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     if q.grid in FP8_GRIDS:
-        return {f"{module}.weight": q.codes.view(torch.float8_e4m3fn), f"{module}.weight_scale": q.scales}
+        return {
+            f"{module}.weight": q.codes.view(torch.float8_e4m3fn),
+            f"{module}.weight_scale": compact_scales(q.scales, q.grid),
+        }
     stored = {f"{module}.weight_packed": pack_codes(q.codes, 4), f"{module}.weight_scale": q.scales}
     if q.global_scale is not None:
         stored[f"{module}.weight_global_scale"] = q.global_scale.float().reciprocal()
@@ -73,7 +76,7 @@ def decode(module: str, stored: dict[str, torch.Tensor], config: QuantConfig, sh
     global_scale = stored.get(f"{module}.weight_global_scale")
     return QuantizedTensor(
         codes=codes,
-        scales=stored[f"{module}.weight_scale"],
+        scales=expand_scales(stored[f"{module}.weight_scale"], config.grid, rows),
         zeros=None,
         bits=config.bits,
         group_size=config.group_size_for(columns),
@@ -103,8 +106,10 @@ def weights_args_of(bits: int, kind: str, symmetric: bool, strategy: str, group_
 def weights_args(grid: str, group_size: int) -> dict:
     """The `weights` entry of a config group, as compressed-tensors' presets write it (FP8 per channel or
     in groups; NVFP4A16: tensor_group of 16; MXFP4A16: group of 32)."""
-    strategy = {"nvfp4": "tensor_group"}.get(grid, "group" if group_size else "channel")
+    strategy = {"nvfp4": "tensor_group", "fp8-block": "block"}.get(grid, "group" if group_size else "channel")
     args = weights_args_of(8 if grid in FP8_GRIDS else 4, "float", True, strategy, group_size)
+    if grid == "fp8-block":  # 128 x 128 blocks: compressed-tensors' FP8_BLOCK
+        args.update(group_size=None, block_structure=[128, 128])
     if grid in SCALE_DTYPE_NAMES:
         args["scale_dtype"] = SCALE_DTYPE_NAMES[grid]
     return args

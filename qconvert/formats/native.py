@@ -9,6 +9,8 @@ For a source weight `W` named `<name>` (rows × columns, groups = ceil(columns /
 | `<name>.zeros`   | U8           | rows × ceil(groups·bits / 8)           | zero points, packed (asymmetric only) |
 | `<name>.global_scale` | F32     | 1                                      | nvfp4: scale of the block scales |
 
+fp8-block stores one row of scales per 128 rows (its blocks are 128 × 128).
+
 `W[r, c] = (code[r, c] - zero[r, c // group_size]) * scale[r, c // group_size]`, where a symmetric
 weight's zero is 2**(bits-1). On a table grid (`quantizers/grids.py`) `W[r, c] = value[code[r, c]] *
 scale[r, c // group_size]`, the scales stored as the grid defines them (U8 E8M0 exponents for mxfp4,
@@ -22,7 +24,7 @@ from qconvert.io.writing import TensorSpec
 from qconvert.manifest import TensorRecord
 from qconvert.packing import pack_codes, packed_row_bytes, unpack_codes
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor
-from qconvert.quantizers.grids import GRIDS
+from qconvert.quantizers.grids import GRIDS, compact_scales, expand_scales
 
 
 class NativeLayout(Layout):
@@ -42,7 +44,7 @@ class NativeLayout(Layout):
         return specs
 
     def encode(self, name: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
-        stored = {f"{name}.packed": pack_codes(q.codes, q.bits), f"{name}.scales": q.scales}
+        stored = {f"{name}.packed": pack_codes(q.codes, q.bits), f"{name}.scales": compact_scales(q.scales, q.grid)}
         if q.zeros is not None:
             stored[f"{name}.zeros"] = pack_codes(q.zeros, q.bits)
         if q.global_scale is not None:
@@ -52,7 +54,7 @@ class NativeLayout(Layout):
     def decode(self, record: TensorRecord, stored: dict[str, torch.Tensor]) -> QuantizedTensor:
         config = record_config(record)
         rows, columns = record.shape
-        scales = stored[f"{record.name}.scales"]
+        scales = expand_scales(stored[f"{record.name}.scales"], config.grid, rows)
         zeros = stored.get(f"{record.name}.zeros")
         return QuantizedTensor(
             codes=unpack_codes(stored[f"{record.name}.packed"], config.bits, columns),

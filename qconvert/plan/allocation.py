@@ -27,7 +27,7 @@ import torch
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint
 from qconvert.limits import SUPPORTED_BITS
-from qconvert.plan.planning import ConversionPlan
+from qconvert.plan.planning import Candidate, ConversionPlan
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.base import dequantize
 from qconvert.quantizers.grids import GRIDS
@@ -41,25 +41,6 @@ GROUP_MULTIPLES = (
     2,
     4,
 )  # group sizes tried: half, once, twice and four times the tensor's own, and per channel
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One scheme a budget may give a tensor: a grid at some bits and group size (0: per channel)."""
-
-    grid: str
-    bits: int
-    group_size: int
-
-    def describe(self) -> str:
-        """e.g. "int4 g64", "nf4 g64", "fp8 per-channel"."""
-        kind = f"int{self.bits}" if self.grid == "int" else self.grid
-        return f"{kind} {f'g{self.group_size}' if self.group_size else 'per-channel'}"
-
-    def overrides(self) -> dict:
-        """The scheme keys this candidate sets (a table grid has no zero point)."""
-        keys = {"grid": self.grid, "bits": self.bits, "group_size": self.group_size}
-        return keys if self.grid == "int" else {**keys, "symmetric": True}
 
 
 @dataclass

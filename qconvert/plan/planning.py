@@ -5,7 +5,6 @@ they show is what conversion then does.
 """
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,8 +21,24 @@ from qconvert.quantizers import Quantizer, get
 from qconvert.quantizers.activations import get_scheme
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
 
-if TYPE_CHECKING:
-    from qconvert.plan.allocation import Candidate
+
+@dataclass(frozen=True)
+class Candidate:
+    """One scheme a budget may give a tensor: a grid at some bits and group size (0: per channel)."""
+
+    grid: str
+    bits: int
+    group_size: int
+
+    def describe(self) -> str:
+        """e.g. "int4 g64", "nf4 g64", "fp8 per-channel"."""
+        kind = f"int{self.bits}" if self.grid == "int" else self.grid
+        return f"{kind} {f'g{self.group_size}' if self.group_size else 'per-channel'}"
+
+    def overrides(self) -> dict:
+        """The scheme keys this candidate sets (a table grid has no zero point)."""
+        keys = {"grid": self.grid, "bits": self.bits, "group_size": self.group_size}
+        return keys if self.grid == "int" else {**keys, "symmetric": True}
 
 
 @dataclass
@@ -54,11 +69,11 @@ class ConversionPlan:
 
 
 def plan_conversion(
-    checkpoint: Checkpoint, settings: Settings, chosen: dict[str, "Candidate"] | None = None
+    checkpoint: Checkpoint, settings: Settings, chosen: dict[str, Candidate] | None = None
 ) -> ConversionPlan:
     """Decide every tensor: kept or quantized, with which quantizer and grid, stored how.
 
-    `chosen` (tensor name -> `allocation.Candidate`) overrides the grid, bits and group size of quantized
+    `chosen` (tensor name -> `Candidate`) overrides the grid, bits and group size of quantized
     tensors, as chosen for `--target-bpw` / `--target-size`.
 
     Raises:
@@ -106,7 +121,7 @@ def _planned(
     quantizers: dict[TensorScheme, Quantizer],
     layout: Layout,
     settings: Settings,
-    chosen: dict[str, "Candidate"] | None,
+    chosen: dict[str, Candidate] | None,
 ) -> PlannedTensor:
     """One tensor's record (with its decision and scheme) and stored tensors."""
     info = checkpoint.tensors[name]

@@ -15,9 +15,7 @@ import torch
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
 from qconvert.quantizers.activations import get_scheme, weights_of
-from qconvert.quantizers.grids import effective_scales, get_grid
-
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+from qconvert.quantizers.grids import SCALE_DTYPES, effective_scales, get_grid
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, Quantizer
+from qconvert.quantizers.grids import stored_scales
 from qconvert.quantizers.registry import register
-from qconvert.quantizers.rtn import Rounding, group_view, quantize_in_row_blocks, stored_scales
+from qconvert.quantizers.rtn import Rounding, group_view, quantize_in_row_blocks
 
 RATIOS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.00, 0.97, ..., 0.55
 # A table grid may round a scale down (mxfp4's power of two below the group's range clips its extremes):
@@ -40,8 +41,17 @@ def clip_quantize(
 ) -> QuantizedTensor:
     """Clipping search on `weight`, on any grid; with `column_importance` (one weight per input column,
     e.g. the mean square of the activations that column meets, as AWQ passes it) that weights the error
-    instead of the weights' own magnitude."""
+    instead of the weights' own magnitude.
+
+    Raises:
+        SchemeError: a grid whose scales span several rows (fp8-block), which a per-row search cannot fit.
+    """
     rounding = Rounding(config, weight)
+    if rounding.grid.band > 1:
+        raise SchemeError(
+            f"clip searches each row's range, but grid {config.grid} shares a scale across {rounding.grid.band} "
+            "rows; use rtn or gptq for it."
+        )
     columns = None if column_importance is None else group_view(column_importance.view(1, -1), config)
 
     def search(name: str, rows: torch.Tensor, config: QuantConfig):

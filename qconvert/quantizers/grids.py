@@ -14,13 +14,19 @@ rtn, clip and gptq target every grid alike.
 | nvfp4 | FP4 E2M1                                 | FP8 E4M3 × one float32 scale per tensor | 16      |
 | mxfp8 | FP8 E4M3 (±448)                          | power of two: E8M0, uint8 (bias 127)    | 32      |
 | fp8   | every finite FP8 E4M3 value (±448)       | absmax / 448, float16 / bfloat16        | any, 0  |
+| fp8-block | FP8 E4M3                             | absmax / 448 of a 128 × 128 block       | 128     |
 
 Sources: NF4, Dettmers et al. 2023 (QLoRA), the table bitsandbytes uses; IQ4_NL, llama.cpp's
 `kvalues_iq4nl`; MXFP4 and MXFP8, the OCP Microscaling Formats (MX) v1.0 spec (shared exponent
 floor(log2 absmax) minus the element format's largest exponent: 2 for E2M1's 6, 8 for E4M3's 448);
 NVFP4, NVIDIA's format as compressed-tensors
 and MLX define it (a global scale near absmax / (448 · 6), block scales absmax / 6 in E4M3 units of it);
-FP8 E4M3, the OCP 8-bit floating point spec (`torch.float8_e4m3fn`, largest 448).
+FP8 E4M3, the OCP 8-bit floating point spec (`torch.float8_e4m3fn`, largest 448); fp8-block, the
+128 × 128 weight blocks of DeepSeek-V3's FP8 checkpoints (compressed-tensors' `block` strategy).
+
+A grid whose scale spans a band of rows (fp8-block: 128) repeats the band's scale on each of its rows
+in a QuantizedTensor, so every quantizer and the runtime see one scale per (row, group); the layouts
+store one row of scales per band.
 
 Codes are unsigned integers (`packing.py` packs them): for E2M1 and E4M3 the code is the format's
 own bit pattern, so packed codes are the format's bytes; for NF4 and IQ4_NL it is the table index.
@@ -52,6 +58,58 @@ def _e4m3_values() -> tuple[float, ...]:
     return tuple(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist())
 
 
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SCALE_TOLERANCE = 0.05  # largest relative change rounding a scale up to its stored dtype may make
+
+
+class ScaleRangeError(SchemeError):
+    """Scales outside what their stored dtype represents (the tensor's name is added by the caller)."""
+
+
+def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -> torch.Tensor:
+    """Round scales to their stored dtype, keeping their sign.
+
+    Below the dtype's smallest normal value magnitudes round up, so the group's extremes still reach the
+    grid (codes are computed against the stored scale); above it they round to nearest. A scale of zero
+    (a group of zeros, whose codes all sit on the zero point) is stored as the dtype's smallest normal
+    value. Any other scale must survive the rounding within SCALE_TOLERANCE: one that would overflow to
+    infinity or lose its precision among float16's subnormals (weights far larger or smaller than
+    float16 reaches) is refused, never clamped silently.
+
+    A search weighing candidate scales passes `strict=False`: a candidate out of range is clamped, and
+    its error, measured on the clamped scale, rules it out.
+
+    Raises:
+        ScaleRangeError: (strict) some scale does not fit `scale_dtype`.
+    """
+    dtype = SCALE_DTYPES[scale_dtype]
+    info = torch.finfo(dtype)
+    if not strict:
+        magnitude = scales.abs().nan_to_num(nan=info.tiny).clamp(min=info.tiny, max=info.max)
+        return torch.where(scales < 0, -magnitude, magnitude).to(dtype)
+    magnitude = scales.abs()
+    stored = magnitude.to(dtype)
+    # Among the subnormals rounding is coarse: round up there, so the group's extremes still reach the grid.
+    coarse = (stored.float() < magnitude) & (magnitude < info.tiny)
+    stored = torch.where(coarse, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+    nonzero = magnitude > 0
+    drift = (stored.float() - magnitude).abs() > SCALE_TOLERANCE * magnitude
+    if not torch.isfinite(magnitude).all() or bool((nonzero & drift).any()):
+        low, high = magnitude[nonzero].min().item(), magnitude[nonzero].max().item()
+        other = "bfloat16" if scale_dtype == "float16" else None
+        advice = (
+            f"pass --scale-dtype {other} (a recipe rule can give it to this tensor alone)"
+            if other and high < 3e38
+            else "its values are too large to quantize; keep it in float with --exclude"
+        )
+        raise ScaleRangeError(
+            f"needs scales from {low:.3g} to {high:.3g}, which {scale_dtype} cannot hold "
+            f"(normal range {info.tiny:.3g} to {info.max:.3g}); {advice}."
+        )
+    stored = torch.where(nonzero, stored, torch.full_like(stored, info.tiny))
+    return torch.where(scales < 0, -stored, stored)
+
+
 @dataclass(frozen=True)
 class Grid:
     """A table grid: `values[code]` times the group's scale (see the module table). The integer grid
@@ -64,6 +122,7 @@ class Grid:
     block: int | None = None  # the only group size the format allows, if it fixes one
     default_group: int = 64
     signed_extreme: bool = False  # the table is lopsided: put the group's largest-magnitude weight on its end
+    band: int = 1  # consecutive rows sharing each group's scale (fp8-block: 128)
 
     @cached_property
     def table(self) -> torch.Tensor:
@@ -95,14 +154,14 @@ class Grid:
         Raises:
             ScaleRangeError: (strict) a float scale outside what `scale_dtype` holds.
         """
+        if self.band > 1:  # one scale for the band of rows: its largest magnitude, on each of its rows
+            absmax = band_max(absmax, self.band)
         if self.scale == "e8m0":  # E2M1's largest, 6, is 1.5 · 2²; E4M3's, 448, is 1.75 · 2⁸
             exponent = torch.floor(torch.log2(absmax.clamp(min=2.0**-126))) - math.floor(math.log2(self.largest))
             return torch.exp2(exponent.clamp(-E8M0_BIAS, E8M0_BIAS))
         if self.scale == "e4m3":
             units = (absmax / self.largest / global_scale).clamp(max=E4M3_MAX)
             return units.to(torch.float8_e4m3fn).float() * global_scale
-        from qconvert.quantizers.rtn import stored_scales
-
         raw = (
             extreme / min(self.values) if self.signed_extreme else absmax / self.largest
         )  # signed: -127 · scale = extreme
@@ -137,7 +196,34 @@ GRIDS = {
     "nvfp4": Grid("nvfp4", 4, E2M1, scale="e4m3", block=16, default_group=16),
     "mxfp8": Grid("mxfp8", 8, _e4m3_values(), scale="e8m0", block=32, default_group=32),
     "fp8": Grid("fp8", 8, _e4m3_values(), default_group=0),
+    "fp8-block": Grid("fp8-block", 8, _e4m3_values(), block=128, default_group=128, band=128),
 }
+
+
+def band_max(values: torch.Tensor, band: int) -> torch.Tensor:
+    """Each value (rows, ...) replaced by the largest over its band of `band` consecutive rows (the last
+    band may be shorter)."""
+    rows = values.shape[0]
+    padded = torch.nn.functional.pad(values, (0, 0) * (values.dim() - 1) + (0, -rows % band))
+    largest = padded.view(-1, band, *values.shape[1:]).amax(1)
+    return largest.repeat_interleave(band, 0)[:rows]
+
+
+def compact_scales(scales: torch.Tensor, grid: str) -> torch.Tensor:
+    """Per-row scales (rows, groups) -> as a layout stores them: one row per band of rows."""
+    band = GRIDS[grid].band
+    return scales if band == 1 else scales[::band].contiguous()
+
+
+def expand_scales(stored: torch.Tensor, grid: str, rows: int) -> torch.Tensor:
+    """A layout's scales -> one row per weight row (inverse of `compact_scales`)."""
+    band = GRIDS[grid].band
+    return stored if band == 1 else stored.repeat_interleave(band, 0)[:rows]
+
+
+def stored_scale_rows(grid: str, rows: int) -> int:
+    """Rows of stored scales for a weight of `rows` rows."""
+    return -(-rows // GRIDS[grid].band)
 
 
 def get_grid(name: str) -> Grid:

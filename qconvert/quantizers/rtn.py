@@ -15,7 +15,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.quantizers.base import SCALE_DTYPES, QuantConfig, QuantizedTensor, Quantizer
-from qconvert.quantizers.grids import get_grid, to_stored
+from qconvert.quantizers.grids import ScaleRangeError, get_grid, stored_scales, to_stored
 from qconvert.quantizers.registry import register
 
 
@@ -31,57 +31,6 @@ def group_view(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     if padded != columns:
         w = torch.nn.functional.pad(w, (0, padded - columns))
     return w.view(rows, -1, group_size)
-
-
-SCALE_TOLERANCE = 0.05  # largest relative change rounding a scale up to its stored dtype may make
-
-
-class ScaleRangeError(SchemeError):
-    """Scales outside what their stored dtype represents (the tensor's name is added by the caller)."""
-
-
-def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -> torch.Tensor:
-    """Round scales to their stored dtype, keeping their sign.
-
-    Below the dtype's smallest normal value magnitudes round up, so the group's extremes still reach the
-    grid (codes are computed against the stored scale); above it they round to nearest. A scale of zero
-    (a group of zeros, whose codes all sit on the zero point) is stored as the dtype's smallest normal
-    value. Any other scale must survive the rounding within SCALE_TOLERANCE: one that would overflow to
-    infinity or lose its precision among float16's subnormals (weights far larger or smaller than
-    float16 reaches) is refused, never clamped silently.
-
-    A search weighing candidate scales passes `strict=False`: a candidate out of range is clamped, and
-    its error, measured on the clamped scale, rules it out.
-
-    Raises:
-        ScaleRangeError: (strict) some scale does not fit `scale_dtype`.
-    """
-    dtype = SCALE_DTYPES[scale_dtype]
-    info = torch.finfo(dtype)
-    if not strict:
-        magnitude = scales.abs().nan_to_num(nan=info.tiny).clamp(min=info.tiny, max=info.max)
-        return torch.where(scales < 0, -magnitude, magnitude).to(dtype)
-    magnitude = scales.abs()
-    stored = magnitude.to(dtype)
-    # Among the subnormals rounding is coarse: round up there, so the group's extremes still reach the grid.
-    coarse = (stored.float() < magnitude) & (magnitude < info.tiny)
-    stored = torch.where(coarse, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
-    nonzero = magnitude > 0
-    drift = (stored.float() - magnitude).abs() > SCALE_TOLERANCE * magnitude
-    if not torch.isfinite(magnitude).all() or bool((nonzero & drift).any()):
-        low, high = magnitude[nonzero].min().item(), magnitude[nonzero].max().item()
-        other = "bfloat16" if scale_dtype == "float16" else None
-        advice = (
-            f"pass --scale-dtype {other} (a recipe rule can give it to this tensor alone)"
-            if other and high < 3e38
-            else "its values are too large to quantize; keep it in float with --exclude"
-        )
-        raise ScaleRangeError(
-            f"needs scales from {low:.3g} to {high:.3g}, which {scale_dtype} cannot hold "
-            f"(normal range {info.tiny:.3g} to {info.max:.3g}); {advice}."
-        )
-    stored = torch.where(nonzero, stored, torch.full_like(stored, info.tiny))
-    return torch.where(scales < 0, -stored, stored)
 
 
 def symmetric_scales(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
@@ -126,9 +75,11 @@ def codes_on_grid(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 BLOCK_ELEMENTS = 1 << 19
 
 
-def row_blocks(rows: int, columns: int) -> range:
+def row_blocks(rows: int, columns: int, band: int = 1) -> range:
+    """Starts of cache-sized blocks of rows; each block holds whole bands of `band` rows (a grid whose
+    rows share a scale is fitted a band at a time)."""
     step = max(1, BLOCK_ELEMENTS // max(columns, 1))
-    return range(0, rows, step)
+    return range(0, rows, max(band, step - step % band))
 
 
 def check_scale_range(name: str, weight: torch.Tensor, config: QuantConfig) -> None:
@@ -234,7 +185,7 @@ def quantize_in_row_blocks(
     codes = torch.empty(rows, columns, dtype=torch.uint8)
     scales = torch.empty(rows, groups)
     zeros = torch.zeros(rows, groups)
-    blocks = row_blocks(rows, columns)
+    blocks = row_blocks(rows, columns, get_grid(config.grid).band)
     for start in blocks:
         block = slice(start, start + blocks.step)
         codes[block], scales[block], block_zeros = quantize_block(name, weight[block], config)

@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from qconvert.quantizers import QuantConfig, dequantize, get
 from qconvert.quantizers.clip import importance_of
-from qconvert.quantizers.rtn import ScaleRangeError, group_view
+from qconvert.quantizers.grids import ScaleRangeError
+from qconvert.quantizers.rtn import group_view
 
 
 def squared_error(name, weight, config):

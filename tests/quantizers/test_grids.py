@@ -16,7 +16,7 @@ from qconvert.quantizers.gptq import gptq_quantize
 from qconvert.quantizers.grids import GRIDS, IQ4_NL, NF4, effective_scales, grid_defaults
 from qconvert.quantizers.rtn import rtn_quantize
 
-TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8"]
+TABLES = ["nf4", "iq4nl", "mxfp4", "nvfp4", "mxfp8", "fp8", "fp8-block"]
 
 
 def config(grid: str) -> QuantConfig:
@@ -122,8 +122,10 @@ def test_clip_never_loses_to_rtn_and_gptq_beats_it_at_the_output(name):
     def output_error(q):
         return float(((dequantize(q) - w) @ x.T).square().sum())
 
-    rtn, clip = rtn_quantize("w", w, config(name)), clip_quantize("w", w, config(name))
-    assert ((dequantize(clip) - w).square().sum() <= (dequantize(rtn) - w).square().sum() * 1.001) or name == "nvfp4"
+    rtn = rtn_quantize("w", w, config(name))
+    if name != "fp8-block":  # its scales span 128 rows: clip, a per-row search, refuses it
+        clip = clip_quantize("w", w, config(name))
+        assert (dequantize(clip) - w).square().sum() <= (dequantize(rtn) - w).square().sum() * 1.001 or name == "nvfp4"
     gptq = gptq_quantize(w, hessian, config(name), act_order=True)
     assert gptq.grid == name and output_error(gptq) < output_error(rtn)
 
@@ -137,3 +139,21 @@ def test_a_grid_fixes_its_bits_symmetry_and_block():
         QuantConfig(grid="fp3")
     assert grid_defaults("fp8", {}) == {"bits": 8, "symmetric": True, "group_size": 0}
     assert grid_defaults("nf4", {"group_size": 128})["bits"] == 4
+
+
+def test_fp8_blocks_share_one_scale_per_128_by_128():
+    w = weight(rows=200, columns=256, seed=3)
+    w[130, 7] = 9.0  # the loudest weight of block (1, 0): its scale is 9 / 448, on rows 128-199
+    q = rtn_quantize("w", w, config("fp8-block"))
+    assert q.scales.shape == (200, 2)
+    assert torch.equal(q.scales[:128], q.scales[:1].expand(128, 2)) and torch.equal(
+        q.scales[128:], q.scales[128:129].expand(72, 2)
+    )
+    assert float(q.scales[199, 0]) == pytest.approx(9.0 / 448, rel=1e-3)
+    gptq = gptq_quantize(w, torch.eye(256), config("fp8-block"))
+    assert torch.equal(gptq.scales[:128], gptq.scales[:1].expand(128, 2))
+
+
+def test_clip_refuses_grids_shared_across_rows():
+    with pytest.raises(SchemeError, match="shares a scale across 128 rows"):
+        clip_quantize("w", weight(), config("fp8-block"))

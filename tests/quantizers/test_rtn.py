@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
 from qconvert.quantizers import QuantConfig, dequantize, get
-from qconvert.quantizers.rtn import ScaleRangeError
+from qconvert.quantizers.grids import ScaleRangeError
 
 
 @st.composite
