@@ -49,13 +49,7 @@ class CalibrationBlock:
         they come back together as ([names], H), in the order the forward pass reaches them.
         """
         collector = _HessianCollector(self.linears)
-        with collector, torch.no_grad():
-            for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
-                collector.start_batch()
-                try:
-                    self.module(hidden, **kwargs)
-                except _AllInputsSeen:  # the rest of the block (e.g. down_proj's product) is not needed
-                    pass
+        self._run(collector)
         return collector.results()
 
     def input_ranges(self, sample_tokens: int = 0) -> dict[str, "InputRange"]:
@@ -63,14 +57,18 @@ class CalibrationBlock:
         (with `sample_tokens`) about that many of its input rows, evenly spaced, in float32."""
         tokens = sum(h.numel() // h.shape[-1] for h in self.inputs.hidden)
         collector = _RangeCollector(self.linears, max(1, tokens // sample_tokens) if sample_tokens else 0)
+        self._run(collector)
+        return collector.ranges
+
+    def _run(self, collector: "_InputHooks") -> None:
+        """Run every calibration batch through the block with `collector`'s hooks on its linears."""
         with collector, torch.no_grad():
             for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
                 collector.start_batch()
                 try:
                     self.module(hidden, **kwargs)
-                except _AllInputsSeen:
+                except _AllInputsSeen:  # the rest of the block (e.g. down_proj's product) is not needed
                     pass
-        return collector.ranges
 
 
 class InputRange:
@@ -120,41 +118,55 @@ class _AllInputsSeen(Exception):
     """Raised once every selected linear has seen its input in this batch, to skip the rest of the forward."""
 
 
-class _HessianCollector:
-    """Forward pre-hooks that accumulate XᵀX per distinct input tensor."""
+class _InputHooks:
+    """Forward pre-hooks on the selected linears that hand each input to `record`, and stop the block's
+    forward once every linear has seen its input in the current batch."""
 
     def __init__(self, linears: dict[str, torch.nn.Linear]) -> None:
         self.linears = linears
-        self.leader: dict[str, str] = {}  # name -> the first linear seen reading the same input
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
-        self._last: tuple[torch.Tensor | None, str] = (None, "")
         self._seen: set[str] = set()  # linears reached in the current batch
         self._hooks = []
 
-    def __enter__(self) -> "_HessianCollector":
+    def __enter__(self) -> "_InputHooks":
         self._hooks = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
         return self
 
     def __exit__(self, *exc) -> None:
         for hook in self._hooks:
             hook.remove()
-        self._last = (None, "")
+        self.start_batch()
 
     def start_batch(self) -> None:
         self._seen.clear()
-        self._last = (None, "")
 
     def _hook(self, name: str):
-        def accumulate(module, args) -> None:
-            self._record(name, args[0])
+        def hook(module, args) -> None:
+            self.record(name, args[0])
             self._seen.add(name)
             if len(self._seen) == len(self.linears):
                 raise _AllInputsSeen
 
-        return accumulate
+        return hook
 
-    def _record(self, name: str, x: torch.Tensor) -> None:
+    def record(self, name: str, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _HessianCollector(_InputHooks):
+    """Accumulates XᵀX per distinct input tensor."""
+
+    def __init__(self, linears: dict[str, torch.nn.Linear]) -> None:
+        super().__init__(linears)
+        self.leader: dict[str, str] = {}  # name -> the first linear seen reading the same input
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._last: tuple[torch.Tensor | None, str] = (None, "")
+
+    def start_batch(self) -> None:
+        super().start_batch()
+        self._last = (None, "")
+
+    def record(self, name: str, x: torch.Tensor) -> None:
         last, last_name = self._last
         if x is last:
             self.leader.setdefault(name, self.leader[last_name])
@@ -177,34 +189,16 @@ class _HessianCollector:
         return groups
 
 
-class _RangeCollector:
-    """Forward pre-hooks that record each selected linear's input range (`InputRange`)."""
+class _RangeCollector(_InputHooks):
+    """Records each selected linear's input range (`InputRange`)."""
 
     def __init__(self, linears: dict[str, torch.nn.Linear], stride: int) -> None:
-        self.linears, self.stride = linears, stride
+        super().__init__(linears)
+        self.stride = stride
         self.ranges = {name: InputRange(linear.in_features, stride > 0) for name, linear in linears.items()}
-        self._seen: set[str] = set()
-        self._hooks = []
 
-    def __enter__(self) -> "_RangeCollector":
-        self._hooks = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in self.linears.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-    def start_batch(self) -> None:
-        self._seen.clear()
-
-    def _hook(self, name: str):
-        def record(module, args) -> None:
-            self.ranges[name].add(args[0], self.stride)
-            self._seen.add(name)
-            if len(self._seen) == len(self.linears):
-                raise _AllInputsSeen
-
-        return record
+    def record(self, name: str, x: torch.Tensor) -> None:
+        self.ranges[name].add(x, self.stride)
 
 
 def _not_linear(name: str, module) -> Exception:

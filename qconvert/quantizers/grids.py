@@ -110,6 +110,9 @@ def stored_scales(scales: torch.Tensor, scale_dtype: str, strict: bool = True) -
     return torch.where(scales < 0, -stored, stored)
 
 
+E4M3_VALUES = _e4m3_values()
+
+
 @dataclass(frozen=True)
 class Grid:
     """A table grid: `values[code]` times the group's scale (see the module table). The integer grid
@@ -194,9 +197,9 @@ GRIDS = {
     "iq4nl": Grid("iq4nl", 4, tuple(float(v) for v in IQ4_NL), block=32, default_group=32, signed_extreme=True),
     "mxfp4": Grid("mxfp4", 4, E2M1, scale="e8m0", block=32, default_group=32),
     "nvfp4": Grid("nvfp4", 4, E2M1, scale="e4m3", block=16, default_group=16),
-    "mxfp8": Grid("mxfp8", 8, _e4m3_values(), scale="e8m0", block=32, default_group=32),
-    "fp8": Grid("fp8", 8, _e4m3_values(), default_group=0),
-    "fp8-block": Grid("fp8-block", 8, _e4m3_values(), block=128, default_group=128, band=128),
+    "mxfp8": Grid("mxfp8", 8, E4M3_VALUES, scale="e8m0", block=32, default_group=32),
+    "fp8": Grid("fp8", 8, E4M3_VALUES, default_group=0),
+    "fp8-block": Grid("fp8-block", 8, E4M3_VALUES, block=128, default_group=128, band=128),
 }
 
 
