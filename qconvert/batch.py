@@ -121,6 +121,14 @@ def load_jobs(path: Path) -> list[Job]:
     return [_job(entry, index, defaults, base, path) for index, entry in enumerate(entries)]
 
 
+def _name_part(key: str, value) -> str:
+    """A setting in an output folder's name: a name stands for itself ("nf4", "int8-dynamic"), a number
+    says whose it is ("bits4")."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return value if isinstance(value, str) else f"{key}{value}"
+
+
 def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job:
     where = f"{path}, job {index + 1}"
     unknown = set(entry) - JOB_KEYS
@@ -142,7 +150,7 @@ def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job
     if "output" in entry:
         output = Path(_resolve(entry["output"], base))
     else:
-        name = recipe.stem if recipe else "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
+        name = recipe.stem if recipe else "-".join(_name_part(k, v) for k, v in sorted(settings.items())) or "default"
         output = Path(_resolve(defaults.get("output_dir", "."), base)) / f"{Path(source).name}-{name}"
     calib = entry.get("calib", defaults.get("calib"))
     return Job(

@@ -224,7 +224,7 @@ def _compare(ours, theirs, runtime: str) -> list[Problem]:
         return [
             Problem(
                 None,
-                f"{runtime}'s logits differ from qconvert's dequantized model by up to {difference:.4g} "
+                f"the logits {runtime} computes differ from qconvert's dequantized model's by up to {difference:.4g} "
                 f"(largest logit {scale:.4g}; allowed {allowed:.4g})",
             )
         ]

@@ -207,7 +207,9 @@ def _calibrate(
     if quantizer is None:
         return None
     if settings.calibration is None:
-        raise SchemeError(f"{quantizer.calibration_use()}: give calibration text with --calib FILE.")
+        raise SchemeError(
+            f"{quantizer.calibration_use()}: give calibration text with --calib FILE (in a batch job, `calib`)."
+        )
     key = {
         "qconvert_version": __version__,
         "settings": settings_dict(settings),

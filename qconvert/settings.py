@@ -68,6 +68,11 @@ class Settings:
         if self.target_bpw is not None and self.target_size is not None:
             raise SchemeError("give --target-bpw or --target-size, not both.")
         budgeted = self.target_bpw is not None or self.target_size is not None
+        if budgeted and self.activations:
+            raise SchemeError(
+                f"a size budget chooses each tensor's bits, but --activations {self.activations} fixes them at 8; "
+                "drop one of them."
+            )
         if self.budget_grids:
             self._check_budget_grids(budgeted)
         if budgeted and self.grid != "int":

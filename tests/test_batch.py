@@ -25,7 +25,7 @@ def jobs_file(tmp_path: Path, source: Path, *extra_jobs: str) -> Path:
 
 
 def report(path: Path) -> list[dict]:
-    return json.loads((path.parent / "batch-report.json").read_text())["jobs"]
+    return json.loads(path.with_name(f"{path.stem}-report.json").read_text())["jobs"]
 
 
 def test_batch_converts_then_skips_current_outputs_then_force_redoes_them(tmp_path, tiny_llama):

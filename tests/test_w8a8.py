@@ -131,6 +131,8 @@ def test_quantized_inputs_change_the_output(tmp_path, tiny_lm):
         (["--activations", "int8-dynamic", "--smooth", "high"], "not a strength"),
         (["--activations", "int8-dynamic", "--smooth", "0.5"], "--smooth needs the model's activations"),
         (["--activations", "int8-dynamic", "--smooth", "0.5", "-q", "awq"], "awq already scales"),
+        (["--activations", "int8-dynamic", "--format", "gguf"], "--format gguf cannot say"),
+        (["--activations", "int8-dynamic", "--target-bpw", "4"], "a size budget chooses each tensor's bits"),
     ],
 )
 def test_w8a8_refusals_are_one_sentence(tmp_path, tiny_lm, flags, words):
@@ -138,3 +140,10 @@ def test_w8a8_refusals_are_one_sentence(tmp_path, tiny_lm, flags, words):
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert words in result.output.replace("\n", " ")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_conversion_leaves_no_folder_it_made(tmp_path, tiny_lm):
+    out = tmp_path / "made" / "for" / "out"
+    result = runner.invoke(app, ["model", str(tiny_lm), "-o", str(out), "--activations", "int8-static"])
+    assert result.exit_code == 2 and "--calib FILE" in result.output
+    assert list(tmp_path.iterdir()) == []

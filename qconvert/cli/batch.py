@@ -21,7 +21,8 @@ def batch(
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Run the remaining jobs after one fails.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo jobs whose output is already current.")] = False,
     report: Annotated[
-        Optional[Path], typer.Option(help="Where to write the report (default: batch-report.json beside JOBS).")
+        Optional[Path],
+        typer.Option(help="Where to write the report (default: JOBS-report.json beside JOBS, e.g. jobs-report.json)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report's rows as JSON on stdout.")] = False,
 ) -> None:
@@ -30,7 +31,7 @@ def batch(
 
     def action() -> int:
         job_list = load_jobs(jobs_file)
-        report_path = report or jobs_file.parent / "batch-report.json"
+        report_path = report or jobs_file.with_name(f"{jobs_file.stem}-report.json")  # one report per jobs file
 
         def announce(result) -> None:
             detail = (

@@ -45,6 +45,7 @@ from qconvert.cli.options import (
     TargetSizeOption,
 )
 from qconvert.cli.progress import block_progress, progress_bar
+from qconvert.errors import SchemeError
 from qconvert.formats import Format
 
 
@@ -118,6 +119,11 @@ def model(
             batch_size=calib_batch_size,
         )
         settings = settings_from_flags(recipe, options, calibration)
+        if settings.activations and to not in ("qconvert", Format.COMPRESSED_TENSORS):
+            raise SchemeError(
+                f"--format {to} cannot say that a layer's inputs are quantized, so it cannot hold --activations "
+                f"{settings.activations}; use --format compressed-tensors (or qconvert), or drop --activations."
+            )
         result, exported = _convert_with_progress(source, output, settings, to, force, revision, events, check_runtime)
         _report_conversion(result, exported, as_json)
 

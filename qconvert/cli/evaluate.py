@@ -10,6 +10,7 @@ from rich.table import Table
 
 from qconvert.cli.common import app, run_command, stderr
 from qconvert.cli.options import SmoothOption
+from qconvert.limits import GRID_NAMES
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -119,7 +120,8 @@ def sweep(
         str,
         typer.Option(
             "--grids",
-            help="Comma-separated table grids to add (nf4, iq4nl, mxfp4, nvfp4, mxfp8, fp8), each at its own bits.",
+            help=f"Comma-separated table grids to add ({', '.join(g for g in GRID_NAMES if g != 'int')}), each at "
+            "its own bits.",
         ),
     ] = "",
     activations: Annotated[
@@ -143,7 +145,10 @@ def sweep(
     kernels: KernelsOption = True,
     calib: Annotated[
         Optional[Path],
-        typer.Option(help="Calibration text for calibrated quantizers (gptq).", rich_help_panel="Calibration"),
+        typer.Option(
+            help="Calibration text for gptq and awq rows, and for W8A8 rows with --smooth or int8-static.",
+            rich_help_panel="Calibration",
+        ),
     ] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.", rich_help_panel="Calibration")] = 128,
     calib_seqlen: Annotated[

@@ -163,7 +163,7 @@ def check(
             _print_problems(
                 [f"{p.tensor + ': ' if p.tensor else ''}{p.message}" for p in problems],
                 f"{path} ({found}) has what {runtime.value} needs"
-                + (f", and {runtime.value}'s logits match qconvert's" if forward else ""),
+                + (f", and the logits {runtime.value} computes match qconvert's" if forward else ""),
             )
         return VerificationError.exit_code if problems else 0
 

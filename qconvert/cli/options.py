@@ -47,8 +47,8 @@ GridOption = Annotated[
     typer.Option(
         "--grid",
         help=(
-            f"Code values: {', '.join(GRID_NAMES)}. int: integers with scales (and zero points); nf4, iq4nl, "
-            "mxfp4, nvfp4, fp8: that format's values, bits and scales. (default: int)"
+            f"Code values: {', '.join(GRID_NAMES)}. int: integers with scales (and zero points); any other: "
+            "that format's values, bits and scales (README, Grids). (default: int)"
         ),
         show_default=False,
     ),
@@ -130,7 +130,10 @@ ExcludeOption = Annotated[
 CalibOption = Annotated[
     Optional[Path],
     typer.Option(
-        "--calib", help="Calibration text file, for calibrated quantizers (gptq, awq).", rich_help_panel="Calibration"
+        "--calib",
+        help="Calibration text file: for gptq and awq, --smooth, --activations int8-static, and size budgets "
+        "(weighs their errors).",
+        rich_help_panel="Calibration",
     ),
 ]
 CalibSamplesOption = Annotated[

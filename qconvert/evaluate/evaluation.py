@@ -139,6 +139,17 @@ def weight_memory(model: torch.nn.Module) -> int:
     return total
 
 
+def bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every parameter and buffer (`weight_memory`), except the
+    input embedding table, of which a token reads one row, unless the output head shares it (tied)."""
+    total = weight_memory(model)
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    if table is None or (head is not None and head.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()):
+        return total
+    return total - table.untyped_storage().nbytes() + table[0].numel() * table.element_size()
+
+
 def size_on_disk(path: Path, loaded: LoadedModel) -> tuple[int, int]:
     """(parameters, bytes of weight files). A qconvert output's parameters come from its manifest."""
     size = sum(f.stat().st_size for f in loaded.files)

@@ -85,8 +85,9 @@ class CompressedTensorsLayout(Layout):
             )
         rows, columns = shape[0], shape[-1]
         if config.group_size and columns % config.group_size:
+            unit = "128 × 128 blocks' width" if config.grid == "fp8-block" else "group size"
             return (
-                f"{name} has {columns} columns, not a multiple of group size {config.group_size}, "
+                f"{name} has {columns} columns, not a multiple of {unit} {config.group_size}, "
                 "and compressed-tensors has no partial groups"
             )
         if not config.symmetric and role == EXPERTS:

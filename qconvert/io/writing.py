@@ -250,6 +250,7 @@ def output_lock(destination: Path) -> Iterator[None]:
     if key in _HELD:  # this process holds it already (an export inside a conversion's run)
         yield
         return
+    created = _missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -274,6 +275,20 @@ def output_lock(destination: Path) -> Iterator[None]:
         _HELD.discard(key)
         path.unlink(missing_ok=True)
         os.close(fd)
+        for folder in reversed(created):  # folders made for an output that never arrived: leave nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the output is in it
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders from the first missing ancestor of `folder` down to `folder`, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 _HELD: set[Path] = set()

@@ -118,3 +118,23 @@ def test_eval_refuses_an_encoder_clearly(real_models, tmp_path):
     text.write_text(TEXT)
     result = CliRunner().invoke(app, ["eval", str(out), "--text", str(text)])
     assert result.exit_code == 7 and "not a causal language model" in result.output
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_decoded_token_reads_one_embedding_row_unless_the_head_shares_the_table(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qconvert.evaluate.evaluation import bytes_read_per_token, weight_memory
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(config)
+    table, row = 1000 * 32 * 4, 32 * 4
+    assert bytes_read_per_token(model) == weight_memory(model) - (0 if tied else table - row)
