@@ -2,10 +2,10 @@
 
 Decoding one token reads every weight once, so its floor is (bytes of weights read per token) ÷
 (memory read bandwidth). The bandwidth is measured by summing a tensor much larger than the caches
-(torch's vectorized reduction, all its threads), median of several runs. Each model then decodes in
-qconvert's runtime (`qconvert eval`'s loader: packed layers stay packed) and the script prints
-its bytes read per token, the floor, the measured ms/token (median of several runs) and the fraction
-of the floor reached (floor ÷ measured: 1.0 would be perfect).
+(torch's vectorized reduction, all its threads): the median of several runs, with their spread.
+Each model then decodes in qconvert's runtime (`qconvert eval`'s loader: packed layers stay
+packed), and the script prints its bytes read per token, the floor, the measured ms/token (median
+of several runs) and the fraction of the floor reached (floor ÷ measured: 1.0 would be perfect).
 
 Usage:
     python scripts/bench_bandwidth.py MODEL [MODEL ...] [--gib 1] [--runs 5] [--decode 32]
@@ -22,16 +22,17 @@ import torch
 from qconvert.evaluate.evaluation import bytes_read_per_token, load_for_eval
 
 
-def read_bandwidth(gib: float, runs: int) -> float:
-    """Bytes per second that summing a `gib` GiB float32 tensor reads (median of `runs`, after a warm-up)."""
+def read_bandwidth(gib: float, runs: int) -> list[float]:
+    """Bytes per second that summing a `gib` GiB float32 tensor reads, each of `runs` runs after a warm-up,
+    sorted (this VM's figure moves between calls: the floor uses the median, the spread is printed)."""
     data = torch.ones(int(gib * 2**30) // 4)
     data.sum()
-    times = []
+    rates = []
     for _ in range(runs):
         start = time.perf_counter()
         data.sum()
-        times.append(time.perf_counter() - start)
-    return data.numel() * 4 / statistics.median(times)
+        rates.append(data.numel() * 4 / (time.perf_counter() - start))
+    return sorted(rates)
 
 
 @torch.no_grad()
@@ -60,8 +61,12 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32, help="tokens decoded per run")
     args = parser.parse_args()
 
-    bandwidth = read_bandwidth(args.gib, args.runs)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: read bandwidth {bandwidth / 1e9:.2f} GB/s")
+    rates = read_bandwidth(args.gib, max(args.runs, 5))
+    bandwidth = statistics.median(rates)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads: read bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"(median; min {rates[0] / 1e9:.1f}, max {rates[-1] / 1e9:.1f})"
+    )
     print(f"{'model':<40} {'MB read/token':>14} {'floor ms':>9} {'measured ms':>12} {'of floor':>9}")
     for path in args.models:
         model = load_for_eval(path).model
