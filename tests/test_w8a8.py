@@ -147,3 +147,13 @@ def test_a_failed_conversion_leaves_no_folder_it_made(tmp_path, tiny_lm):
     result = runner.invoke(app, ["model", str(tiny_lm), "-o", str(out), "--activations", "int8-static"])
     assert result.exit_code == 2 and "--calib FILE" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shipped_w8a8_recipe_smooths_and_quantizes_inputs(tmp_path, tiny_lm, calib):
+    from helpers import REPO
+
+    out = convert(tiny_lm, tmp_path / "out", "--recipe", str(REPO / "configs" / "w8a8-smoothquant.toml"), calib=calib)
+    manifest = read_manifest(out)
+    assert manifest.settings["smooth"] == "auto" and manifest.settings["activations"] == "int8-dynamic"
+    assert {r.activations for r in manifest.tensors if r.action == "quantized"} == {"int8-dynamic"}
+    assert any(r.origin == "rescaled" for r in manifest.tensors)  # the norms took SmoothQuant's scales
