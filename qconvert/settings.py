@@ -11,7 +11,7 @@ import torch
 from qconvert.calibration.samples import CalibrationSettings
 from qconvert.errors import SchemeError
 from qconvert.formats import LAYOUT_CHOICES
-from qconvert.limits import GRID_NAMES
+from qconvert.limits import GRID_NAMES, smooth_problem
 from qconvert.plan.recipes import Recipe, Rule, load_recipe
 from qconvert.quantizers import QuantConfig
 from qconvert.quantizers.activations import weights_of
@@ -102,8 +102,8 @@ class Settings:
                 "--smooth moves activation outliers into the weights, which only helps when activations are "
                 "quantized too; add --activations (e.g. int8-dynamic) or drop --smooth."
             )
-        if self.smooth != "auto" and not (isinstance(self.smooth, float) and 0.0 <= self.smooth <= 1.0):
-            raise SchemeError(f"--smooth {self.smooth} is not a strength in [0, 1] or auto.")
+        if smooth_problem(self.smooth):
+            raise SchemeError(f"--smooth {smooth_problem(self.smooth)}.")
         if self.quantizer == "awq":
             raise SchemeError(
                 "awq already scales input channels to suit the weights; --smooth takes rtn, clip or gptq."

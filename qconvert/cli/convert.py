@@ -46,7 +46,7 @@ from qconvert.cli.options import (
 )
 from qconvert.cli.progress import block_progress, progress_bar
 from qconvert.errors import SchemeError
-from qconvert.formats import Format
+from qconvert.formats import HOLDS_ACTIVATIONS, Format
 
 
 @app.command()
@@ -119,7 +119,7 @@ def model(
             batch_size=calib_batch_size,
         )
         settings = settings_from_flags(recipe, options, calibration)
-        if settings.activations and to not in ("qconvert", Format.COMPRESSED_TENSORS):
+        if settings.activations and to != "qconvert" and to not in HOLDS_ACTIVATIONS:
             raise SchemeError(
                 f"--format {to} cannot say that a layer's inputs are quantized, so it cannot hold --activations "
                 f"{settings.activations}; use --format compressed-tensors (or qconvert), or drop --activations."

@@ -20,7 +20,7 @@ from qconvert.io.loading import sha256_file
 from qconvert.io.sources import open_checkpoint
 from qconvert.manifest import MANIFEST_FILE, read_manifest
 from qconvert.quantizers import get
-from qconvert.quantizers.activations import weights_of
+from qconvert.quantizers.activations import needs_calibration, weights_of
 from qconvert.quantizers.grids import grid_defaults
 from qconvert.settings import Settings, settings_dict
 from qconvert.worker import run_in_process
@@ -100,7 +100,7 @@ def setting_grid(
             quantizer=q,
             activations=a,
             smooth=smooth,
-            calibration=calibration_for(q, smooth is not None or a.endswith("static")),
+            calibration=calibration_for(q, needs_calibration(a, smooth)),
             **weights_of(a),
         )
         for q, a in itertools.product(quantizers, activations)

@@ -31,3 +31,6 @@ class Format(StrEnum):
 LAYOUTS = (Format.COMPRESSED_TENSORS, Format.NATIVE)  # what `qconvert model` writes
 LAYOUT_CHOICES = ("auto", *LAYOUTS)
 EXPORTS = (Format.GGUF, Format.MLX, Format.GPTQ, Format.COMPRESSED_TENSORS)  # what `qconvert export` writes
+# The formats that can say a layer's inputs are quantized too (W8A8's `input_activations`): a W8A8 model
+# exported anywhere else would compute something else, so it is refused.
+HOLDS_ACTIVATIONS = (Format.NATIVE, Format.COMPRESSED_TENSORS)

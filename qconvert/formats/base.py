@@ -71,13 +71,13 @@ def scale_spec(name: str, rows: int, groups: int, config: QuantConfig) -> Tensor
 
 
 def record_config(record: TensorRecord) -> QuantConfig:
-    """The QuantConfig a record was quantized with. A W8A8 record's group spans its row: per channel, 0
-    (a table grid's fixed block stays as recorded even when a row is exactly one block long)."""
-    per_channel = record.activations and len(record.shape) == 2 and record.group_size == record.shape[1]
+    """The QuantConfig a record was quantized with. A group spanning its row is one scale per output
+    channel (group size 0); a format's fixed block stays a block, even on a row narrower than it (one
+    partial block, recorded at the row's width)."""
     block = GRIDS[record.grid or "int"].block
-    group_size = 0 if per_channel else record.group_size
-    if block and record.group_size < block and record.group_size == record.shape[-1]:
-        group_size = block  # a row narrower than the format's block: one partial block, recorded at its width
+    group_size = record.group_size
+    if record.group_size >= record.shape[-1]:
+        group_size = block or 0
     return QuantConfig(
         bits=record.bits,
         group_size=group_size,

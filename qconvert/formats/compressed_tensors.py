@@ -25,6 +25,7 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -85,7 +86,8 @@ class CompressedTensorsLayout(Layout):
             )
         rows, columns = shape[0], shape[-1]
         if config.group_size and columns % config.group_size:
-            unit = "128 × 128 blocks' width" if config.grid == "fp8-block" else "group size"
+            band = GRIDS[config.grid].band
+            unit = f"{band} × {config.group_size} blocks' width" if band > 1 else "group size"
             return (
                 f"{name} has {columns} columns, not a multiple of {unit} {config.group_size}, "
                 "and compressed-tensors has no partial groups"
@@ -200,18 +202,17 @@ class CompressedTensorsLayout(Layout):
         schemes: dict[tuple, list[str]] = defaultdict(list)
         for r in records:
             if r.action == "quantized":
-                # A group spanning its row is one scale per output channel: compressed-tensors' "channel"
-                # strategy (vLLM's kernels take no group as wide as a row); a format's fixed block stays a group.
-                grid = r.grid or "int"
-                per_channel = r.group_size >= r.shape[1] and GRIDS[grid].block is None
-                key = (r.bits, 0 if per_channel else r.group_size, r.symmetric, grid, r.activations or "")
+                # A group spanning its row is written as compressed-tensors' "channel" strategy (vLLM's kernels
+                # take no group as wide as a row): `record_config` gives it group size 0.
+                c = record_config(r)
+                key = (c.bits, c.group_size, c.symmetric, c.grid, c.activations or "")
                 schemes[key].append(module_name(rename(r.name)))
         linear_like = {module_name(rename(r.name)) for r in records if r.name.endswith(".weight") and len(r.shape) == 2}
         groups = {}
         for i, ((bits, group_size, symmetric, grid, activations), modules) in enumerate(sorted(schemes.items())):
             groups[f"group_{i}"] = {
                 "targets": module_targets(modules, linear_like),
-                "weights": _weights_args(bits, group_size, symmetric, grid, activations),
+                "weights": _weights_args(bits, group_size, symmetric, grid),
                 "input_activations": input_activations_args(activations) if activations else None,
                 "output_activations": None,
                 "format": floats.FLOAT_FORMATS.get(grid, "int-quantized" if activations else FORMAT),
@@ -257,11 +258,10 @@ def _input_tensors(module: str, q: QuantizedTensor) -> dict[str, torch.Tensor]:
     return {} if q.input_scale is None else {f"{module}.input_scale": q.input_scale.float()}
 
 
-def _weights_args(bits: int, group_size: int, symmetric: bool, grid: str, activations: str) -> dict:
+def _weights_args(bits: int, group_size: int, symmetric: bool, grid: str) -> dict:
     if grid != "int":
         return floats.weights_args(grid, group_size)
-    strategy = "channel" if activations or not group_size else "group"
-    return floats.weights_args_of(bits, "int", symmetric, strategy, 0 if activations else group_size)
+    return floats.weights_args_of(bits, "int", symmetric, "group" if group_size else "channel", group_size)
 
 
 def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
@@ -284,28 +284,45 @@ def module_targets(modules: list[str], candidates: set[str]) -> list[str]:
     return targets
 
 
-def schemes_from_config(quantization_config: dict, modules: set[str], runtime_name=None) -> dict[str, tuple | None]:
-    """module -> (bits, group size or 0, symmetric, type "int" or "float", format, static input scale?,
-    strategy) of the first config group (a `block` strategy's group size is its blocks' width)
-    targeting it (a module name, a "re:" pattern or the class name Linear), or None: how readers resolve
-    `targets`. Targets are matched against each module's name as stored and as the runtime renames it
-    (`runtime_name`)."""
+class GroupScheme(NamedTuple):
+    """What a `config_groups` entry declares for the modules it targets (its first four fields are the
+    (bits, group, symmetric, kind) `vllm_rules` compares across fused projections)."""
+
+    bits: int | None
+    group_size: int  # 0: per channel; a `block` strategy's block width
+    symmetric: bool
+    kind: str  # "int" or "float"
+    format: str  # e.g. pack-quantized, int-quantized, float-quantized
+    static_input: bool  # input_activations with a fixed `input_scale`
+    grid: str | None  # qconvert's grid for a float scheme (None: none matches); "int" for integers
+
+
+def schemes_from_config(
+    quantization_config: dict, modules: set[str], runtime_name=None
+) -> dict[str, GroupScheme | None]:
+    """module -> the `GroupScheme` of the first config group targeting it (a module name, a "re:" pattern
+    or the class name Linear), or None: how readers resolve `targets`. Targets are matched against each
+    module's name as stored and as the runtime renames it (`runtime_name`)."""
     rules = []
     for group in (quantization_config.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
-        block = weights.get("block_structure") if weights.get("strategy") == "block" else None
-        scheme = (
-            weights.get("num_bits"),
-            (block[1] if block else weights.get("group_size")) or 0,
-            weights.get("symmetric", True),
-            weights.get("type", "int"),
-            group.get("format") or quantization_config.get("format") or FORMAT,
-            (group.get("input_activations") or {}).get("dynamic") is False,
-            weights.get("strategy") or "",
+        strategy = weights.get("strategy") or ""
+        block = weights.get("block_structure") if strategy == "block" else None
+        bits, kind = weights.get("num_bits"), weights.get("type", "int")
+        group_size = (block[1] if block else weights.get("group_size")) or 0
+        layout = group.get("format") or quantization_config.get("format") or FORMAT
+        scheme = GroupScheme(
+            bits=bits,
+            group_size=group_size,
+            symmetric=weights.get("symmetric", True),
+            kind=kind,
+            format=layout,
+            static_input=(group.get("input_activations") or {}).get("dynamic") is False,
+            grid="int" if kind == "int" else floats.grid_of(bits, group_size, layout, strategy),
         )
         rules += [(target, scheme) for target in group.get("targets", [])]
 
-    def scheme_of(module: str) -> tuple | None:
+    def scheme_of(module: str) -> GroupScheme | None:
         names = {module, module_name(runtime_name(module + ".weight"))} if runtime_name else {module}
         for target, scheme in rules:
             for name in names:
@@ -330,14 +347,15 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
         scheme = schemes[prefix.rstrip(".")]
         if scheme is None:
             raise SourceError(f"{prefix}weight_scale is stored but no config group of {raw.source} targets it.")
-        if scheme[3] == "float":
+        if scheme.kind == "float":
             modules[prefix + "weight"] = _float_module(raw, prefix, scheme)
-    int_prefixes = [p for p in prefixes if schemes[p.rstrip(".")][3] == "int"]
-    unpacked = [p for p in int_prefixes if schemes[p.rstrip(".")][4] != FORMAT]
+    int_prefixes = [p for p in prefixes if schemes[p.rstrip(".")].kind == "int"]
+    unpacked = [p for p in int_prefixes if schemes[p.rstrip(".")].format != FORMAT]
     if unpacked:
         raise SourceError(
-            f"{unpacked[0].rstrip('.')} is compressed-tensors {schemes[unpacked[0].rstrip('.')][4]}, which qconvert "
-            f"does not read as a source yet (it reads {FORMAT} and {', '.join(floats.FLOAT_FORMATS.values())})."
+            f"{unpacked[0].rstrip('.')} is compressed-tensors {schemes[unpacked[0].rstrip('.')].format}, which "
+            f"qconvert does not read as a source yet (it reads {FORMAT} and "
+            f"{', '.join(floats.FLOAT_FORMATS.values())})."
         )
     shapes = dict(raw.iter_tensors([p + "weight_shape" for p in int_prefixes], hash_on_the_way=False))
     for prefix in int_prefixes:
@@ -352,11 +370,10 @@ def _modules(raw: Checkpoint, quantization: dict) -> dict[str, StoredModule]:
     return modules
 
 
-def _float_module(raw: Checkpoint, prefix: str, scheme: tuple) -> StoredModule:
-    """A float-quantized (fp8, mxfp8) or FP4-packed (nvfp4, mxfp4) module, as `compressed_tensors_float.py`
-    lays them out; any other float scheme is refused by name."""
-    bits, group, layout, strategy = scheme[0], scheme[1], scheme[4], scheme[6]
-    grid = floats.grid_of(bits, group, layout, strategy)
+def _float_module(raw: Checkpoint, prefix: str, scheme: GroupScheme) -> StoredModule:
+    """A float-quantized (fp8, mxfp8, fp8-block) or FP4-packed (nvfp4, mxfp4) module, as
+    `compressed_tensors_float.py` lays them out; any other float scheme is refused by name."""
+    bits, group, grid = scheme.bits, scheme.group_size, scheme.grid
     one_byte = grid in floats.FP8_GRIDS
     roles = ("weight", "weight_scale") if one_byte else ("weight_packed", "weight_scale", "weight_global_scale")
     parts = {role: prefix + role for role in roles if prefix + role in raw.tensors}
@@ -495,18 +512,17 @@ FLOAT_PARTS = {
 }
 
 
-def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) -> list[Problem]:
-    bits, group, symmetric, kind, layout, static_input, strategy = scheme
-    if kind == "int" and layout == "int-quantized":
+def _module_problems(module: str, scheme: GroupScheme, tensors: dict, runtime: str) -> list[Problem]:
+    bits, group, kind, grid = scheme.bits, scheme.group_size, scheme.kind, scheme.grid
+    if grid is None:
+        return [Problem(module, f"compressed-tensors has no {bits}-bit float format in groups of {group}")]
+    if kind == "float":
+        required = dict(FLOAT_PARTS[grid])
+    elif scheme.format == "int-quantized":
         required = {"weight": torch.int8, "weight_scale": None}
-    elif kind == "float":
-        grid = floats.grid_of(bits, group, layout, strategy)
-        if grid is None:
-            return [Problem(module, f"compressed-tensors has no {bits}-bit float format in groups of {group}")]
-        required = FLOAT_PARTS[grid]
     else:
-        required = {**INT_PARTS, **({} if symmetric else {"weight_zero_point": None})}
-    if static_input:  # the config promises a fixed input scale: without it the runtime runs uncalibrated
+        required = {**INT_PARTS, **({} if scheme.symmetric else {"weight_zero_point": None})}
+    if scheme.static_input:  # the config promises a fixed input scale: without it the runtime runs uncalibrated
         required["input_scale"] = torch.float32
     problems = []
     for part, dtype in required.items():
@@ -521,7 +537,7 @@ def _module_problems(module: str, scheme: tuple, tensors: dict, runtime: str) ->
     if runtime == "vllm" and kind == "int":
         problems += vllm_scheme_problems(module, bits, group, allowed_bits=(4, 8))
     if runtime == "vllm" and kind == "float":
-        problems += _vllm_float_problems(module, floats.grid_of(bits, group, layout, strategy), group)
+        problems += _vllm_float_problems(module, grid, group)
     return problems
 
 

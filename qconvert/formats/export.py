@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from qconvert.errors import SchemeError, UnsupportedModelError
-from qconvert.formats import EXPORTS, Format
+from qconvert.formats import EXPORTS, HOLDS_ACTIVATIONS
 from qconvert.formats.exporting import ExportReport
 from qconvert.formats.registry import EXPORTERS
 from qconvert.output import open_output
@@ -25,7 +25,7 @@ def export(output: Path, to: str, destination: Path | None = None, force: bool =
     if to not in EXPORTERS:
         raise SchemeError(f"unknown export format {to!r}; choose one of {', '.join(EXPORTS)}.")
     source = open_output(output)
-    if to != Format.COMPRESSED_TENSORS and any(r.activations for r in source.manifest.tensors):
+    if to not in HOLDS_ACTIVATIONS and any(r.activations for r in source.manifest.tensors):
         raise UnsupportedModelError(
             f"{output} quantizes its linears' inputs (W8A8), which {to} cannot express, so the export would not "
             "compute what it does; export it to compressed-tensors, or convert without --activations."

@@ -18,7 +18,7 @@ from qconvert.io.writing import TensorSpec
 from qconvert.manifest import BY_BUDGET, KEPT, QUANTIZED, Manifest, StoredRecord, TensorRecord
 from qconvert.plan.selection import IN_BLOCK, Decision, command_line_rules, decide
 from qconvert.quantizers import Quantizer, get
-from qconvert.quantizers.activations import get_scheme
+from qconvert.quantizers.activations import needs_calibration
 from qconvert.settings import PASSTHROUGH_DTYPES, Settings, TensorScheme
 
 
@@ -194,7 +194,7 @@ def _with_activation_calibration(quantizer: Quantizer, settings: Settings) -> Qu
     """W8A8 layers whose activations need calibration (SmoothQuant, a static scheme) get their quantizer
     wrapped in the calibrated steps of `quantizers/smoothquant.py`."""
     activations = quantizer.config.activations
-    if activations is None or (settings.smooth is None and get_scheme(activations).dynamic):
+    if activations is None or not needs_calibration(activations, settings.smooth):
         return quantizer
     from qconvert.quantizers.smoothquant import W8A8Calibration
 

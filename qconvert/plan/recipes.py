@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qconvert.errors import SchemeError
-from qconvert.limits import ACTIVATION_SCHEMES, SUPPORTED_BITS
+from qconvert.limits import ACTIVATION_SCHEMES, SUPPORTED_BITS, smooth_problem
 from qconvert.quantizers.base import SCALE_DTYPES
 from qconvert.quantizers.grids import GRID_NAMES
 
@@ -169,12 +169,8 @@ def _impossible(key: str, value: Any) -> str | None:
         return f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}"
     if key == "activations" and value not in ACTIVATION_SCHEMES:
         return f"no activation scheme {value!r}; choose one of {', '.join(ACTIVATION_SCHEMES)}"
-    if (
-        key == "smooth"
-        and value != "auto"
-        and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1)
-    ):
-        return 'smooth must be a strength in [0, 1] or "auto"'
+    if key == "smooth" and smooth_problem(value):
+        return f"smooth = {smooth_problem(value)}"
     if key == "grid" and value not in GRID_NAMES:
         return f"no grid named {value!r}; choose one of {', '.join(GRID_NAMES)}"
     if key == "quantizer" and value not in registry.available():

@@ -63,6 +63,12 @@ def weights_of(name: str) -> dict:
     return {"grid": get_scheme(name).weight_grid, "bits": 8, "symmetric": True, "group_size": 0}
 
 
+def needs_calibration(name: str, smooth: float | str | None) -> bool:
+    """Whether a W8A8 layer needs calibration text: SmoothQuant measures its inputs, and a static scheme
+    takes its input scale from them."""
+    return smooth is not None or not get_scheme(name).dynamic
+
+
 def static_scale(absmax: float, name: str) -> torch.Tensor:
     """float32 (1,): the static input scale of a layer whose calibration inputs reached `absmax`."""
     scale = absmax / get_scheme(name).steps
