@@ -34,7 +34,9 @@ DecodeOption = Annotated[int, typer.Option("--decode-tokens", help="Greedy token
 KernelsOption = Annotated[
     bool,
     typer.Option(
-        "--kernels/--no-kernels", help="Use torch's int8/int4 CPU kernels (bfloat16 activations) or exact float32."
+        "--kernels/--no-kernels",
+        help="Fast kernels: torch's int8/int4 CPU kernels (bfloat16 activations) and compiled fused ones; "
+        "or the exact float32 dequantize-then-matmul.",
     ),
 ]
 
@@ -101,6 +103,9 @@ def _print_eval(result) -> None:
         ("prefill", f"{result.prefill_tokens_per_s:.1f} tokens/s"),
         ("decode", f"{result.decode_ms_per_token:.1f} ms/token"),
     ]
+    if result.kernels:
+        kernels = ", ".join(f"{count} {name}" for name, count in sorted(result.kernels.items()))
+        rows.append(("linear kernels", f"{kernels}; compiling took {result.compile_seconds:.1f} s (not in the speeds)"))
     for key, value in rows:
         table.add_row(key, value)
     Console(stderr=True, width=None if stderr.is_terminal else 160, markup=False).print(table)

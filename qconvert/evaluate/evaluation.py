@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from qconvert.errors import QConvertError, QualityGateError, SourceError
+from qconvert.evaluate import kernels
+from qconvert.evaluate.qlinear import QuantizedLinear
 from qconvert.evaluate.runtime import LoadedModel, load_for_eval
 from qconvert.manifest import read_manifest
 
@@ -25,7 +27,7 @@ class EvalSettings:
     max_tokens: int | None = 20480  # 40 windows of 512: the windows of the reference figures
     prompt_tokens: int = 128  # prefill speed is measured on a prompt this long
     decode_tokens: int = 32  # then this many greedy tokens are decoded for the decode speed
-    use_kernels: bool = True  # torch's int8/int4 kernels (bfloat16 activations); False: exact float32
+    use_kernels: bool = True  # torch's int8/int4 kernels (bfloat16 activations) and compiled fused ones; False: exact
 
     def __post_init__(self) -> None:
         if self.ctx < 2:
@@ -50,6 +52,8 @@ class EvalResult:
     decode_ms_per_token: float
     eval_seconds: float
     baseline: dict = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)  # how many linear layers run on each kernel
+    compile_seconds: float = 0.0  # spent compiling fused kernels (or loading them from Inductor's cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +171,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate the model at `path` (qconvert output, checkpoint folder or .gguf) on `text`."""
     start = time.perf_counter()
+    compiling = kernels.Compiled.seconds
     loaded = load_for_eval(path, use_kernels=settings.use_kernels)
     tokenizer = load_tokenizer((tokenizer_path, None) if tokenizer_path else loaded.tokenizer_source)
     windows = token_windows(tokenizer, text, settings)
@@ -191,7 +196,18 @@ def evaluate(
         decode_ms_per_token=decode_ms,
         eval_seconds=time.perf_counter() - start,
         baseline=scores.get("baseline", {}),
+        kernels=kernel_counts(loaded.model),
+        compile_seconds=kernels.Compiled.seconds - compiling,
     )
+
+
+def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
+    """How many of the model's quantized linears run on each kernel (`QuantizedLinear.kernel`)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            counts[module.kernel] = counts.get(module.kernel, 0) + 1
+    return counts
 
 
 def check_quality_gate(

@@ -12,22 +12,28 @@ It picks the fastest path torch offers on CPU for its scheme, keeping one copy o
   through `aten._weight_int8pack_mm`; a long prompt dequantizes the weight for one float32 matmul,
   which is exact and, on a long input, faster. An asymmetric zero point becomes a per-row
   correction, `(x · 1) × (128 - zero) × scale`.
-- int4 in whole groups of 32-256: `aten._weight_int4pack_mm_for_cpu`, whose weight is
-  `(q - 8) × scale + zero` per group; ours is `(q - z) × scale`, so its `zero` is `(8 - z) × scale`.
-  Its layout is private to torch, so this path has no exact float32 fallback.
-- anything else, table grids included (nf4, fp8, mxfp4, ...): qconvert's packed codes, unpacked and
-  dequantized on every call (the weight never stays resident in float).
+- int codes of 2-4 bits in groups of any multiple of 32 (per channel included):
+  `aten._weight_int4pack_mm_for_cpu`, whose weight is `(c - 8) × scale + zero` per group of
+  32-256; a group that is a multiple of the kernel's repeats its scale. Codes under 4 bits use 4
+  of them, so int2 and int3 decode as fast as int4 and take 4 bits of memory.
+- int codes of 5-8 bits in such groups: two int4 kernel calls, high and low nibble (8 bits of
+  memory), where the high nibble's zero point re-centres exactly (5-7 bits, and symmetric 8).
+- everything else, the table grids included (nf4, iq4nl, mxfp4, nvfp4, fp8, mxfp8, fp8-block): the
+  compiled fused kernels of `kernels.py` on qconvert's codes split into bit planes, for one row of
+  input (decoding); a prompt dequantizes the weight with the same compiled code for one float32
+  matmul. The layout holds exactly the file's bits.
 
 On AVX2 CPUs torch 2.13 vectorizes these kernels only for bfloat16 activations (its float32
 path is scalar: 50x slower than a float32 matmul, measured), so the kernels get bfloat16 inputs and
-their outputs are cast back: the kernel paths match the float32 dequantized model to bfloat16
-rounding, the unpack and long-input int8 paths exactly. `use_kernels=False` takes the exact path
-everywhere.
+their outputs are cast back: the torch kernel paths match the float32 dequantized model to bfloat16
+rounding, the fused and long-input int8 paths to float32 summation order. `use_kernels=False`
+unpacks and dequantizes qconvert's codes on every call, exactly, everywhere.
 """
 
 import torch
 from torch import nn
 
+from qconvert.evaluate import kernels
 from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.activations import fake_quantize, quantize_input
 from qconvert.quantizers.base import QuantizedTensor, dequantize
@@ -56,8 +62,12 @@ class QuantizedLinear(nn.Module):
         self.grid, self.global_scale = q.grid, q.global_scale
         if q.grid == "int" and q.bits == 8 and q.group_size == self.in_features:
             self._init_int8(q)
-        elif q.grid == "int" and q.bits == 4 and use_kernels and self._int4_kernel_accepts(q):
-            self._init_int4(q)
+        elif use_kernels and q.grid == "int" and (size := self._int4_kernel_group(q)) and q.bits <= 4:
+            self._init_int4(q, size)
+        elif use_kernels and q.grid == "int" and size and q.activations is None and self._init_int4_pair(q, size):
+            pass
+        elif use_kernels and (spec := kernels.spec_for(q)) is not None:
+            self._init_fused(q, spec)
         else:
             self._init_unpack(q)
 
@@ -69,20 +79,76 @@ class QuantizedLinear(nn.Module):
         offset = None if q.zeros is None else (128 - q.zeros.float().view(-1)) * scales
         self.register_buffer("row_offset", offset)
 
-    def _int4_kernel_accepts(self, q: QuantizedTensor) -> bool:
-        # The kernel wants whole groups of a size it was built for, and an even number of columns.
-        return self.in_features % q.group_size == 0 and q.group_size in (32, 64, 128, 256) and self.in_features % 2 == 0
+    def _int4_kernel_group(self, q: QuantizedTensor) -> int | None:
+        """The kernel's group size that serves `q`'s groups (repeating their scales), or None.
 
-    def _init_int4(self, q: QuantizedTensor) -> None:
-        self.kernel = "int4"
-        self.register_buffer(
-            "weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 2)
-        )
-        scales = q.scales.float()
-        zeros = torch.zeros_like(scales) if q.zeros is None else (8 - q.zeros.float()) * scales
-        self.register_buffer(
-            "scales_and_zeros", torch.stack([scales.T, zeros.T], dim=-1).contiguous().to(self.KERNEL_DTYPE)
-        )
+        The kernel takes groups of 32-256 columns that tile the row, and an even number of
+        columns. A group of g columns (per-channel: the whole row) is served by the largest of
+        those sizes that divides both g and the row, so a partial last group is served too.
+        """
+        group = q.group_size or self.in_features
+        for size in (256, 128, 64, 32):
+            if group % size == 0 and self.in_features % size == 0:
+                return size
+        return None
+
+    def _int4_operand(
+        self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, q: QuantizedTensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One operand of the int4 kernel, whose weight is `(c - 8) × scale + zero` per kernel group,
+        for the weight `(codes - zeros) × scales` (codes 0-15, zeros and scales per (row, group)).
+
+        Codes are re-centred, c = codes - zeros + 8, wherever that fits 4 bits, so the kernel's zero
+        is exactly 0; otherwise c = codes and its zero is `(8 - zeros) × scales`, which bfloat16
+        rounds. Returns (packed codes, scales and zeros, whether re-centred).
+        """
+        group = q.group_size or self.in_features
+        column_group = torch.arange(self.in_features) // group
+        centred = codes.to(torch.int32) - zeros[:, column_group].to(torch.int32) + 8
+        if bool(centred.min() >= 0) and bool(centred.max() <= 15):
+            codes, zero = centred, torch.zeros_like(scales)
+        else:
+            zero = (8 - zeros) * scales
+        index = torch.arange(0, self.in_features, size) // group
+        scales_and_zeros = torch.stack([scales[:, index].T, zero[:, index].T], dim=-1).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        return packed, scales_and_zeros.to(self.KERNEL_DTYPE), codes is centred
+
+    def _init_int4(self, q: QuantizedTensor, size: int) -> None:
+        """Codes of 2-4 bits on the int4 kernel (see `_int4_operand`)."""
+        self.kernel, self.kernel_group = "int4", size
+        packed, scales_and_zeros, _ = self._int4_operand(q.codes, q.scales.float(), self._zeros(q), q, size)
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    def _init_int4_pair(self, q: QuantizedTensor, size: int) -> bool:
+        """Codes of 5-8 bits as two int4 kernel calls: with q = 16·hi + lo and z = 16·zh + zl,
+        (q - z)·s = (hi - zh)·16s + (lo - zl)·s. Taken only when the high operand re-centres (always
+        for 5-7 bits and for symmetric 8 bits), so its bfloat16 zero is exact; False otherwise."""
+        codes, scales, zeros = q.codes.to(torch.int32), q.scales.float(), self._zeros(q)
+        high_zeros = torch.div(zeros, 16, rounding_mode="floor")
+        high, high_scales, centred = self._int4_operand(codes >> 4, 16 * scales, high_zeros, q, size)
+        if not centred:
+            return False
+        low, low_scales, _ = self._int4_operand(codes & 15, scales, zeros - 16 * high_zeros, q, size)
+        self.kernel, self.kernel_group = "int4-pair", size
+        self.register_buffer("weight_int4", high)
+        self.register_buffer("scales_and_zeros", high_scales)
+        self.register_buffer("weight_int4_low", low)
+        self.register_buffer("scales_and_zeros_low", low_scales)
+        return True
+
+    @staticmethod
+    def _zeros(q: QuantizedTensor) -> torch.Tensor:
+        return q.zeros.float() if q.zeros is not None else torch.full_like(q.scales.float(), 2 ** (q.bits - 1))
+
+    def _init_fused(self, q: QuantizedTensor, spec: kernels.KernelSpec) -> None:
+        self.kernel = "fused"
+        self.fused = kernels.pack(q, spec)
+        for i, plane in enumerate(self.fused.planes):  # buffers too, so the model's memory counts them
+            self.register_buffer(f"plane{i}", plane)
+        self.register_buffer("scales", self.fused.scales)
+        self.register_buffer("offsets", self.fused.offsets)
 
     def _init_unpack(self, q: QuantizedTensor) -> None:
         self.register_buffer("packed", pack_codes(q.codes, q.bits))
@@ -122,14 +188,20 @@ class QuantizedLinear(nn.Module):
                 y = x @ (self.weight_int8.to(self.dtype) * self.scales.to(self.dtype)[:, None]).T
             if self.row_offset is not None:
                 y = y + x.sum(-1, keepdim=True) * self.row_offset.to(self.dtype)
-        elif self.kernel == "int4":
-            k = self.KERNEL_DTYPE
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(k), self.weight_int4, self.group_size, self.scales_and_zeros
-            ).to(self.dtype)
+        elif self.kernel in ("int4", "int4-pair"):
+            k, mm = self.KERNEL_DTYPE, torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x.to(k), self.weight_int4, self.kernel_group, self.scales_and_zeros).float()
+            if self.kernel == "int4-pair":
+                y += mm(x.to(k), self.weight_int4_low, self.kernel_group, self.scales_and_zeros_low).float()
+            y = y.to(self.dtype)
         else:
             x = x if self.activations is None else fake_quantize(x, self.activations, self.input_scale)
-            y = x @ dequantize(self.quantized(), self.dtype).T
+            if self.kernel == "fused" and x.shape[0] == 1:
+                y = kernels.Compiled.call("gemv", x[0].float(), self.fused)[None].to(self.dtype)
+            elif self.kernel == "fused":
+                y = x @ kernels.Compiled.call("dequantize", self.fused).to(self.dtype).T
+            else:
+                y = x @ dequantize(self.quantized(), self.dtype).T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
