@@ -10,6 +10,7 @@ from rich.table import Table
 
 from qconvert.cli.common import app, run_command, stderr
 from qconvert.cli.options import SmoothOption
+from qconvert.errors import QConvertError
 from qconvert.limits import GRID_NAMES
 
 
@@ -57,6 +58,21 @@ def eval_command(
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder (default: the model's own).")] = None,
     decode_tokens: DecodeOption = 32,
     kernels: KernelsOption = True,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="Who runs the model: qconvert (transformers with packed layers) or llama.cpp (llama-perplexity "
+            "and llama-bench on its GGUF; perplexity scores each chunk's second half, so compare it only with "
+            "llama.cpp's)."
+        ),
+    ] = "qconvert",
+    llama_cpp: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--llama-cpp",
+            help="Where scripts/build_llama_cpp.sh built llama.cpp (default: $QCONVERT_LLAMA_CPP or build/llama.cpp).",
+        ),
+    ] = None,
     max_ppl_increase: Annotated[
         Optional[float], typer.Option(help="Fail (exit 4) if perplexity rises more than this % over --baseline.")
     ] = None,
@@ -74,7 +90,16 @@ def eval_command(
         settings = EvalSettings(
             ctx=ctx, max_tokens=max_tokens or None, decode_tokens=decode_tokens, use_kernels=kernels
         )
-        result = evaluate(model_path, read_text(text, dataset), settings, baseline, tokenizer)
+        if runtime == "llama.cpp":
+            from qconvert.evaluate.llama_cpp import evaluate_llama_cpp, find_tools
+
+            if baseline or tokenizer:
+                raise QConvertError("--baseline and --tokenizer work with --runtime qconvert only.")
+            result = evaluate_llama_cpp(model_path, read_text(text, dataset), settings, find_tools(llama_cpp))
+        elif runtime == "qconvert":
+            result = evaluate(model_path, read_text(text, dataset), settings, baseline, tokenizer)
+        else:
+            raise QConvertError(f"--runtime {runtime} is not one of qconvert, llama.cpp.")
         if as_json:
             print(json.dumps(result.to_dict(), sort_keys=True))
         else:
@@ -85,7 +110,7 @@ def eval_command(
 
 
 def _print_eval(result) -> None:
-    table = Table(title=f"{result.model} ({result.kind})", show_header=False)
+    table = Table(title=f"{result.model} ({result.kind}, run by {result.runtime})", show_header=False)
     rows = [("perplexity", f"{result.perplexity:.4f} over {result.tokens_scored:,} tokens ({result.windows} windows)")]
     if result.baseline:
         b = result.baseline

@@ -54,6 +54,7 @@ class EvalResult:
     baseline: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # how many linear layers run on each kernel
     compile_seconds: float = 0.0  # spent compiling fused kernels (or loading them from Inductor's cache)
+    runtime: str = "qconvert"  # or "llama.cpp" (`llama_cpp.py`): which runtime scored and timed it
 
     def to_dict(self) -> dict:
         return asdict(self)
