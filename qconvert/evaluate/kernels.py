@@ -120,6 +120,13 @@ def _grouped(t: torch.Tensor, spec: KernelSpec, value) -> torch.Tensor:
     return F.pad(t, (0, spec.padded - spec.group), value=value)
 
 
+def grouped_input(x: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """(columns,) -> (groups, padded) contiguous, zero-padded as the planes are."""
+    if spec.columns == spec.groups * spec.padded:
+        return x.contiguous().view(spec.groups, spec.padded)
+    return _grouped(x[None], spec, 0.0)[0].contiguous()
+
+
 def _plane(codes: torch.Tensor, bits: int, shift: int, spec: KernelSpec) -> torch.Tensor:
     per_byte = 8 // bits
     sub = ((codes >> shift) & ((1 << bits) - 1)).view(spec.rows, spec.groups, per_byte, spec.padded // per_byte)

@@ -59,12 +59,12 @@ def evaluate_llama_cpp(path: Path, text: str, settings: EvalSettings, tools: Pat
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qconvert-llama-cpp-") as scratch:
         scratch = Path(scratch)
-        gguf, parameters = _as_gguf(path, scratch, tools)
+        gguf, parameters = as_gguf(path, scratch, tools)
         text_file = scratch / "text.txt"
         text_file.write_text(text)
         chunks = (settings.max_tokens // settings.ctx) if settings.max_tokens else None
         perplexity, chunks_scored = _perplexity(tools, gguf, text_file, settings.ctx, chunks)
-        prefill, decode = _speed(tools, gguf, settings.prompt_tokens, settings.decode_tokens)
+        prefill, decode = speed(tools, gguf, settings.prompt_tokens, settings.decode_tokens)
         size = gguf.stat().st_size
     return EvalResult(
         model=str(path),
@@ -84,8 +84,12 @@ def evaluate_llama_cpp(path: Path, text: str, settings: EvalSettings, tools: Pat
     )
 
 
-def _as_gguf(path: Path, scratch: Path, tools: Path) -> tuple[Path, int]:
-    """(a GGUF file of the model, its parameter count)."""
+def as_gguf(path: Path, scratch: Path, tools: Path) -> tuple[Path, int]:
+    """(a GGUF file of the model, written in `scratch` unless it is one, and its parameter count).
+
+    Raises:
+        UnsupportedModelError: a qconvert output would not export to GGUF exactly.
+    """
     import gguf
 
     if path.suffix == ".gguf":
@@ -133,7 +137,7 @@ def _perplexity(tools: Path, gguf: Path, text: Path, ctx: int, chunks: int | Non
     return float(found.group(1)), int(counted.group(1))
 
 
-def _speed(tools: Path, gguf: Path, prompt: int, decode: int) -> tuple[float, float]:
+def speed(tools: Path, gguf: Path, prompt: int, decode: int) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/token): llama-bench's mean of 3 runs of each."""
     command = [tools / "bin" / "llama-bench", "-m", gguf, "-p", prompt, "-n", decode, "-t", os.cpu_count()]
     rows = json.loads(_run([*command, "-r", 3, "-o", "json"], stdout_only=True))

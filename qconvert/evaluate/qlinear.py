@@ -8,7 +8,7 @@ It picks the fastest path torch offers on CPU for its scheme, keeping one copy o
   compressed-tensors computes for the same file, without its dequantized float weight. W8A8 FP8
   quantizes the input the same way and multiplies the FP8 values in float32 (torch has no FP8
   matmul on CPU).
-- int8 per output channel: int8 codes and a per-row scale. A few rows of input (decoding) go
+- int codes of 5-8 bits per output channel: int8 codes and a per-row scale. A few rows of input (decoding) go
   through `aten._weight_int8pack_mm`; a long prompt dequantizes the weight for one float32 matmul,
   which is exact and, on a long input, faster. An asymmetric zero point becomes a per-row
   correction, `(x · 1) × (128 - zero) × scale`.
@@ -18,10 +18,13 @@ It picks the fastest path torch offers on CPU for its scheme, keeping one copy o
   of them, so int2 and int3 decode as fast as int4 and take 4 bits of memory.
 - int codes of 5-8 bits in such groups: two int4 kernel calls, high and low nibble (8 bits of
   memory), where the high nibble's zero point re-centres exactly (5-7 bits, and symmetric 8).
-- everything else, the table grids included (nf4, iq4nl, mxfp4, nvfp4, fp8, mxfp8, fp8-block): the
-  compiled fused kernels of `kernels.py` on qconvert's codes split into bit planes, for one row of
-  input (decoding); a prompt dequantizes the weight with the same compiled code for one float32
-  matmul. The layout holds exactly the file's bits.
+- 4-bit table grids (nf4, iq4nl, mxfp4, nvfp4) where AVX2 is there: `table_kernel.py`, a C GEMV
+  that looks codes up with vector permutes, for one row of input; a prompt dequantizes the weight
+  with the same lookups for one float32 matmul.
+- everything else (fp8, mxfp8, fp8-block, int groups the int4 kernel cannot tile, asymmetric 8-bit
+  groups): the compiled fused kernels of `kernels.py` on qconvert's codes split into bit planes,
+  for one row of input; a prompt dequantizes the weight with the same compiled code for one
+  float32 matmul. Both layouts hold exactly the file's bits.
 
 On AVX2 CPUs torch 2.13 vectorizes these kernels only for bfloat16 activations (its float32
 path is scalar: 50x slower than a float32 matmul, measured), so the kernels get bfloat16 inputs and
@@ -33,10 +36,11 @@ unpacks and dequantizes qconvert's codes on every call, exactly, everywhere.
 import torch
 from torch import nn
 
-from qconvert.evaluate import kernels
+from qconvert.evaluate import kernels, table_kernel
 from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.activations import fake_quantize, quantize_input
 from qconvert.quantizers.base import QuantizedTensor, dequantize
+from qconvert.quantizers.grids import get_grid
 
 
 class QuantizedLinear(nn.Module):
@@ -60,7 +64,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device="meta")) if has_bias else None
         self.kernel = "unpack"
         self.grid, self.global_scale = q.grid, q.global_scale
-        if q.grid == "int" and q.bits == 8 and q.group_size == self.in_features:
+        if q.grid == "int" and q.group_size == self.in_features and (q.bits == 8 or (use_kernels and q.bits >= 5)):
             self._init_int8(q)
         elif use_kernels and q.grid == "int" and (size := self._int4_kernel_group(q)) and q.bits <= 4:
             self._init_int4(q, size)
@@ -72,12 +76,17 @@ class QuantizedLinear(nn.Module):
             self._init_unpack(q)
 
     def _init_int8(self, q: QuantizedTensor) -> None:
+        """Codes of 5-8 bits, one scale per row, as int8 `q - z` where that fits (up to 7 bits, and
+        symmetric 8); otherwise (asymmetric 8 bits) as `q - 128` with a per-row correction
+        `(x · 1) × (128 - z) × scale`."""
         self.kernel = "int8"
-        self.register_buffer("weight_int8", (q.codes.to(torch.int16) - 128).to(torch.int8))
-        scales = q.scales.float().view(-1)
+        scales, zeros = q.scales.float().view(-1), self._zeros(q).view(-1)
+        centred = q.codes.to(torch.int16) - zeros.to(torch.int16)[:, None]
+        fits = bool(centred.min() >= -128) and bool(centred.max() <= 127)
+        codes = centred if fits else q.codes.to(torch.int16) - 128
+        self.register_buffer("weight_int8", codes.to(torch.int8))
         self.register_buffer("scales", scales)
-        offset = None if q.zeros is None else (128 - q.zeros.float().view(-1)) * scales
-        self.register_buffer("row_offset", offset)
+        self.register_buffer("row_offset", None if fits else (128 - zeros) * scales)
 
     def _int4_kernel_group(self, q: QuantizedTensor) -> int | None:
         """The kernel's group size that serves `q`'s groups (repeating their scales), or None.
@@ -143,8 +152,9 @@ class QuantizedLinear(nn.Module):
         return q.zeros.float() if q.zeros is not None else torch.full_like(q.scales.float(), 2 ** (q.bits - 1))
 
     def _init_fused(self, q: QuantizedTensor, spec: kernels.KernelSpec) -> None:
-        self.kernel = "fused"
+        self.kernel = "table" if spec.values == "table" and table_kernel.load() is not None else "fused"
         self.fused = kernels.pack(q, spec)
+        self.register_buffer("table", get_grid(q.grid).table.float().contiguous() if self.kernel == "table" else None)
         for i, plane in enumerate(self.fused.planes):  # buffers too, so the model's memory counts them
             self.register_buffer(f"plane{i}", plane)
         self.register_buffer("scales", self.fused.scales)
@@ -196,8 +206,18 @@ class QuantizedLinear(nn.Module):
             y = y.to(self.dtype)
         else:
             x = x if self.activations is None else fake_quantize(x, self.activations, self.input_scale)
-            if self.kernel == "fused" and x.shape[0] == 1:
+            if self.kernel == "table" and x.shape[0] == 1:
+                grouped = kernels.grouped_input(x[0].float(), self.fused.spec)
+                y = table_kernel.table_gemv(grouped, self.fused.planes[0], self.fused.scales, self.table)[None]
+                y = y.to(self.dtype)
+            elif self.kernel == "fused" and x.shape[0] == 1:
                 y = kernels.Compiled.call("gemv", x[0].float(), self.fused)[None].to(self.dtype)
+            elif self.kernel == "table":
+                spec = self.fused.spec
+                weight = table_kernel.table_dequantize(
+                    self.fused.planes[0], self.fused.scales, self.table, spec.group, spec.columns
+                )
+                y = x @ weight.to(self.dtype).T
             elif self.kernel == "fused":
                 y = x @ kernels.Compiled.call("dequantize", self.fused).to(self.dtype).T
             else:

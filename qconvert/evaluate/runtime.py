@@ -145,10 +145,14 @@ class TableHead(torch.nn.Module):
         super().__init__()
         self.weight, self.dtype = weight, dtype
 
+    CHUNK = 4096  # table rows widened at a time: a block that stays in cache for its matmul
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
             return (x.to(self.weight.dtype) @ self.weight.T).to(self.dtype)
-        return x.to(self.dtype) @ self.weight.to(self.dtype).T
+        x = x.to(self.dtype)
+        blocks = [x @ self.weight[i : i + self.CHUNK].to(self.dtype).T for i in range(0, len(self.weight), self.CHUNK)]
+        return torch.cat(blocks, dim=-1)
 
 
 def _parameter_name(model: torch.nn.Module, module: torch.nn.Module) -> str:

@@ -5,11 +5,11 @@ kernels to bfloat16 rounding; per grid, per shape, partial groups included."""
 import pytest
 import torch
 
-from qconvert.evaluate import kernels
+from qconvert.evaluate import kernels, table_kernel
 from qconvert.evaluate.qlinear import QuantizedLinear
 from qconvert.evaluate.runtime import TableHead, build_quantized_model
 from qconvert.quantizers import QuantConfig, dequantize, get
-from qconvert.quantizers.grids import grid_defaults
+from qconvert.quantizers.grids import get_grid, grid_defaults
 
 torch.set_grad_enabled(False)
 
@@ -61,6 +61,27 @@ def test_compiled_kernels_compute_what_the_expressions_do(config):
     assert torch.allclose(kernels.Compiled.call("dequantize", weight), kernels.dequantize(weight), rtol=0, atol=1e-7)
 
 
+@pytest.mark.skipif(table_kernel.load() is None, reason="no C compiler or no AVX2 here")
+@pytest.mark.parametrize("shape", SHAPES + [(8, 40)])
+@pytest.mark.parametrize("config", TABLE_CONFIGS[:4], ids=str)
+def test_the_c_table_kernel_is_exact(config, shape):
+    q = quantize(config, shape)
+    weight = kernels.pack(q, kernels.spec_for(q))
+    table = get_grid(config.grid).table.float()
+    expected = dequantize(q)
+    dequantized = table_kernel.table_dequantize(weight.planes[0], weight.scales, table, weight.spec.group, shape[1])
+    assert torch.equal(dequantized, expected)
+    x = torch.randn(shape[1])
+    y = table_kernel.table_gemv(kernels.grouped_input(x, weight.spec), weight.planes[0], weight.scales, table)
+    assert close(y[None], x[None] @ expected.T, expected, x[None], 1e-6)
+
+
+def test_without_the_c_kernel_table_grids_take_the_compiled_one(monkeypatch):
+    monkeypatch.setattr(table_kernel, "load", lambda: None)
+    layer = QuantizedLinear(quantize(TABLE_CONFIGS[0], (40, 200)), has_bias=False)
+    assert layer.kernel == "fused"
+
+
 @pytest.mark.parametrize(
     "config, kernel",
     [
@@ -71,13 +92,16 @@ def test_compiled_kernels_compute_what_the_expressions_do(config):
         (QuantConfig(3, 64, False), "int4"),
         (QuantConfig(2, 32, True), "int4"),
         (QuantConfig(5, 64, False), "int4-pair"),
-        (QuantConfig(6, 0, True), "int4-pair"),
+        (QuantConfig(6, 0, True), "int8"),  # per channel: the int8 kernel
+        (QuantConfig(5, 0, False), "int8"),
+        (QuantConfig(6, 32, True), "int4-pair"),
         (QuantConfig(8, 128, True), "int4-pair"),
         (QuantConfig(8, 64, False), "fused"),  # an asymmetric 8-bit high nibble does not re-centre
         (QuantConfig(4, 100, False), "fused"),  # groups the int4 kernel cannot tile
         (QuantConfig(2, 16, True), "fused"),
-        (TABLE_CONFIGS[0], "fused"),
-        (TABLE_CONFIGS[5], "fused"),
+        (TABLE_CONFIGS[0], "table"),  # nf4: the C kernel
+        (TABLE_CONFIGS[3], "table"),  # nvfp4, groups of 16
+        (TABLE_CONFIGS[5], "fused"),  # fp8
     ],
     ids=str,
 )
@@ -91,7 +115,7 @@ def test_quantized_linear_kernels_match_dequantize_then_matmul(config, kernel, r
     x = torch.randn(2, rows, 576)
     weight = dequantize(q)
     expected = x @ weight.T + bias
-    exact = kernel == "fused" or (kernel == "int8" and rows > layer.SMALL_INPUT_ROWS)
+    exact = kernel in ("fused", "table") or (kernel == "int8" and rows > layer.SMALL_INPUT_ROWS)
     # torch's kernels take bfloat16 activations: 2**-9 relative on each input
     assert close(layer(x).view(-1, 96), expected.view(-1, 96), weight, x.view(-1, 576), 1e-6 if exact else 4e-3)
     exact_layer = QuantizedLinear(q, has_bias=True, use_kernels=False)
