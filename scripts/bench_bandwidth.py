@@ -21,7 +21,6 @@ MODEL=LABEL names its row.
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,9 +44,12 @@ def read_bandwidth(gib: float, runs: int) -> list[float]:
     return sorted(rates)
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+def memory_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc: unlike getrusage's peak, which a child
+    inherits from the parent it was forked from, VmHWM starts afresh in each program."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def measure_one(path: Path, runs: int, prompt_tokens: int, decode: int) -> dict:
@@ -56,7 +58,7 @@ def measure_one(path: Path, runs: int, prompt_tokens: int, decode: int) -> dict:
     from qconvert.evaluate.evaluation import bytes_read_per_token, kernel_counts, size_on_disk, speed, weight_memory
     from qconvert.evaluate.runtime import load_for_eval
 
-    before = resident_bytes()
+    before = memory_bytes("VmRSS")
     loaded = load_for_eval(path)
     model = loaded.model
     prompt = torch.arange(1000, 1000 + prompt_tokens)
@@ -70,7 +72,7 @@ def measure_one(path: Path, runs: int, prompt_tokens: int, decode: int) -> dict:
         "read_bytes": bytes_read_per_token(model),
         "weight_bytes": weight_memory(model),
         "file_bytes": on_disk,
-        "peak_added_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before,
+        "peak_added_bytes": memory_bytes("VmHWM") - before,
         "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
         "decode_ms": statistics.median(t[1] for t in timings),
         "decode_ms_spread": [min(t[1] for t in timings), max(t[1] for t in timings)],
@@ -123,7 +125,7 @@ def plot(rows: list[dict], path: Path, bandwidth: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="MODEL or MODEL=LABEL")
+    parser.add_argument("models", nargs="*", help="MODEL or MODEL=LABEL")
     parser.add_argument("--gib", type=float, default=1.0, help="size of the tensor read to measure bandwidth")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (qconvert eval's default)")
@@ -136,6 +138,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure_one(args.one, args.runs, args.prompt, args.decode)))
         return
+    if not args.models:
+        parser.error("name at least one MODEL")
 
     rates = read_bandwidth(args.gib, max(args.runs, 5))
     bandwidth = statistics.median(rates)

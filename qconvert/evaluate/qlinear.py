@@ -18,13 +18,12 @@ It picks the fastest path torch offers on CPU for its scheme, keeping one copy o
   of them, so int2 and int3 decode as fast as int4 and take 4 bits of memory.
 - int codes of 5-8 bits in such groups: two int4 kernel calls, high and low nibble (8 bits of
   memory), where the high nibble's zero point re-centres exactly (5-7 bits, and symmetric 8).
-- 4-bit table grids (nf4, iq4nl, mxfp4, nvfp4) where AVX2 is there: `table_kernel.py`, a C GEMV
-  that looks codes up with vector permutes, for one row of input; a prompt dequantizes the weight
-  with the same lookups for one float32 matmul.
-- everything else (fp8, mxfp8, fp8-block, int groups the int4 kernel cannot tile, asymmetric 8-bit
-  groups): the compiled fused kernels of `kernels.py` on qconvert's codes split into bit planes,
-  for one row of input; a prompt dequantizes the weight with the same compiled code for one
-  float32 matmul. Both layouts hold exactly the file's bits.
+- everything else, on qconvert's codes split into bit planes (`kernels.py`; the file's bits exactly):
+  for one row of input, where AVX2 is there, a C GEMV (`c_kernels.py`) for 4-bit tables (nf4,
+  iq4nl, mxfp4, nvfp4: `c-table`), FP8 E4M3 (fp8, mxfp8, fp8-block: `c-e4m3`) and 8-bit int groups
+  (`c-int8`); otherwise Inductor's compiled fused kernel (`fused`: int groups the int4 kernel cannot
+  tile, and everything where the C code cannot build). A prompt dequantizes the weight (C lookups
+  for tables, the compiled code otherwise) for one float32 matmul.
 
 On AVX2 CPUs torch 2.13 vectorizes these kernels only for bfloat16 activations (its float32
 path is scalar: 50x slower than a float32 matmul, measured), so the kernels get bfloat16 inputs and
@@ -36,7 +35,7 @@ unpacks and dequantizes qconvert's codes on every call, exactly, everywhere.
 import torch
 from torch import nn
 
-from qconvert.evaluate import kernels, table_kernel
+from qconvert.evaluate import c_kernels, kernels
 from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.activations import fake_quantize, quantize_input
 from qconvert.quantizers.base import QuantizedTensor, dequantize
@@ -152,9 +151,10 @@ class QuantizedLinear(nn.Module):
         return q.zeros.float() if q.zeros is not None else torch.full_like(q.scales.float(), 2 ** (q.bits - 1))
 
     def _init_fused(self, q: QuantizedTensor, spec: kernels.KernelSpec) -> None:
-        self.kernel = "table" if spec.values == "table" and table_kernel.load() is not None else "fused"
+        c_kernel = c_kernels.kernel_for(spec)
+        self.kernel = f"c-{c_kernel}" if c_kernel else "fused"
         self.fused = kernels.pack(q, spec)
-        self.register_buffer("table", get_grid(q.grid).table.float().contiguous() if self.kernel == "table" else None)
+        self.register_buffer("table", get_grid(q.grid).table.float().contiguous() if c_kernel == "table" else None)
         for i, plane in enumerate(self.fused.planes):  # buffers too, so the model's memory counts them
             self.register_buffer(f"plane{i}", plane)
         self.register_buffer("scales", self.fused.scales)
@@ -204,27 +204,33 @@ class QuantizedLinear(nn.Module):
             if self.kernel == "int4-pair":
                 y += mm(x.to(k), self.weight_int4_low, self.kernel_group, self.scales_and_zeros_low).float()
             y = y.to(self.dtype)
+        elif self.kernel == "unpack":
+            x = x if self.activations is None else fake_quantize(x, self.activations, self.input_scale)
+            y = x @ dequantize(self.quantized(), self.dtype).T
         else:
             x = x if self.activations is None else fake_quantize(x, self.activations, self.input_scale)
-            if self.kernel == "table" and x.shape[0] == 1:
-                grouped = kernels.grouped_input(x[0].float(), self.fused.spec)
-                y = table_kernel.table_gemv(grouped, self.fused.planes[0], self.fused.scales, self.table)[None]
-                y = y.to(self.dtype)
-            elif self.kernel == "fused" and x.shape[0] == 1:
-                y = kernels.Compiled.call("gemv", x[0].float(), self.fused)[None].to(self.dtype)
-            elif self.kernel == "table":
-                spec = self.fused.spec
-                weight = table_kernel.table_dequantize(
-                    self.fused.planes[0], self.fused.scales, self.table, spec.group, spec.columns
-                )
-                y = x @ weight.to(self.dtype).T
-            elif self.kernel == "fused":
-                y = x @ kernels.Compiled.call("dequantize", self.fused).to(self.dtype).T
-            else:
-                y = x @ dequantize(self.quantized(), self.dtype).T
+            y = self._forward_packed(x.float()).to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused (`kernels.py`) and C (`c_kernels.py`) paths: one row straight from the codes; more
+        rows (a prompt) through the dequantized weight."""
+        weight, spec = self.fused, self.fused.spec
+        if x.shape[0] == 1 and self.kernel == "fused":
+            return kernels.Compiled.call("gemv", x[0], weight)[None]
+        if x.shape[0] == 1:
+            grouped = kernels.grouped_input(x[0], spec)
+            if self.kernel == "c-table":
+                return c_kernels.table_gemv(grouped, weight.planes[0], weight.scales, self.table)[None]
+            kind = self.kernel.removeprefix("c-")
+            return c_kernels.byte_gemv(grouped, weight.planes[0], weight.scales, weight.offsets, kind)[None]
+        if self.kernel == "c-table":
+            dense = c_kernels.table_dequantize(weight.planes[0], weight.scales, self.table, spec.group, spec.columns)
+        else:
+            dense = kernels.Compiled.call("dequantize", weight)
+        return x @ dense.T
 
     def extra_repr(self) -> str:
         return (

@@ -5,7 +5,7 @@ kernels to bfloat16 rounding; per grid, per shape, partial groups included."""
 import pytest
 import torch
 
-from qconvert.evaluate import kernels, table_kernel
+from qconvert.evaluate import c_kernels, kernels
 from qconvert.evaluate.qlinear import QuantizedLinear
 from qconvert.evaluate.runtime import TableHead, build_quantized_model
 from qconvert.quantizers import QuantConfig, dequantize, get
@@ -61,25 +61,58 @@ def test_compiled_kernels_compute_what_the_expressions_do(config):
     assert torch.allclose(kernels.Compiled.call("dequantize", weight), kernels.dequantize(weight), rtol=0, atol=1e-7)
 
 
-@pytest.mark.skipif(table_kernel.load() is None, reason="no C compiler or no AVX2 here")
+@pytest.mark.skipif(c_kernels.load() is None, reason="no C compiler or no AVX2 here")
 @pytest.mark.parametrize("shape", SHAPES + [(8, 40)])
 @pytest.mark.parametrize("config", TABLE_CONFIGS[:4], ids=str)
-def test_the_c_table_kernel_is_exact(config, shape):
+def test_the_c_c_kernels_is_exact(config, shape):
     q = quantize(config, shape)
     weight = kernels.pack(q, kernels.spec_for(q))
     table = get_grid(config.grid).table.float()
     expected = dequantize(q)
-    dequantized = table_kernel.table_dequantize(weight.planes[0], weight.scales, table, weight.spec.group, shape[1])
+    dequantized = c_kernels.table_dequantize(weight.planes[0], weight.scales, table, weight.spec.group, shape[1])
     assert torch.equal(dequantized, expected)
     x = torch.randn(shape[1])
-    y = table_kernel.table_gemv(kernels.grouped_input(x, weight.spec), weight.planes[0], weight.scales, table)
+    y = c_kernels.table_gemv(kernels.grouped_input(x, weight.spec), weight.planes[0], weight.scales, table)
     assert close(y[None], x[None] @ expected.T, expected, x[None], 1e-6)
 
 
-def test_without_the_c_kernel_table_grids_take_the_compiled_one(monkeypatch):
-    monkeypatch.setattr(table_kernel, "load", lambda: None)
-    layer = QuantizedLinear(quantize(TABLE_CONFIGS[0], (40, 200)), has_bias=False)
-    assert layer.kernel == "fused"
+@pytest.mark.skipif(c_kernels.load() is None, reason="no C compiler or no AVX2 here")
+@pytest.mark.parametrize("shape", SHAPES + [(8, 44)])
+@pytest.mark.parametrize("config", [QuantConfig(8, 64, False), QuantConfig(8, 0, True)] + TABLE_CONFIGS[4:], ids=str)
+def test_the_c_byte_kernels_are_exact(config, shape):
+    q = quantize(config, shape)
+    weight = kernels.pack(q, kernels.spec_for(q))
+    kind = c_kernels.kernel_for(weight.spec)
+    assert kind == ("int8" if config.grid == "int" else "e4m3")
+    expected = dequantize(q)
+    x = torch.randn(shape[1])
+    grouped = kernels.grouped_input(x, weight.spec)
+    y = c_kernels.byte_gemv(grouped, weight.planes[0], weight.scales, weight.offsets, kind)
+    assert close(y[None], x[None] @ expected.T, expected, x[None], 1e-6)
+
+
+def test_every_e4m3_code_decodes_as_torch_does():
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # the two NaN patterns: never produced
+    q = quantize(QuantConfig(**grid_defaults("fp8", {}), grid="fp8"), (1, len(codes)))
+    q = type(q)(**{**q.__dict__, "codes": codes[None], "scales": torch.ones(1, 1, dtype=q.scales.dtype)})
+    weight = kernels.pack(q, kernels.spec_for(q))
+    expected = codes.view(torch.float8_e4m3fn).float()
+    assert torch.equal(kernels.dequantize(weight)[0], expected)
+    if c_kernels.load() is not None:
+        for column in range(len(codes)):  # one-hot inputs read one decoded code at a time
+            x = torch.zeros(len(codes))
+            x[column] = 1
+            y = c_kernels.byte_gemv(
+                kernels.grouped_input(x, weight.spec), weight.planes[0], weight.scales, None, "e4m3"
+            )
+            assert y.item() == expected[column].item()
+
+
+def test_without_the_c_kernels_the_compiled_ones_serve(monkeypatch):
+    monkeypatch.setattr(c_kernels, "load", lambda: None)
+    for config in (TABLE_CONFIGS[0], TABLE_CONFIGS[5], QuantConfig(8, 64, False)):
+        assert QuantizedLinear(quantize(config, (40, 200)), has_bias=False).kernel == "fused"
 
 
 @pytest.mark.parametrize(
@@ -96,12 +129,15 @@ def test_without_the_c_kernel_table_grids_take_the_compiled_one(monkeypatch):
         (QuantConfig(5, 0, False), "int8"),
         (QuantConfig(6, 32, True), "int4-pair"),
         (QuantConfig(8, 128, True), "int4-pair"),
-        (QuantConfig(8, 64, False), "fused"),  # an asymmetric 8-bit high nibble does not re-centre
+        (QuantConfig(8, 64, False), "c-int8"),  # an asymmetric 8-bit high nibble does not re-centre
+        (QuantConfig(8, 100, False), "c-int8"),
         (QuantConfig(4, 100, False), "fused"),  # groups the int4 kernel cannot tile
         (QuantConfig(2, 16, True), "fused"),
-        (TABLE_CONFIGS[0], "table"),  # nf4: the C kernel
-        (TABLE_CONFIGS[3], "table"),  # nvfp4, groups of 16
-        (TABLE_CONFIGS[5], "fused"),  # fp8
+        (TABLE_CONFIGS[0], "c-table"),  # nf4
+        (TABLE_CONFIGS[3], "c-table"),  # nvfp4, groups of 16
+        (TABLE_CONFIGS[4], "c-e4m3"),  # mxfp8
+        (TABLE_CONFIGS[5], "c-e4m3"),  # fp8, per channel
+        (TABLE_CONFIGS[6], "c-e4m3"),  # fp8-block
     ],
     ids=str,
 )
@@ -115,7 +151,7 @@ def test_quantized_linear_kernels_match_dequantize_then_matmul(config, kernel, r
     x = torch.randn(2, rows, 576)
     weight = dequantize(q)
     expected = x @ weight.T + bias
-    exact = kernel in ("fused", "table") or (kernel == "int8" and rows > layer.SMALL_INPUT_ROWS)
+    exact = kernel == "fused" or kernel.startswith("c-") or (kernel == "int8" and rows > layer.SMALL_INPUT_ROWS)
     # torch's kernels take bfloat16 activations: 2**-9 relative on each input
     assert close(layer(x).view(-1, 96), expected.view(-1, 96), weight, x.view(-1, 576), 1e-6 if exact else 4e-3)
     exact_layer = QuantizedLinear(q, has_bias=True, use_kernels=False)

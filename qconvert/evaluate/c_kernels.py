@@ -1,16 +1,25 @@
-"""One input row times a weight of 4-bit table codes (nf4, iq4nl, mxfp4, nvfp4), in C with AVX2.
+"""One input row times a packed weight, in C with AVX2, for the codes Inductor decodes slowly.
 
-Why hand-written: Inductor has no vector table lookup. Its best expression of T[q], the
-multilinear polynomial of `kernels.py`, costs about six instructions per weight, so nf4 decoded
-no faster than float32 (SmolLM2: 44.5 against 43.1 ms/token); a gather was six times slower
-still. AVX2's `vpermps` looks up eight floats in one instruction, so two lookups and a blend decode
-eight codes: about one instruction per weight.
+Why hand-written: Inductor has no vector table lookup. Its best expression of a 16-value table
+T[q], the multilinear polynomial of `kernels.py`, costs about six instructions per weight, so nf4
+decoded no faster than float32 (SmolLM2: 44.5 against 43.1 ms/token); a gather was six times
+slower still. AVX2's `vpermps` looks up eight floats in one instruction, so two lookups and a blend
+decode eight codes: about one instruction per weight. The 8-bit codes (FP8 E4M3, and int8 in
+groups, which torch's int8 kernel cannot take) come out of Inductor's code 2-4 times slower than
+torch's own int8 kernel, so they are here too: a few integer instructions turn eight codes into
+floats.
 
-The layout is `kernels.py`'s 4-bit plane: byte k of a group holds the codes of columns k (low
-nibble) and k + padded/2 (high nibble). The source is compiled once per machine by the system C
-compiler (`cc -O3 -mavx2 -mfma -fopenmp`) into ~/.cache/qconvert/kernels/ under the source's hash,
-and called through ctypes on the tensors' memory. Where it cannot be built or run (no compiler, a
-CPU without AVX2), `load()` returns None and the compiled Inductor kernel serves instead.
+Kernels, on `kernels.py`'s layout (one plane per weight; each group padded to `padded` columns):
+- `table`: 4-bit codes of a 16-value table (nf4, iq4nl, mxfp4, nvfp4). Byte k of a group holds
+  the codes of columns k (low nibble) and k + padded/2 (high nibble).
+- `e4m3`: FP8 E4M3 codes (fp8, mxfp8, fp8-block): sign, exponent re-biased by 120 and mantissa
+  placed in a float32's bits; subnormals (exponent 0) are the mantissa times 2**-9.
+- `int8`: 8-bit integer codes in groups: Σ_g s·(Σ q·x) − Σ_g (z·s)·(Σ x).
+
+The source is compiled once per machine by the system C compiler (`cc -O3 -mavx2 -mfma -fopenmp`)
+into ~/.cache/qconvert/kernels/ under the source's hash, and called through ctypes on the tensors'
+memory. Where it cannot be built or run (no compiler, a CPU without AVX2), `load()` returns None and
+the compiled Inductor kernels serve instead.
 """
 
 import ctypes
@@ -68,6 +77,62 @@ void table_gemv(const float *x, const uint8_t *planes, const float *scales, cons
     }
 }
 
+/* eight E4M3 codes (uint8 in int32 lanes) -> their float values */
+static inline __m256 e4m3(__m256i v) {
+    const __m256i magnitude = _mm256_and_si256(v, _mm256_set1_epi32(0x7F));
+    __m256 normal = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(magnitude, 20), _mm256_set1_epi32(120 << 23)));
+    __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(magnitude, _mm256_set1_epi32(7))),
+                                     _mm256_set1_ps(1.0f / 512.0f));
+    __m256 is_subnormal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude));
+    __m256 value = _mm256_blendv_ps(normal, subnormal, is_subnormal);
+    __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24));
+    return _mm256_or_ps(value, sign);
+}
+
+static inline float e4m3_scalar(uint8_t code) {
+    int magnitude = code & 0x7F;
+    float value = magnitude < 8 ? (magnitude & 7) / 512.0f : 0.0f;
+    if (magnitude >= 8) {
+        uint32_t bits = ((uint32_t)magnitude << 20) + (120u << 23);
+        __builtin_memcpy(&value, &bits, 4);
+    }
+    return code & 0x80 ? -value : value;
+}
+
+/* y[r] = sum over groups g of scales[r, g] * sum over c of value(codes[r, g, c]) * x[g, c]
+          (- offsets[r, g] * sum over c of x[g, c], for int codes with a zero point);
+   kind 0: int8 codes, kind 1: E4M3 codes */
+void byte_gemv(const float *x, const uint8_t *codes, const float *scales, const float *offsets, float *y,
+               int64_t rows, int64_t groups, int64_t padded, int64_t kind) {
+    float sums[groups];
+    for (int64_t g = 0; g < groups; g++) {
+        float s = 0.0f;
+        for (int64_t c = 0; c < padded; c++) s += x[g * padded + c];
+        sums[g] = s;
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *p = codes + (r * groups + g) * padded;
+            const float *xg = x + g * padded;
+            __m256 acc = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + 8 <= padded; c += 8) {
+                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + c)));
+                __m256 w = kind ? e4m3(v) : _mm256_cvtepi32_ps(v);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + c), acc);
+            }
+            float sum = hsum(acc);
+            for (; c < padded; c++) sum += (kind ? e4m3_scalar(p[c]) : (float)p[c]) * xg[c];
+            total += scales[r * groups + g] * sum;
+            if (offsets) total -= offsets[r * groups + g] * sums[g];
+        }
+        y[r] = total;
+    }
+}
+
 /* w[r, c] = scales[r, c / group] * table[code of (r, c)], the (rows, columns) float32 weight */
 void table_dequantize(const uint8_t *planes, const float *scales, const float *table, float *w,
                       int64_t rows, int64_t groups, int64_t padded, int64_t group, int64_t columns) {
@@ -106,23 +171,65 @@ def load() -> ctypes.CDLL | None:
         return None
     digest = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qconvert" / "kernels"
-    library = folder / f"table_gemv-{digest}.so"
+    library = folder / f"c_kernels-{digest}.so"
     try:
         if not library.exists():
             _build(library)
         lib = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.table_gemv.restype = lib.table_dequantize.restype = None
+    lib.table_gemv.restype = lib.table_dequantize.restype = lib.byte_gemv.restype = None
     lib.table_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     lib.table_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    lib.byte_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     return lib
+
+
+def kernel_for(spec) -> str | None:
+    """The C kernel for a `kernels.KernelSpec` ("table", "e4m3" or "int8"), or None: none fits, or
+    none can run here."""
+    if load() is None:
+        return None
+    if spec.values == "table":
+        return "table"
+    if spec.values == "e4m3":
+        return "e4m3"
+    if spec.values == "int" and spec.planes == (8,):
+        return "int8"
+    return None
+
+
+def byte_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, kind: str):
+    """y = Ŵ x for one row of 8-bit codes (`kind` "int8" or "e4m3").
+
+    Args:
+        x: (groups, padded) float32, contiguous (`kernels.grouped_input`).
+        codes: (rows, groups, padded) uint8, contiguous.
+        scales: (rows, groups) float32, contiguous; offsets: the same shape (zero point × scale) or None.
+
+    Returns:
+        (rows,) float32.
+    """
+    rows, groups, padded = codes.shape
+    y = torch.empty(rows, dtype=torch.float32)
+    load().byte_gemv(
+        x.data_ptr(),
+        codes.data_ptr(),
+        scales.data_ptr(),
+        None if offsets is None else offsets.data_ptr(),
+        y.data_ptr(),
+        rows,
+        groups,
+        padded,
+        int(kind == "e4m3"),
+    )
+    return y
 
 
 def _build(library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        source, built = Path(scratch) / "table_gemv.c", Path(scratch) / library.name
+        source, built = Path(scratch) / "c_kernels.c", Path(scratch) / library.name
         source.write_text(SOURCE)
         subprocess.run(["cc", *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, timeout=120)
         built.replace(library)  # whole or not at all: a concurrent build renames the same bytes
