@@ -58,11 +58,10 @@ def measure_one(path: Path, runs: int, prompt_tokens: int, decode: int) -> dict:
     from qconvert.evaluate.evaluation import bytes_read_per_token, kernel_counts, size_on_disk, speed, weight_memory
     from qconvert.evaluate.runtime import load_for_eval
 
-    before = memory_bytes("VmRSS")
-    loaded = load_for_eval(path)
+    before, compiling = memory_bytes("VmRSS"), kernels.Compiled.seconds
+    loaded = load_for_eval(path)  # builds the C kernels, if this machine has not yet
     model = loaded.model
     prompt = torch.arange(1000, 1000 + prompt_tokens)
-    compiling = kernels.Compiled.seconds
     with torch.no_grad():
         speed(model, prompt, 1)  # warm-up: compiles fused kernels, if any
     compile_seconds = kernels.Compiled.seconds - compiling
@@ -94,7 +93,7 @@ def llama_cpp_decode(path: Path, tools: Path, prompt_tokens: int, decode: int) -
         return llama_cpp.speed(tools, gguf, prompt_tokens, decode)[1]
 
 
-def plot(rows: list[dict], path: Path, bandwidth: float) -> None:
+def plot(rows: list[dict], path: Path, bandwidth: float, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +114,7 @@ def plot(rows: list[dict], path: Path, bandwidth: float) -> None:
     ax.set_yticks(list(positions), [r["label"] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("decode ms/token (128-token prompt, then greedy tokens; lower is faster)")
-    ax.set_title("SmolLM2-135M decode speed per setting, 2-core CPU")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
@@ -133,6 +132,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, help="where scripts/build_llama_cpp.sh built llama.cpp")
     parser.add_argument("--plot", type=Path, help="write the bar chart here")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--title", default="decode speed per setting", help="the chart's title")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
     if args.one:
@@ -161,7 +161,8 @@ def main() -> None:
         command += ["--prompt", str(args.prompt), "--decode", str(args.decode)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
-            print(f"| {label or path.name} | failed: {result.stderr.strip().splitlines()[-1]} |")
+            reason = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+            print(f"| {label or path.name} | failed: {reason} |")
             continue
         row = {"label": label or path.name, "model": str(path), **json.loads(result.stdout.splitlines()[-1])}
         row["floor_ms"] = 1000 * row["read_bytes"] / bandwidth
@@ -180,7 +181,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1))
     if args.plot and rows:
-        plot(rows, args.plot, bandwidth)
+        plot(rows, args.plot, bandwidth, args.title)
 
 
 if __name__ == "__main__":

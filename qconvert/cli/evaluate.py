@@ -124,13 +124,17 @@ def _print_eval(result) -> None:
         ("size on disk", f"{result.bytes_on_disk / 1e6:.1f} MB"),
         ("bits per weight", f"{result.bits_per_weight:.3f} (whole file, scales and zero points counted)"),
         ("weights in memory", f"{result.weight_memory_bytes / 1e6:.1f} MB"),
-        ("peak RSS", f"{result.peak_rss_bytes / 1e6:.0f} MB"),
+        ("peak RSS", "not measured" if result.peak_rss_bytes is None else f"{result.peak_rss_bytes / 1e6:.0f} MB"),
         ("prefill", f"{result.prefill_tokens_per_s:.1f} tokens/s"),
         ("decode", f"{result.decode_ms_per_token:.1f} ms/token"),
     ]
     if result.kernels:
         kernels = ", ".join(f"{count} {name}" for name, count in sorted(result.kernels.items()))
         rows.append(("linear kernels", f"{kernels}; compiling took {result.compile_seconds:.1f} s (not in the speeds)"))
+    if result.compile_failed:
+        rows.append(
+            ("compiling failed", f"{result.compile_failed}; fused kernels ran uncompiled (same results, slower)")
+        )
     for key, value in rows:
         table.add_row(key, value)
     Console(stderr=True, width=None if stderr.is_terminal else 160, markup=False).print(table)

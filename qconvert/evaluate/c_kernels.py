@@ -27,10 +27,13 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from qconvert.evaluate.kernels import Compiled
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -101,16 +104,10 @@ static inline float e4m3_scalar(uint8_t code) {
 }
 
 /* y[r] = sum over groups g of scales[r, g] * sum over c of value(codes[r, g, c]) * x[g, c]
-          (- offsets[r, g] * sum over c of x[g, c], for int codes with a zero point);
-   kind 0: int8 codes, kind 1: E4M3 codes */
-void byte_gemv(const float *x, const uint8_t *codes, const float *scales, const float *offsets, float *y,
-               int64_t rows, int64_t groups, int64_t padded, int64_t kind) {
-    float sums[groups];
-    for (int64_t g = 0; g < groups; g++) {
-        float s = 0.0f;
-        for (int64_t c = 0; c < padded; c++) s += x[g * padded + c];
-        sums[g] = s;
-    }
+          (- offsets[r, g] * x_sums[g], for int codes with a zero point);
+   kind 0: unsigned 8-bit int codes, kind 1: E4M3 codes */
+void byte_gemv(const float *x, const uint8_t *codes, const float *scales, const float *offsets, const float *x_sums,
+               float *y, int64_t rows, int64_t groups, int64_t padded, int64_t kind) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float total = 0.0f;
@@ -127,13 +124,13 @@ void byte_gemv(const float *x, const uint8_t *codes, const float *scales, const 
             float sum = hsum(acc);
             for (; c < padded; c++) sum += (kind ? e4m3_scalar(p[c]) : (float)p[c]) * xg[c];
             total += scales[r * groups + g] * sum;
-            if (offsets) total -= offsets[r * groups + g] * sums[g];
+            if (offsets) total -= offsets[r * groups + g] * x_sums[g];
         }
         y[r] = total;
     }
 }
 
-/* w[r, c] = scales[r, c / group] * table[code of (r, c)], the (rows, columns) float32 weight */
+/* w[r, c] = scales[r, c / group] * table[code of (r, c)]: the (rows, columns) float32 weight, padding dropped */
 void table_dequantize(const uint8_t *planes, const float *scales, const float *table, float *w,
                       int64_t rows, int64_t groups, int64_t padded, int64_t group, int64_t columns) {
     const int64_t half = padded / 2;
@@ -143,20 +140,22 @@ void table_dequantize(const uint8_t *planes, const float *scales, const float *t
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *p = planes + (r * groups + g) * half;
-            const __m256 scale = _mm256_set1_ps(scales[r * groups + g]);
-            float decoded[padded];
+            const float scale = scales[r * groups + g];
+            float *out = w + r * columns + g * group;
+            const int64_t count = columns - g * group < group ? columns - g * group : group;
             int64_t k = 0;
-            for (; k + 8 <= half; k += 8) {
-                __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + k)));
-                _mm256_storeu_ps(decoded + k, _mm256_mul_ps(scale, lookup(_mm256_and_si256(v, nibble), low, high)));
-                _mm256_storeu_ps(decoded + half + k, _mm256_mul_ps(scale, lookup(_mm256_srli_epi32(v, 4), low, high)));
+            if (count == padded) { /* a whole group with no padding: vector stores */
+                const __m256 s = _mm256_set1_ps(scale);
+                for (; k + 8 <= half; k += 8) {
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + k)));
+                    _mm256_storeu_ps(out + k, _mm256_mul_ps(s, lookup(_mm256_and_si256(v, nibble), low, high)));
+                    _mm256_storeu_ps(out + half + k, _mm256_mul_ps(s, lookup(_mm256_srli_epi32(v, 4), low, high)));
+                }
             }
-            for (; k < half; k++) {
-                decoded[k] = scales[r * groups + g] * table[p[k] & 15];
-                decoded[half + k] = scales[r * groups + g] * table[p[k] >> 4];
+            for (; k < half; k++) { /* the rest, and padded groups: only the columns that exist */
+                if (k < count) out[k] = scale * table[p[k] & 15];
+                if (half + k < count) out[half + k] = scale * table[p[k] >> 4];
             }
-            int64_t start = g * group, count = columns - start < group ? columns - start : group;
-            for (int64_t c = 0; c < count; c++) w[r * columns + start + c] = decoded[c];
         }
     }
 }
@@ -174,15 +173,25 @@ def load() -> ctypes.CDLL | None:
     library = folder / f"c_kernels-{digest}.so"
     try:
         if not library.exists():
+            start = time.perf_counter()
             _build(library)
+            Compiled.seconds += time.perf_counter() - start
         lib = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
     lib.table_gemv.restype = lib.table_dequantize.restype = lib.byte_gemv.restype = None
     lib.table_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     lib.table_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-    lib.byte_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
+    lib.byte_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     return lib
+
+
+def _check(t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    """The C code reads raw memory: refuse a tensor of another shape, dtype or layout."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(
+            f"expected a contiguous {dtype} tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}"
+        )
 
 
 def kernel_for(spec) -> str | None:
@@ -211,12 +220,19 @@ def byte_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offset
         (rows,) float32.
     """
     rows, groups, padded = codes.shape
+    _check(x, (groups, padded), torch.float32)
+    _check(codes, codes.shape, torch.uint8)
+    _check(scales, (rows, groups), torch.float32)
     y = torch.empty(rows, dtype=torch.float32)
+    sums = None if offsets is None else x.sum(-1)
+    if offsets is not None:
+        _check(offsets, (rows, groups), torch.float32)
     load().byte_gemv(
         x.data_ptr(),
         codes.data_ptr(),
         scales.data_ptr(),
         None if offsets is None else offsets.data_ptr(),
+        None if sums is None else sums.data_ptr(),
         y.data_ptr(),
         rows,
         groups,
@@ -248,6 +264,10 @@ def table_gemv(x: torch.Tensor, plane: torch.Tensor, scales: torch.Tensor, table
         (rows,) float32.
     """
     rows, groups, half = plane.shape
+    _check(x, (groups, 2 * half), torch.float32)
+    _check(plane, plane.shape, torch.uint8)
+    _check(scales, (rows, groups), torch.float32)
+    _check(table, (16,), torch.float32)
     y = torch.empty(rows, dtype=torch.float32)
     load().table_gemv(
         x.data_ptr(), plane.data_ptr(), scales.data_ptr(), table.data_ptr(), y.data_ptr(), rows, groups, 2 * half
@@ -263,6 +283,11 @@ def table_dequantize(
     Args are as for `table_gemv`; `group` and `columns` are the unpadded group size and row width.
     """
     rows, groups, half = plane.shape
+    _check(plane, plane.shape, torch.uint8)
+    _check(scales, (rows, groups), torch.float32)
+    _check(table, (16,), torch.float32)
+    if not (groups - 1) * group < columns <= groups * group or group > 2 * half:
+        raise ValueError(f"{columns} columns in groups of {group} do not fit {groups} groups of {2 * half}")
     w = torch.empty(rows, columns, dtype=torch.float32)
     load().table_dequantize(
         plane.data_ptr(), scales.data_ptr(), table.data_ptr(), w.data_ptr(), rows, groups, 2 * half, group, columns

@@ -47,13 +47,14 @@ class EvalResult:
     bytes_on_disk: int
     bits_per_weight: float
     weight_memory_bytes: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int | None  # None: not measured (another runtime's processes)
     prefill_tokens_per_s: float
     decode_ms_per_token: float
     eval_seconds: float
     baseline: dict = field(default_factory=dict)
     kernels: dict = field(default_factory=dict)  # how many linear layers run on each kernel
     compile_seconds: float = 0.0  # spent compiling fused kernels (or loading them from Inductor's cache)
+    compile_failed: str | None = None  # why the fused kernels run uncompiled (slower, same results), if they do
     runtime: str = "qconvert"  # or "llama.cpp" (`llama_cpp.py`): which runtime scored and timed it
 
     def to_dict(self) -> dict:
@@ -199,6 +200,7 @@ def evaluate(
         baseline=scores.get("baseline", {}),
         kernels=kernel_counts(loaded.model),
         compile_seconds=kernels.Compiled.seconds - compiling,
+        compile_failed=kernels.Compiled.failed,
     )
 
 

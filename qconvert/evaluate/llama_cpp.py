@@ -15,7 +15,6 @@ two compare within a runtime, not across.
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ def evaluate_llama_cpp(path: Path, text: str, settings: EvalSettings, tools: Pat
     """
     if not path.exists():
         raise SourceError(f"{path} does not exist.")
+    if settings.prompt_tokens < 1 or settings.decode_tokens < 1:
+        raise QConvertError("llama-bench needs at least one prompt token and one decoded token (--decode-tokens).")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qconvert-llama-cpp-") as scratch:
         scratch = Path(scratch)
@@ -71,12 +72,12 @@ def evaluate_llama_cpp(path: Path, text: str, settings: EvalSettings, tools: Pat
         kind="gguf" if path.suffix == ".gguf" else "qconvert" if is_qconvert_output(path) else "checkpoint",
         perplexity=perplexity,
         windows=chunks_scored,
-        tokens_scored=chunks_scored * (settings.ctx - settings.ctx // 2),
+        tokens_scored=chunks_scored * (settings.ctx - settings.ctx // 2 - 1),  # perplexity.cpp's count per chunk
         parameters=parameters,
         bytes_on_disk=size,
         bits_per_weight=8 * size / parameters,
         weight_memory_bytes=size,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        peak_rss_bytes=None,  # the tools' own peak is not measured (a child's getrusage peak includes its parent's)
         prefill_tokens_per_s=prefill,
         decode_ms_per_token=decode,
         eval_seconds=time.perf_counter() - start,
@@ -98,7 +99,10 @@ def as_gguf(path: Path, scratch: Path, tools: Path) -> tuple[Path, int]:
         target = _export(path, scratch)
     else:
         target = _convert_float(path, scratch, tools)
-    reader = gguf.GGUFReader(target)
+    try:
+        reader = gguf.GGUFReader(target)
+    except (ValueError, OSError) as exc:
+        raise SourceError(f"{target} is not a GGUF file gguf can read: {exc}") from exc
     return target, sum(int(t.n_elements) for t in reader.tensors)
 
 
@@ -140,9 +144,13 @@ def _perplexity(tools: Path, gguf: Path, text: Path, ctx: int, chunks: int | Non
 def speed(tools: Path, gguf: Path, prompt: int, decode: int) -> tuple[float, float]:
     """(prefill tokens/s, decode ms/token): llama-bench's mean of 3 runs of each."""
     command = [tools / "bin" / "llama-bench", "-m", gguf, "-p", prompt, "-n", decode, "-t", os.cpu_count()]
-    rows = json.loads(_run([*command, "-r", 3, "-o", "json"], stdout_only=True))
-    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    generated = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    output = _run([*command, "-r", 3, "-o", "json"], stdout_only=True)
+    try:
+        rows = json.loads(output)
+        prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+        generated = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    except (ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise SourceError(f"llama-bench printed no prompt and generation speeds for {gguf.name}.") from exc
     return prefill, 1000 / generated
 
 

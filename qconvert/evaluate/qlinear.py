@@ -38,7 +38,7 @@ from torch import nn
 from qconvert.evaluate import c_kernels, kernels
 from qconvert.packing import pack_codes, unpack_codes
 from qconvert.quantizers.activations import fake_quantize, quantize_input
-from qconvert.quantizers.base import QuantizedTensor, dequantize
+from qconvert.quantizers.base import QuantizedTensor, dequantize, zero_points
 from qconvert.quantizers.grids import get_grid
 
 
@@ -61,109 +61,127 @@ class QuantizedLinear(nn.Module):
         self.bits, self.group_size, self.dtype = q.bits, q.group_size, dtype
         self.use_kernels = use_kernels
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device="meta")) if has_bias else None
-        self.kernel = "unpack"
         self.grid, self.global_scale = q.grid, q.global_scale
-        if q.grid == "int" and q.group_size == self.in_features and (q.bits == 8 or (use_kernels and q.bits >= 5)):
-            self._init_int8(q)
-        elif use_kernels and q.grid == "int" and (size := self._int4_kernel_group(q)) and q.bits <= 4:
-            self._init_int4(q, size)
-        elif use_kernels and q.grid == "int" and size and q.activations is None and self._init_int4_pair(q, size):
-            pass
-        elif use_kernels and (spec := kernels.spec_for(q)) is not None:
-            self._init_fused(q, spec)
-        else:
-            self._init_unpack(q)
+        self.kernel = self._choose_kernel(q)
+
+    def _choose_kernel(self, q: QuantizedTensor) -> str:
+        """Set up the first path of the module docstring's list that takes `q`; return its name."""
+        per_channel = q.group_size == self.in_features
+        if q.grid == "int" and per_channel and (q.bits == 8 or (self.use_kernels and q.bits >= 5)):
+            return self._init_int8(q)
+        size = self._int4_kernel_group(q) if self.use_kernels and q.grid == "int" else None
+        if size and q.bits <= 4:
+            return self._init_int4(q, size)
+        if size and q.activations is None and self._high_nibbles_centre(q):
+            return self._init_int4_pair(q, size)
+        spec = kernels.spec_for(q) if self.use_kernels else None
+        if spec is not None:
+            return self._init_packed(q, spec)
+        return self._init_unpack(q)
 
     def _init_int8(self, q: QuantizedTensor) -> None:
         """Codes of 5-8 bits, one scale per row, as int8 `q - z` where that fits (up to 7 bits, and
         symmetric 8); otherwise (asymmetric 8 bits) as `q - 128` with a per-row correction
         `(x · 1) × (128 - z) × scale`."""
-        self.kernel = "int8"
-        scales, zeros = q.scales.float().view(-1), self._zeros(q).view(-1)
+        scales, zeros = q.scales.float().view(-1), zero_points(q).view(-1)
         centred = q.codes.to(torch.int16) - zeros.to(torch.int16)[:, None]
         fits = bool(centred.min() >= -128) and bool(centred.max() <= 127)
         codes = centred if fits else q.codes.to(torch.int16) - 128
         self.register_buffer("weight_int8", codes.to(torch.int8))
         self.register_buffer("scales", scales)
         self.register_buffer("row_offset", None if fits else (128 - zeros) * scales)
+        return "int8"
 
     def _int4_kernel_group(self, q: QuantizedTensor) -> int | None:
-        """The kernel's group size that serves `q`'s groups (repeating their scales), or None.
+        """The int4 kernel's group size that serves `q`'s groups (repeating their scales), or None.
 
-        The kernel takes groups of 32-256 columns that tile the row, and an even number of
-        columns. A group of g columns (per-channel: the whole row) is served by the largest of
-        those sizes that divides both g and the row, so a partial last group is served too.
+        The kernel takes groups of 32-256 columns that tile the row, and rows in multiples of 16.
+        A group of g columns (per channel: the whole row) is served by the largest of those sizes
+        that divides both g and the row, so a partial last group is served too.
         """
+        if self.out_features % 16:
+            return None
         group = q.group_size or self.in_features
-        for size in (256, 128, 64, 32):
-            if group % size == 0 and self.in_features % size == 0:
-                return size
-        return None
+        return next((size for size in (256, 128, 64, 32) if group % size == 0 and self.in_features % size == 0), None)
 
     def _int4_operand(
         self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, q: QuantizedTensor, size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One operand of the int4 kernel, whose weight is `(c - 8) × scale + zero` per kernel group,
-        for the weight `(codes - zeros) × scales` (codes 0-15, zeros and scales per (row, group)).
+        for the weight `(codes - zeros) × scales` (codes 0-15; zeros, scales (rows, groups)).
 
-        Codes are re-centred, c = codes - zeros + 8, wherever that fits 4 bits, so the kernel's zero
-        is exactly 0; otherwise c = codes and its zero is `(8 - zeros) × scales`, which bfloat16
-        rounds. Returns (packed codes, scales and zeros, whether re-centred).
+        In each group whose codes fit 4 bits re-centred, c = codes - zero + 8 and the kernel's zero is
+        exactly 0; elsewhere c = codes and its zero is `(8 - zero) × scale`, which bfloat16 rounds
+        (by at most 8 × scale × 2**-9). Returns (packed codes, bfloat16 scales and zeros).
         """
         group = q.group_size or self.in_features
         column_group = torch.arange(self.in_features) // group
         centred = codes.to(torch.int32) - zeros[:, column_group].to(torch.int32) + 8
-        if bool(centred.min() >= 0) and bool(centred.max() <= 15):
-            codes, zero = centred, torch.zeros_like(scales)
-        else:
-            zero = (8 - zeros) * scales
+        outside = ((centred < 0) | (centred > 15)).to(torch.int32)
+        fits = torch.zeros_like(scales, dtype=torch.int32).index_add_(1, column_group, outside) == 0
+        codes = torch.where(fits[:, column_group], centred, codes.to(torch.int32))
+        zero = torch.where(fits, 0.0, (8 - zeros) * scales)
         index = torch.arange(0, self.in_features, size) // group
         scales_and_zeros = torch.stack([scales[:, index].T, zero[:, index].T], dim=-1).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
-        return packed, scales_and_zeros.to(self.KERNEL_DTYPE), codes is centred
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        return packed, scales_and_zeros.to(self.KERNEL_DTYPE)
 
-    def _init_int4(self, q: QuantizedTensor, size: int) -> None:
+    def _init_int4(self, q: QuantizedTensor, size: int) -> str:
         """Codes of 2-4 bits on the int4 kernel (see `_int4_operand`)."""
-        self.kernel, self.kernel_group = "int4", size
-        packed, scales_and_zeros, _ = self._int4_operand(q.codes, q.scales.float(), self._zeros(q), q, size)
+        self.kernel_group = size
+        packed, scales_and_zeros = self._int4_operand(q.codes, q.scales.float(), zero_points(q), q, size)
         self.register_buffer("weight_int4", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
+        return "int4"
 
-    def _init_int4_pair(self, q: QuantizedTensor, size: int) -> bool:
-        """Codes of 5-8 bits as two int4 kernel calls: with q = 16·hi + lo and z = 16·zh + zl,
-        (q - z)·s = (hi - zh)·16s + (lo - zl)·s. Taken only when the high operand re-centres (always
-        for 5-7 bits and for symmetric 8 bits), so its bfloat16 zero is exact; False otherwise."""
-        codes, scales, zeros = q.codes.to(torch.int32), q.scales.float(), self._zeros(q)
-        high_zeros = torch.div(zeros, 16, rounding_mode="floor")
-        high, high_scales, centred = self._int4_operand(codes >> 4, 16 * scales, high_zeros, q, size)
-        if not centred:
+    @staticmethod
+    def _high_nibbles_centre(q: QuantizedTensor) -> bool:
+        """Whether every high nibble re-centres in 4 bits: hi - zh + 8 in 0-15 (always for 5-7 bits and
+        for symmetric 8; not for asymmetric 8, whose zero would then be large and bfloat16-rounded)."""
+        if q.bits <= 4:
             return False
-        low, low_scales, _ = self._int4_operand(codes & 15, scales, zeros - 16 * high_zeros, q, size)
-        self.kernel, self.kernel_group = "int4-pair", size
+        column_group = torch.arange(q.shape[1]) // (q.group_size or q.shape[1])
+        high_zeros = torch.div(zero_points(q), 16, rounding_mode="floor")[:, column_group]
+        centred = (q.codes.to(torch.int32) >> 4) - high_zeros.to(torch.int32) + 8
+        return bool(centred.min() >= 0) and bool(centred.max() <= 15)
+
+    def _init_int4_pair(self, q: QuantizedTensor, size: int) -> str:
+        """Codes of 5-8 bits as two int4 kernel calls: with q = 16·hi + lo and z = 16·zh + zl,
+        (q - z)·s = (hi - zh)·16s + (lo - zl)·s."""
+        codes, scales, zeros = q.codes.to(torch.int32), q.scales.float(), zero_points(q)
+        high_zeros = torch.div(zeros, 16, rounding_mode="floor")
+        self.kernel_group = size
+        high, high_scales = self._int4_operand(codes >> 4, 16 * scales, high_zeros, q, size)
+        low, low_scales = self._int4_operand(codes & 15, scales, zeros - 16 * high_zeros, q, size)
         self.register_buffer("weight_int4", high)
         self.register_buffer("scales_and_zeros", high_scales)
         self.register_buffer("weight_int4_low", low)
         self.register_buffer("scales_and_zeros_low", low_scales)
-        return True
+        return "int4-pair"
 
-    @staticmethod
-    def _zeros(q: QuantizedTensor) -> torch.Tensor:
-        return q.zeros.float() if q.zeros is not None else torch.full_like(q.scales.float(), 2 ** (q.bits - 1))
-
-    def _init_fused(self, q: QuantizedTensor, spec: kernels.KernelSpec) -> None:
+    def _init_packed(self, q: QuantizedTensor, spec: kernels.KernelSpec) -> str:
+        """qconvert's codes in bit planes (`kernels.py`), for the C or the compiled fused kernels."""
         c_kernel = c_kernels.kernel_for(spec)
-        self.kernel = f"c-{c_kernel}" if c_kernel else "fused"
-        self.fused = kernels.pack(q, spec)
-        self.register_buffer("table", get_grid(q.grid).table.float().contiguous() if c_kernel == "table" else None)
-        for i, plane in enumerate(self.fused.planes):  # buffers too, so the model's memory counts them
+        weight = kernels.pack(q, spec)
+        self.spec, self.planes = spec, len(weight.planes)
+        for i, plane in enumerate(weight.planes):
             self.register_buffer(f"plane{i}", plane)
-        self.register_buffer("scales", self.fused.scales)
-        self.register_buffer("offsets", self.fused.offsets)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("offsets", weight.offsets)
+        self.register_buffer("table", get_grid(q.grid).table.float() if c_kernel == "table" else None)
+        return f"c-{c_kernel}" if c_kernel else "fused"
 
-    def _init_unpack(self, q: QuantizedTensor) -> None:
+    def _packed(self) -> kernels.PackedWeight:
+        """The planes, scales and offsets, read from the buffers (float32, as the kernels need)."""
+        planes = tuple(getattr(self, f"plane{i}") for i in range(self.planes))
+        offsets = None if self.offsets is None else self.offsets.float()
+        return kernels.PackedWeight(self.spec, planes, self.scales.float(), offsets)
+
+    def _init_unpack(self, q: QuantizedTensor) -> str:
         self.register_buffer("packed", pack_codes(q.codes, q.bits))
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", None if q.zeros is None else pack_codes(q.zeros, q.bits))
+        return "unpack"
 
     def quantized(self) -> QuantizedTensor:
         """The QuantizedTensor this layer computes with (rebuilt from the unpack path's buffers)."""
@@ -217,17 +235,18 @@ class QuantizedLinear(nn.Module):
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         """The fused (`kernels.py`) and C (`c_kernels.py`) paths: one row straight from the codes; more
         rows (a prompt) through the dequantized weight."""
-        weight, spec = self.fused, self.fused.spec
+        weight, spec = self._packed(), self.spec
         if x.shape[0] == 1 and self.kernel == "fused":
             return kernels.Compiled.call("gemv", x[0], weight)[None]
         if x.shape[0] == 1:
             grouped = kernels.grouped_input(x[0], spec)
             if self.kernel == "c-table":
-                return c_kernels.table_gemv(grouped, weight.planes[0], weight.scales, self.table)[None]
+                return c_kernels.table_gemv(grouped, weight.planes[0], weight.scales, self.table.float())[None]
             kind = self.kernel.removeprefix("c-")
             return c_kernels.byte_gemv(grouped, weight.planes[0], weight.scales, weight.offsets, kind)[None]
         if self.kernel == "c-table":
-            dense = c_kernels.table_dequantize(weight.planes[0], weight.scales, self.table, spec.group, spec.columns)
+            table = self.table.float()
+            dense = c_kernels.table_dequantize(weight.planes[0], weight.scales, table, spec.group, spec.columns)
         else:
             dense = kernels.Compiled.call("dequantize", weight)
         return x @ dense.T

@@ -137,8 +137,8 @@ class TableHead(torch.nn.Module):
 
     Decoding (one row) multiplies in the table's dtype, with torch's multi-threaded 16-bit GEMV: it
     reads half the bytes a float32 copy would, and on a small model the head is most of a token's
-    weight reads (SmolLM2: 57 of 170 MB). Logits are then rounded to that dtype. Longer inputs
-    (perplexity, prompts) widen the table and multiply exactly in `dtype`.
+    weight reads (SmolLM2: 57 of 170 MB). The input and the logits are rounded to that dtype. Longer
+    inputs (perplexity, prompts) widen the table a block at a time and multiply in `dtype`.
     """
 
     def __init__(self, weight: torch.nn.Parameter, dtype: torch.dtype) -> None:

@@ -115,6 +115,11 @@ class QuantizedTensor:
         return self.zeros is None
 
 
+def zero_points(q: QuantizedTensor) -> torch.Tensor:
+    """The int grid's zero points of `q` as float32 (rows, groups): stored ones, or 2**(bits-1) when symmetric."""
+    return q.zeros.float() if q.zeros is not None else torch.full(q.scales.shape, 2.0 ** (q.bits - 1))
+
+
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
     """Rebuild the float weight (or the given `rows` of it) from codes, scales and zero points, in float32."""
     codes, scales = q.codes[rows], effective_scales(q.scales[rows], q.grid, q.global_scale)

@@ -60,7 +60,7 @@ def test_llama_cpp_runs_the_exact_gguf_export(tiny_lm, tmp_path, fake_tools):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["runtime"] == "llama.cpp" and summary["kind"] == "qconvert"
-    assert summary["perplexity"] == 13.25 and summary["windows"] == 3 and summary["tokens_scored"] == 3 * 32
+    assert summary["perplexity"] == 13.25 and summary["windows"] == 3 and summary["tokens_scored"] == 3 * 31
     assert summary["prefill_tokens_per_s"] == 400.0 and summary["decode_ms_per_token"] == pytest.approx(8.0)
     calls = (fake_tools / "calls.log").read_text().splitlines()
     assert "-c 64" in calls[0] and "--chunks 3" in calls[0] and "-p 128 -n 4" in calls[1]
@@ -75,9 +75,15 @@ def test_a_model_gguf_would_requantize_is_refused(tiny_lm, tmp_path, fake_tools)
     assert "Traceback" not in result.output and not (fake_tools / "calls.log").exists()
 
 
-def test_missing_tools_and_a_baseline_are_refused_in_one_sentence(tiny_lm, tmp_path):
+def test_missing_tools_and_a_baseline_are_refused_in_one_sentence(tiny_lm, tmp_path, fake_tools):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file")
+    unreadable = runner.invoke(app, eval_args(fake, text, fake_tools))
+    assert unreadable.exit_code != 0 and "is not a GGUF file" in unreadable.output
+    nothing = runner.invoke(app, [*eval_args(tiny_lm, text, fake_tools), "--decode-tokens", "0"])
+    assert nothing.exit_code != 0 and "one decoded token" in nothing.output
     missing = runner.invoke(app, eval_args(tiny_lm, text, tmp_path / "nowhere"))
     assert missing.exit_code != 0 and "scripts/build_llama_cpp.sh" in missing.output
     baseline = runner.invoke(app, eval_args(tiny_lm, text, tmp_path / "nowhere", "--baseline", str(tiny_lm)))
