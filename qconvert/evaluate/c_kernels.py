@@ -6,15 +6,17 @@ decoded no faster than float32 (SmolLM2: 44.5 against 43.1 ms/token); a gather w
 slower still. AVX2's `vpermps` looks up eight floats in one instruction, so two lookups and a blend
 decode eight codes: about one instruction per weight. The 8-bit codes (FP8 E4M3, and int8 in
 groups, which torch's int8 kernel cannot take) come out of Inductor's code 2-4 times slower than
-torch's own int8 kernel, so they are here too: a few integer instructions turn eight codes into
-floats.
+torch's own int8 kernel, and so do the integer planes of 2, 3, 5 and 6 bits, so they are here
+too: a few integer instructions turn eight codes into floats.
 
 Kernels, on `kernels.py`'s layout (one plane per weight; each group padded to `padded` columns):
 - `table`: 4-bit codes of a 16-value table (nf4, iq4nl, mxfp4, nvfp4). Byte k of a group holds
   the codes of columns k (low nibble) and k + padded/2 (high nibble).
 - `e4m3`: FP8 E4M3 codes (fp8, mxfp8, fp8-block): sign, exponent re-biased by 120 and mantissa
   placed in a float32's bits; subnormals (exponent 0) are the mantissa times 2**-9.
-- `int8`: 8-bit integer codes in groups: Σ_g s·(Σ q·x) − Σ_g (z·s)·(Σ x).
+- `int`: integer codes of any width in up to three planes of 1, 2, 4 or 8 bits (int3 = 2 + 1, int6
+  = 4 + 2, ...): Σ_g s·(Σ_planes 2**shift · Σ q·x) − Σ_g (z·s)·(Σ x), each plane's sub-codes
+  shifted out and multiplied with their slice of the group's inputs.
 
 The source is compiled once per machine by the system C compiler (`cc -O3 -mavx2 -mfma -fopenmp`)
 into ~/.cache/qconvert/kernels/ under the source's hash, and called through ctypes on the tensors'
@@ -103,11 +105,9 @@ static inline float e4m3_scalar(uint8_t code) {
     return code & 0x80 ? -value : value;
 }
 
-/* y[r] = sum over groups g of scales[r, g] * sum over c of value(codes[r, g, c]) * x[g, c]
-          (- offsets[r, g] * x_sums[g], for int codes with a zero point);
-   kind 0: unsigned 8-bit int codes, kind 1: E4M3 codes */
-void byte_gemv(const float *x, const uint8_t *codes, const float *scales, const float *offsets, const float *x_sums,
-               float *y, int64_t rows, int64_t groups, int64_t padded, int64_t kind) {
+/* y[r] = sum over groups g of scales[r, g] * sum over c of e4m3(codes[r, g, c]) * x[g, c] */
+void e4m3_gemv(const float *x, const uint8_t *codes, const float *scales, float *y, int64_t rows, int64_t groups,
+               int64_t padded) {
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float total = 0.0f;
@@ -118,13 +118,57 @@ void byte_gemv(const float *x, const uint8_t *codes, const float *scales, const 
             int64_t c = 0;
             for (; c + 8 <= padded; c += 8) {
                 __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + c)));
-                __m256 w = kind ? e4m3(v) : _mm256_cvtepi32_ps(v);
-                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + c), acc);
+                acc = _mm256_fmadd_ps(e4m3(v), _mm256_loadu_ps(xg + c), acc);
             }
             float sum = hsum(acc);
-            for (; c < padded; c++) sum += (kind ? e4m3_scalar(p[c]) : (float)p[c]) * xg[c];
+            for (; c < padded; c++) sum += e4m3_scalar(p[c]) * xg[c];
             total += scales[r * groups + g] * sum;
-            if (offsets) total -= offsets[r * groups + g] * x_sums[g];
+        }
+        y[r] = total;
+    }
+}
+
+/* sum over a group's columns of code * x for one bit plane of `bits` (1, 2, 4 or 8) bits: byte k holds
+   the codes of columns k, k + chunk, ..., one per `bits` bits, chunk = padded * bits / 8 */
+static inline float plane_dot(const uint8_t *p, const float *xg, int64_t padded, int64_t bits) {
+    const int64_t per_byte = 8 / bits, chunk = padded / per_byte, mask = (1 << bits) - 1;
+    const __m256i vmask = _mm256_set1_epi32(mask);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= chunk; k += 8) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + k)));
+        for (int64_t j = 0; j < per_byte; j++) {
+            __m256i q = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_set1_epi32(j * bits)), vmask);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_loadu_ps(xg + j * chunk + k), acc);
+        }
+    }
+    float sum = hsum(acc);
+    for (; k < chunk; k++)
+        for (int64_t j = 0; j < per_byte; j++) sum += (float)((p[k] >> (j * bits)) & mask) * xg[j * chunk + k];
+    return sum;
+}
+
+/* y[r] = sum over groups g of scales[r, g] * (sum over planes i of 2**shift_i * plane_dot_i)
+          - offsets[r, g] * x_sums[g]: int codes in up to three planes of bits[i] bits,
+          most significant first (bits 0: no plane) */
+void int_gemv(const float *x, const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, int64_t b0, int64_t b1,
+              int64_t b2, const float *scales, const float *offsets, const float *x_sums, float *y, int64_t rows,
+              int64_t groups, int64_t padded) {
+    const uint8_t *planes[3] = {p0, p1, p2};
+    const int64_t bits[3] = {b0, b1, b2};
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xg = x + g * padded;
+            float dot = 0.0f;
+            int64_t shift = b0 + b1 + b2;
+            for (int i = 0; i < 3 && bits[i]; i++) {
+                shift -= bits[i];
+                const uint8_t *p = planes[i] + (r * groups + g) * (padded * bits[i] / 8);
+                dot += (float)(1 << shift) * plane_dot(p, xg, padded, bits[i]);
+            }
+            total += scales[r * groups + g] * dot - offsets[r * groups + g] * x_sums[g];
         }
         y[r] = total;
     }
@@ -179,10 +223,12 @@ def load() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.table_gemv.restype = lib.table_dequantize.restype = lib.byte_gemv.restype = None
+    for name in ("table_gemv", "table_dequantize", "e4m3_gemv", "int_gemv"):
+        getattr(lib, name).restype = None
     lib.table_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     lib.table_dequantize.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-    lib.byte_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
+    lib.e4m3_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.int_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     return lib
 
 
@@ -195,50 +241,44 @@ def _check(t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
 
 
 def kernel_for(spec) -> str | None:
-    """The C kernel for a `kernels.KernelSpec` ("table", "e4m3" or "int8"), or None: none fits, or
-    none can run here."""
-    if load() is None:
-        return None
-    if spec.values == "table":
-        return "table"
-    if spec.values == "e4m3":
-        return "e4m3"
-    if spec.values == "int" and spec.planes == (8,):
-        return "int8"
-    return None
+    """The C kernel for a `kernels.KernelSpec` ("table", "e4m3" or "int"), or None where none can run."""
+    return None if load() is None else {"table": "table", "e4m3": "e4m3", "int": "int"}.get(spec.values)
 
 
-def byte_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, kind: str):
-    """y = Ŵ x for one row of 8-bit codes (`kind` "int8" or "e4m3").
+def gemv(x: torch.Tensor, weight, table: torch.Tensor | None = None) -> torch.Tensor:
+    """y = Ŵ x for one row, on the C kernel of `weight.spec` (`kernel_for`).
 
     Args:
-        x: (groups, padded) float32, contiguous (`kernels.grouped_input`).
-        codes: (rows, groups, padded) uint8, contiguous.
-        scales: (rows, groups) float32, contiguous; offsets: the same shape (zero point × scale) or None.
+        x: (groups, padded) float32, contiguous: the input grouped as the planes are
+            (`kernels.grouped_input`).
+        weight: a `kernels.PackedWeight` with float32 contiguous scales (and offsets).
+        table: (16,) float32, the values of a 16-value table grid's codes.
 
     Returns:
         (rows,) float32.
     """
-    rows, groups, padded = codes.shape
-    _check(x, (groups, padded), torch.float32)
-    _check(codes, codes.shape, torch.uint8)
-    _check(scales, (rows, groups), torch.float32)
+    spec = weight.spec
+    rows, groups = weight.scales.shape
+    _check(x, (groups, spec.padded), torch.float32)
+    _check(weight.scales, (rows, groups), torch.float32)
+    for plane, bits in zip(weight.planes, spec.planes):
+        _check(plane, (rows, groups, spec.padded * bits // 8), torch.uint8)
     y = torch.empty(rows, dtype=torch.float32)
-    sums = None if offsets is None else x.sum(-1)
-    if offsets is not None:
-        _check(offsets, (rows, groups), torch.float32)
-    load().byte_gemv(
-        x.data_ptr(),
-        codes.data_ptr(),
-        scales.data_ptr(),
-        None if offsets is None else offsets.data_ptr(),
-        None if sums is None else sums.data_ptr(),
-        y.data_ptr(),
-        rows,
-        groups,
-        padded,
-        int(kind == "e4m3"),
-    )
+    pointers = (x.data_ptr(), weight.planes[0].data_ptr())
+    if spec.values == "table":
+        _check(table, (16,), torch.float32)
+        load().table_gemv(
+            *pointers, weight.scales.data_ptr(), table.data_ptr(), y.data_ptr(), rows, groups, spec.padded
+        )
+    elif spec.values == "e4m3":
+        load().e4m3_gemv(*pointers, weight.scales.data_ptr(), y.data_ptr(), rows, groups, spec.padded)
+    else:
+        _check(weight.offsets, (rows, groups), torch.float32)
+        planes = [p.data_ptr() for p in weight.planes] + [None] * (3 - len(weight.planes))
+        bits = list(spec.planes) + [0] * (3 - len(spec.planes))
+        sums = x.sum(-1)
+        load().int_gemv(x.data_ptr(), *planes, *bits, weight.scales.data_ptr(), weight.offsets.data_ptr(),
+                        sums.data_ptr(), y.data_ptr(), rows, groups, spec.padded)  # fmt: skip
     return y
 
 
@@ -251,36 +291,13 @@ def _build(library: Path) -> None:
         built.replace(library)  # whole or not at all: a concurrent build renames the same bytes
 
 
-def table_gemv(x: torch.Tensor, plane: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """y = Ŵ x for one row.
-
-    Args:
-        x: (groups, padded) float32, contiguous: the input grouped as the plane is (`kernels._grouped`).
-        plane: (rows, groups, padded / 2) uint8, contiguous: 4-bit table codes.
-        scales: (rows, groups) float32, contiguous: effective scales.
-        table: (16,) float32: what each code stands for.
-
-    Returns:
-        (rows,) float32.
-    """
-    rows, groups, half = plane.shape
-    _check(x, (groups, 2 * half), torch.float32)
-    _check(plane, plane.shape, torch.uint8)
-    _check(scales, (rows, groups), torch.float32)
-    _check(table, (16,), torch.float32)
-    y = torch.empty(rows, dtype=torch.float32)
-    load().table_gemv(
-        x.data_ptr(), plane.data_ptr(), scales.data_ptr(), table.data_ptr(), y.data_ptr(), rows, groups, 2 * half
-    )
-    return y
-
-
 def table_dequantize(
     plane: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, group: int, columns: int
 ) -> torch.Tensor:
     """The (rows, columns) float32 weight of a 4-bit table plane (padding dropped), for prompts.
 
-    Args are as for `table_gemv`; `group` and `columns` are the unpadded group size and row width.
+    Args: a 4-bit table plane (rows, groups, padded / 2) uint8, float32 scales (rows, groups), the
+    (16,) float32 table; `group` and `columns` are the unpadded group size and row width.
     """
     rows, groups, half = plane.shape
     _check(plane, plane.shape, torch.uint8)

@@ -239,11 +239,8 @@ class QuantizedLinear(nn.Module):
         if x.shape[0] == 1 and self.kernel == "fused":
             return kernels.Compiled.call("gemv", x[0], weight)[None]
         if x.shape[0] == 1:
-            grouped = kernels.grouped_input(x[0], spec)
-            if self.kernel == "c-table":
-                return c_kernels.table_gemv(grouped, weight.planes[0], weight.scales, self.table.float())[None]
-            kind = self.kernel.removeprefix("c-")
-            return c_kernels.byte_gemv(grouped, weight.planes[0], weight.scales, weight.offsets, kind)[None]
+            table = None if self.table is None else self.table.float()
+            return c_kernels.gemv(kernels.grouped_input(x[0], spec), weight, table)[None]
         if self.kernel == "c-table":
             table = self.table.float()
             dense = c_kernels.table_dequantize(weight.planes[0], weight.scales, table, spec.group, spec.columns)

@@ -72,22 +72,20 @@ def test_the_c_table_kernel_is_exact(config, shape):
     dequantized = c_kernels.table_dequantize(weight.planes[0], weight.scales, table, weight.spec.group, shape[1])
     assert torch.equal(dequantized, expected)
     x = torch.randn(shape[1])
-    y = c_kernels.table_gemv(kernels.grouped_input(x, weight.spec), weight.planes[0], weight.scales, table)
+    y = c_kernels.gemv(kernels.grouped_input(x, weight.spec), weight, table)
     assert close(y[None], x[None] @ expected.T, expected, x[None], 1e-6)
 
 
 @pytest.mark.skipif(c_kernels.load() is None, reason="no C compiler or no AVX2 here")
 @pytest.mark.parametrize("shape", SHAPES + [(8, 44)])
-@pytest.mark.parametrize("config", [QuantConfig(8, 64, False), QuantConfig(8, 0, True)] + TABLE_CONFIGS[4:], ids=str)
-def test_the_c_byte_kernels_are_exact(config, shape):
+@pytest.mark.parametrize("config", INT_CONFIGS + TABLE_CONFIGS[4:], ids=str)
+def test_the_c_int_and_e4m3_kernels_are_exact(config, shape):
     q = quantize(config, shape)
     weight = kernels.pack(q, kernels.spec_for(q))
-    kind = c_kernels.kernel_for(weight.spec)
-    assert kind == ("int8" if config.grid == "int" else "e4m3")
+    assert c_kernels.kernel_for(weight.spec) == ("int" if config.grid == "int" else "e4m3")
     expected = dequantize(q)
     x = torch.randn(shape[1])
-    grouped = kernels.grouped_input(x, weight.spec)
-    y = c_kernels.byte_gemv(grouped, weight.planes[0], weight.scales, weight.offsets, kind)
+    y = c_kernels.gemv(kernels.grouped_input(x, weight.spec), weight)
     assert close(y[None], x[None] @ expected.T, expected, x[None], 1e-6)
 
 
@@ -103,9 +101,7 @@ def test_every_e4m3_code_decodes_as_torch_does():
         for column in range(len(codes)):  # one-hot inputs read one decoded code at a time
             x = torch.zeros(len(codes))
             x[column] = 1
-            y = c_kernels.byte_gemv(
-                kernels.grouped_input(x, weight.spec), weight.planes[0], weight.scales, None, "e4m3"
-            )
+            y = c_kernels.gemv(kernels.grouped_input(x, weight.spec), weight)
             assert y.item() == expected[column].item()
 
 
@@ -129,10 +125,10 @@ def test_without_the_c_kernels_the_compiled_ones_serve(monkeypatch):
         (QuantConfig(5, 0, False), "int8"),
         (QuantConfig(6, 32, True), "int4-pair"),
         (QuantConfig(8, 128, True), "int4-pair"),
-        (QuantConfig(8, 64, False), "c-int8"),  # an asymmetric 8-bit high nibble does not re-centre
-        (QuantConfig(8, 100, False), "c-int8"),
-        (QuantConfig(4, 100, False), "fused"),  # groups the int4 kernel cannot tile
-        (QuantConfig(2, 16, True), "fused"),
+        (QuantConfig(8, 64, False), "c-int"),  # an asymmetric 8-bit high nibble does not re-centre
+        (QuantConfig(8, 100, False), "c-int"),
+        (QuantConfig(4, 100, False), "c-int"),  # groups the int4 kernel cannot tile
+        (QuantConfig(2, 16, True), "c-int"),
         (TABLE_CONFIGS[0], "c-table"),  # nf4
         (TABLE_CONFIGS[3], "c-table"),  # nvfp4, groups of 16
         (TABLE_CONFIGS[4], "c-e4m3"),  # mxfp8
