@@ -8,27 +8,27 @@ It picks the fastest path torch offers on CPU for its scheme, keeping one copy o
   compressed-tensors computes for the same file, without its dequantized float weight. W8A8 FP8
   quantizes the input the same way and multiplies the FP8 values in float32 (torch has no FP8
   matmul on CPU).
-- int codes of 5-8 bits per output channel: int8 codes and a per-row scale. A few rows of input (decoding) go
-  through `aten._weight_int8pack_mm`; a long prompt dequantizes the weight for one float32 matmul,
-  which is exact and, on a long input, faster. An asymmetric zero point becomes a per-row
-  correction, `(x · 1) × (128 - zero) × scale`.
-- int codes of 2-4 bits in groups of any multiple of 32 (per channel included):
+- int codes of 5-8 bits per output channel: int8 codes `q - z` and a per-row scale. A few rows of
+  input (decoding) go through `aten._weight_int8pack_mm`; a long prompt dequantizes the weight for
+  one float32 matmul, which is exact and, on a long input, faster. An asymmetric 8-bit zero point,
+  which `q - z` cannot hold in int8, becomes a per-row correction, `(x · 1) × (128 - zero) × scale`.
+- int codes of 2-4 bits in groups of any multiple of 32 (per channel included), in layers of a
+  multiple of 16 rows:
   `aten._weight_int4pack_mm_for_cpu`, whose weight is `(c - 8) × scale + zero` per group of
   32-256; a group that is a multiple of the kernel's repeats its scale. Codes under 4 bits use 4
   of them, so int2 and int3 decode as fast as int4 and take 4 bits of memory.
 - int codes of 5-8 bits in such groups: two int4 kernel calls, high and low nibble (8 bits of
   memory), where the high nibble's zero point re-centres exactly (5-7 bits, and symmetric 8).
 - everything else, on qconvert's codes split into bit planes (`kernels.py`; the file's bits exactly):
-  for one row of input, where AVX2 is there, a C GEMV (`c_kernels.py`) for 4-bit tables (nf4,
-  iq4nl, mxfp4, nvfp4: `c-table`), FP8 E4M3 (fp8, mxfp8, fp8-block: `c-e4m3`) and 8-bit int groups
-  (`c-int8`); otherwise Inductor's compiled fused kernel (`fused`: int groups the int4 kernel cannot
-  tile, and everything where the C code cannot build). A prompt dequantizes the weight (C lookups
-  for tables, the compiled code otherwise) for one float32 matmul.
+  for one row of input, where AVX2 and a C compiler are there, a C GEMV (`c_kernels.py`) for 4-bit
+  tables (nf4, iq4nl, mxfp4, nvfp4: `c-table`), FP8 E4M3 (fp8, mxfp8, fp8-block: `c-e4m3`) and int
+  codes in planes (`c-int`); otherwise Inductor's compiled fused kernel (`fused`). A prompt
+  dequantizes the weight (C lookups for tables, the compiled code otherwise) for one float32 matmul.
 
 On AVX2 CPUs torch 2.13 vectorizes these kernels only for bfloat16 activations (its float32
 path is scalar: 50x slower than a float32 matmul, measured), so the kernels get bfloat16 inputs and
 their outputs are cast back: the torch kernel paths match the float32 dequantized model to bfloat16
-rounding, the fused and long-input int8 paths to float32 summation order. `use_kernels=False`
+rounding, the C, fused and long-input int8 paths to float32 rounding. `use_kernels=False`
 unpacks and dequantizes qconvert's codes on every call, exactly, everywhere.
 """
 
