@@ -29,7 +29,7 @@ def load(spec: str) -> tuple[str, list[dict]]:
 def frontier(points: list[dict]) -> list[dict]:
     """The points that no smaller point beats, by size."""
     best, kept = float("inf"), []
-    for p in sorted(points, key=lambda p: p["bytes_on_disk"]):
+    for p in sorted(points, key=lambda p: (p["bytes_on_disk"], p["perplexity"])):
         if p["perplexity"] < best:
             best = p["perplexity"]
             kept.append(p)
