@@ -14,14 +14,15 @@ Usage:
 """
 
 import argparse
-import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qconvert.errors import QConvertError
+from qconvert.evaluate.llama_cpp import llama_perplexity, speed
 
 # GGUF type -> the qconvert grid that maps onto it exactly (blocks of 32, float16 scales)
 GRIDS = {
@@ -38,25 +39,6 @@ def run(command: list, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
     if result.returncode:
         sys.exit(f"{' '.join(map(str, command))} failed:\n{result.stderr[-3000:]}")
     return result, time.perf_counter() - start
-
-
-def perplexity(tools: Path, model: Path, text: Path, chunks: int, threads: int) -> float:
-    result, _ = run(
-        [tools / "bin" / "llama-perplexity", "-m", model, "-f", text, "-c", 512, "--chunks", chunks, "-t", threads]
-    )
-    found = re.search(r"Final estimate: PPL = ([\d.]+)", result.stdout + result.stderr)
-    return float(found.group(1))
-
-
-def speed(tools: Path, model: Path, threads: int) -> tuple[float, float]:
-    """(prompt tokens/s over 512 tokens, generated tokens/s over 128)"""
-    result, _ = run(
-        [tools / "bin" / "llama-bench", "-m", model, "-p", 512, "-n", 128, "-t", threads, "-r", 2, "-o", "json"]
-    )
-    rows = json.loads(result.stdout)
-    prompt = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
-    generated = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
-    return prompt, generated
 
 
 def main() -> None:
@@ -123,8 +105,12 @@ def main() -> None:
     print("| file | MB | perplexity (llama-perplexity) | prompt tok/s | generate tok/s | convert s |")
     print("|---|---|---|---|---|---|")
     for label, path, seconds in rows:
-        ppl = perplexity(tools, path, args.text, args.chunks, args.threads)
-        prompt, generated = speed(tools, path, args.threads)
+        try:
+            ppl, _ = llama_perplexity(tools, path, args.text, 512, args.chunks, args.threads)
+            prompt, decode_ms = speed(tools, path, 512, 128, args.threads, runs=2)
+        except QConvertError as exc:
+            sys.exit(str(exc))
+        generated = 1000 / decode_ms
         took = f"{seconds:.1f}" if seconds is not None else ""
         print(
             f"| {label} | {path.stat().st_size / 1e6:.1f} | {ppl:.3f} | {prompt:.0f} | {generated:.1f} | {took} |",

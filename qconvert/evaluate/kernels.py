@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from qconvert.quantizers.base import QuantizedTensor, zero_points
-from qconvert.quantizers.grids import E4M3_VALUES, get_grid
+from qconvert.quantizers.grids import E4M3_VALUES, effective_scales, get_grid
 
 PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
 COLUMN_ALIGN = 8  # each group is padded to a multiple of this, so that 1-bit planes fill whole bytes
@@ -81,10 +81,10 @@ def spec_for(q: QuantizedTensor) -> KernelSpec | None:
     padded = -(-group // COLUMN_ALIGN) * COLUMN_ALIGN
     if q.grid == "int":
         return KernelSpec(rows, columns, group, padded, PLANES[q.bits], "int")
-    table = get_grid(q.grid).table
-    if table.numel() == 16:
-        return KernelSpec(rows, columns, group, padded, (4,), "table", multilinear_coefficients(table))
-    if table.numel() == 256 and torch.equal(table.nan_to_num(), torch.tensor(E4M3_VALUES).nan_to_num()):
+    grid = get_grid(q.grid)
+    if len(grid.values) == 16:
+        return KernelSpec(rows, columns, group, padded, (4,), "table", multilinear_coefficients(grid.table))
+    if grid.values is E4M3_VALUES:
         return KernelSpec(rows, columns, group, padded, (8,), "e4m3")
     return None
 
@@ -102,8 +102,6 @@ def multilinear_coefficients(table: torch.Tensor) -> tuple[float, ...]:
 
 def pack(q: QuantizedTensor, spec: KernelSpec) -> PackedWeight:
     """`q` in the kernels' layout (see the module docstring)."""
-    from qconvert.quantizers.grids import effective_scales
-
     codes = _grouped(q.codes, spec, 0)
     planes = tuple(_plane(codes, bits, shift, spec) for bits, shift in zip(spec.planes, spec.shifts))
     scales = effective_scales(q.scales, q.grid, q.global_scale).float().contiguous()
@@ -212,46 +210,37 @@ class Compiled:
 
     seconds = 0.0  # spent compiling: first calls here, and building `c_kernels.py`
     failed: str | None = None
+    _called: set = set()  # (kernel, spec) pairs already compiled
 
     @classmethod
     def call(cls, name: str, *args) -> torch.Tensor:
-        fn = _compiled(name, args[-1].spec)
         if cls.failed is not None:
             return _EAGER[name](*args)
-        if fn.first:
-            start = time.perf_counter()
-            try:
-                result = fn.compiled(*args)
-            except Exception as exc:  # an Inductor or compiler failure: keep the exact eager path
-                cls.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                return _EAGER[name](*args)
-            finally:
-                cls.seconds += time.perf_counter() - start
-            fn.first = False
-            return result
-        return fn.compiled(*args)
+        key = (name, args[-1].spec)
+        if key in cls._called:
+            return _compiled(name)(*args)
+        start = time.perf_counter()
+        try:
+            result = _compiled(name)(*args)
+        except Exception as exc:  # an Inductor or compiler failure: keep the exact eager path
+            cls.failed = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return _EAGER[name](*args)
+        finally:
+            cls.seconds += time.perf_counter() - start
+        cls._called.add(key)
+        return result
 
 
 _EAGER = {"gemv": gemv, "dequantize": dequantize}
 
 
-class _Entry:
-    def __init__(self, compiled) -> None:
-        self.compiled, self.first = compiled, True
-
-
 @cache
-def _compiled(name: str, spec: KernelSpec) -> _Entry:
+def _compiled(name: str):
     import torch._dynamo
 
-    # One compiled function per spec; each becomes one entry of the function's Dynamo cache.
+    # Dynamo specializes the one compiled function on each spec: an entry of its cache per layer shape.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
-    fn = _EAGER[name]
-
-    def run(*args):
-        return fn(*args)
-
     # A table's fifteen multiply-adds exceed Inductor's default threshold for materializing an
     # intermediate (30 ops), which would write the decoded weight out in float32 and read it back.
-    return _Entry(torch.compile(run, dynamic=False, options={"realize_opcount_threshold": 1000}))
+    return torch.compile(_EAGER[name], dynamic=False, options={"realize_opcount_threshold": 1000})

@@ -64,7 +64,7 @@ def evaluate_llama_cpp(path: Path, text: str, settings: EvalSettings, tools: Pat
         text_file = scratch / "text.txt"
         text_file.write_text(text)
         chunks = (settings.max_tokens // settings.ctx) if settings.max_tokens else None
-        perplexity, chunks_scored = _perplexity(tools, gguf, text_file, settings.ctx, chunks)
+        perplexity, chunks_scored = llama_perplexity(tools, gguf, text_file, settings.ctx, chunks)
         prefill, decode = speed(tools, gguf, settings.prompt_tokens, settings.decode_tokens)
         size = gguf.stat().st_size
     return EvalResult(
@@ -131,8 +131,16 @@ def _convert_float(folder: Path, scratch: Path, tools: Path) -> Path:
     return target
 
 
-def _perplexity(tools: Path, gguf: Path, text: Path, ctx: int, chunks: int | None) -> tuple[float, int]:
-    command = [tools / "bin" / "llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-t", os.cpu_count()]
+def llama_perplexity(
+    tools: Path, gguf: Path, text: Path, ctx: int, chunks: int | None, threads: int | None = None
+) -> tuple[float, int]:
+    """(perplexity, chunks scored) by llama-perplexity over `text` in chunks of `ctx` tokens.
+
+    Raises:
+        SourceError: the tool fails or prints no perplexity.
+    """
+    threads = threads or os.cpu_count()
+    command = [tools / "bin" / "llama-perplexity", "-m", gguf, "-f", text, "-c", ctx, "-t", threads]
     output = _run([*command, *(["--chunks", chunks] if chunks else [])])
     found = re.search(r"Final estimate: PPL = ([\d.]+)", output)
     counted = re.search(r"calculating perplexity over (\d+) chunks", output)
@@ -141,10 +149,17 @@ def _perplexity(tools: Path, gguf: Path, text: Path, ctx: int, chunks: int | Non
     return float(found.group(1)), int(counted.group(1))
 
 
-def speed(tools: Path, gguf: Path, prompt: int, decode: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode ms/token): llama-bench's mean of 3 runs of each."""
-    command = [tools / "bin" / "llama-bench", "-m", gguf, "-p", prompt, "-n", decode, "-t", os.cpu_count()]
-    output = _run([*command, "-r", 3, "-o", "json"], stdout_only=True)
+def speed(
+    tools: Path, gguf: Path, prompt: int, decode: int, threads: int | None = None, runs: int = 3
+) -> tuple[float, float]:
+    """(prefill tokens/s, decode ms/token): llama-bench's mean of `runs` runs of each.
+
+    Raises:
+        SourceError: the tool fails or prints no speeds.
+    """
+    threads = threads or os.cpu_count()
+    command = [tools / "bin" / "llama-bench", "-m", gguf, "-p", prompt, "-n", decode, "-t", threads]
+    output = _run([*command, "-r", runs, "-o", "json"], stdout_only=True)
     try:
         rows = json.loads(output)
         prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)

@@ -116,7 +116,7 @@ class QuantizedLinear(nn.Module):
         """
         group = q.group_size or self.in_features
         column_group = torch.arange(self.in_features) // group
-        centred = codes.to(torch.int32) - zeros[:, column_group].to(torch.int32) + 8
+        centred = _centred(codes, zeros, group)
         outside = ((centred < 0) | (centred > 15)).to(torch.int32)
         fits = torch.zeros_like(scales, dtype=torch.int32).index_add_(1, column_group, outside) == 0
         codes = torch.where(fits[:, column_group], centred, codes.to(torch.int32))
@@ -140,9 +140,8 @@ class QuantizedLinear(nn.Module):
         for symmetric 8; not for asymmetric 8, whose zero would then be large and bfloat16-rounded)."""
         if q.bits <= 4:
             return False
-        column_group = torch.arange(q.shape[1]) // (q.group_size or q.shape[1])
-        high_zeros = torch.div(zero_points(q), 16, rounding_mode="floor")[:, column_group]
-        centred = (q.codes.to(torch.int32) >> 4) - high_zeros.to(torch.int32) + 8
+        high_zeros = torch.div(zero_points(q), 16, rounding_mode="floor")
+        centred = _centred(q.codes.to(torch.int32) >> 4, high_zeros, q.group_size or q.shape[1])
         return bool(centred.min() >= 0) and bool(centred.max() <= 15)
 
     def _init_int4_pair(self, q: QuantizedTensor, size: int) -> str:
@@ -253,3 +252,10 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, kernel={self.kernel}"
         )
+
+
+def _centred(codes: torch.Tensor, zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """codes - zero + 8 (int32) for (rows, columns) codes and their (rows, groups) zero points: the
+    int4 kernel's code for a weight whose zero point is 8."""
+    column_group = torch.arange(codes.shape[1]) // group
+    return codes.to(torch.int32) - zeros[:, column_group].to(torch.int32) + 8
