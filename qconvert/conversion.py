@@ -135,6 +135,8 @@ def convert(
     with output_lock(destination), _calibration_kept_only_when_interrupted(destination):
         with staged_output(destination, force, protected) as staging:
             calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
+            if calibrated is not None and calibrated.records():
+                manifest.training = {"blocks": calibrated.records()}
             writers = _open_writers(staging, file_names, shards, manifest)
             try:
                 _stream(checkpoint, plan, settings, writers, progress, calibrated)

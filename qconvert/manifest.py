@@ -94,6 +94,9 @@ class Manifest:
     command: list[str] | None = None
     schema_version: int = SCHEMA_VERSION
     totals: dict = field(default_factory=dict)
+    # A quantizer that learns (qat): {"blocks": [per block: losses, steps, seconds, ...]}; the text,
+    # seed and learning rates it learned with are in `settings`.
+    training: dict | None = None
 
     def compute_totals(self) -> None:
         quantized = [t for t in self.tensors if t.action == "quantized"]

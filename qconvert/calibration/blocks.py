@@ -29,6 +29,13 @@ class BlockInputs:
     def __len__(self) -> int:
         return len(self.hidden)
 
+    def copy(self) -> "BlockInputs":
+        """A second stream of activations: its own hidden states, the same keyword arguments."""
+        other = BlockInputs()
+        other.hidden = [h.clone() for h in self.hidden]
+        other.kwargs = self.kwargs
+        return other
+
     def run(self, block: torch.nn.Module, keep_outputs: bool) -> None:
         """Run every batch through `block`; with `keep_outputs` its outputs become the next inputs."""
         for index, (hidden, kwargs) in enumerate(zip(self.hidden, self.kwargs)):

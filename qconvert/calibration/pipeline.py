@@ -5,6 +5,11 @@ activations entering it (and quantize), put the *quantized* weights into the blo
 activations through it to get the next block's inputs, so later blocks learn to compensate for the
 errors of earlier ones (as GPTQ does). Peak memory is one block plus the activations.
 
+A quantizer that learns to reproduce the float model (`needs_float_targets`, e.g. qat) also gets the
+float block's outputs on the float model's own activations: a second stream of activations, run
+through the blocks as they were, so each block learns to undo the errors of the quantized blocks
+before it.
+
 Finished blocks are saved as they complete (`BlockStore`). A re-run finds them, recomputes the
 activations by running the saved quantized blocks (bit-identical to the first run, since the same
 weights see the same inputs) and carries on from the first unfinished block.
@@ -12,6 +17,7 @@ weights see the same inputs) and carries on from the first unfinished block.
 
 import ctypes
 import dataclasses
+import time
 from typing import Callable
 
 import torch
@@ -35,7 +41,12 @@ class CalibratedResults:
 
     def __init__(self, store: BlockStore, blocks: int) -> None:
         self.store = store
+        self.blocks = blocks
         self.block_of = {name: index for index in range(blocks) for name in store.names(index)}
+
+    def records(self) -> list[dict]:
+        """The quantizer's record of each block that has one (qat: its losses), in block order."""
+        return [{"block": i, **r} for i in range(self.blocks) if (r := self.store.record(i)) is not None]
 
     def __contains__(self, name: str) -> bool:
         return name in self.block_of
@@ -66,22 +77,35 @@ def calibrate(
         return CalibratedResults(store, len(blocks))
     report("tokenizing calibration text", 0, len(blocks))
     inputs = blocks.first_inputs(calibration_windows(checkpoint.folder, settings), settings.batch_size)
+    targets = inputs.copy() if quantizer.needs_float_targets else None
     release_freed_memory()  # the tokenizer and the embeddings are gone
     for index in range(unfinished[-1] + 1):
+        began, record = time.perf_counter(), None
         module, prefix = blocks.load(index), blocks.block_prefix(index)
+        if targets is not None:  # the float block's outputs: what this block learns to give, and the next's inputs
+            with torch.no_grad():
+                targets.run(module, keep_outputs=True)
         if store.finished(index):
             report(f"block {index}: replaying its saved result", index, len(blocks))
             results = store.load(index)
         else:
             report(f"block {index}: {quantizer.name}", index, len(blocks))
             names = [n for n, i in block_of.items() if i == index]
-            block = CalibrationBlock(module, prefix, {n: configs[n] for n in names}, inputs)
+            block = CalibrationBlock(
+                module,
+                prefix,
+                {n: configs[n] for n in names},
+                inputs,
+                targets,
+                report=lambda stage, index=index: report(f"block {index}: {stage}", index, len(blocks)),
+            )
             results = _quantize_block(quantizer, block, names, checkpoint)
             # Against the block's weights as the quantizer left them (AWQ folds scales into them).
             errors = {
                 n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)
             }
-            store.save(index, results, errors)
+            store.save(index, results, errors, block.record)
+            record = block.record
         if index < unfinished[-1]:  # the next blocks' inputs: this block's outputs, quantized
             report(f"block {index}: outputs", index, len(blocks))
             _apply(module, prefix, results)
@@ -89,10 +113,17 @@ def calibrate(
                 inputs.run(module, keep_outputs=True)
         blocks.unload(index)
         release_freed_memory()
-        report(f"block {index}: done", index + 1, len(blocks))
-    del inputs
+        report(f"block {index}: done{_summary(record)} in {time.perf_counter() - began:.0f} s", index + 1, len(blocks))
+    del inputs, targets
     release_freed_memory()  # before the streaming pass reads the checkpoint again
     return CalibratedResults(store, len(blocks))
+
+
+def _summary(record: dict | None) -> str:
+    """A learning quantizer's loss before and after the block's training, for the progress line."""
+    if not record or "loss_start" not in record:
+        return ""
+    return f", loss {record['loss_start']:.4g} -> {record['loss_end']:.4g}"
 
 
 def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, int]:

@@ -1,6 +1,8 @@
 """What a calibrated quantizer sees of one decoder block: its weights, its calibration inputs, and
 the statistics of the inputs of its linear layers."""
 
+from typing import Callable
+
 import torch
 
 from qconvert.calibration.blocks import BlockInputs
@@ -17,16 +19,30 @@ class CalibrationBlock:
         linears: selected tensor name -> its nn.Linear, in module order.
         configs: selected tensor name -> the grid to quantize it to (a recipe may mix them).
         inputs: the calibration activations entering the block.
+        targets: for quantizers with `needs_float_targets`, the float model's outputs of this block, batch
+            for batch with `inputs` (else None).
+        report: shows a stage of the block's work (e.g. a loss) in the progress display.
+        record: what the quantizer reports of this block, as JSON values; kept with its results and
+            written to the manifest (qat fills it with its losses).
     """
 
     def __init__(
-        self, module: torch.nn.Module, prefix: str, configs: dict[str, QuantConfig], inputs: BlockInputs
+        self,
+        module: torch.nn.Module,
+        prefix: str,
+        configs: dict[str, QuantConfig],
+        inputs: BlockInputs,
+        targets: BlockInputs | None = None,
+        report: Callable[[str], None] = lambda stage: None,
     ) -> None:
         selected = list(configs)
         self.configs = configs
         self.module = module
         self.prefix = prefix
         self.inputs = inputs
+        self.targets = targets
+        self.report = report
+        self.record: dict | None = None
         modules = dict(module.named_modules())
         self.linears = {}
         for name, sub in module.named_modules():

@@ -21,6 +21,7 @@ from qconvert.quantizers.base import QuantizedTensor
 
 BlockResults = dict[str, "QuantizedTensor | torch.Tensor"]
 _PARTS = ("codes", "scales", "zeros", "global_scale", "input_scale")
+_RECORD = "__record__"  # metadata key of what the quantizer reports of a block (qat: its losses)
 
 
 def calibration_folder(destination: Path) -> Path:
@@ -46,9 +47,10 @@ class BlockStore:
     def finished(self, index: int) -> bool:
         return self._path(index).is_file()
 
-    def save(self, index: int, results: BlockResults, errors: dict[str, float]) -> None:
-        """Save a block's results, with the relative error of each quantized tensor against the weight it replaced."""
-        tensors, metadata = {}, {}
+    def save(self, index: int, results: BlockResults, errors: dict[str, float], record: dict | None = None) -> None:
+        """Save a block's results, with the relative error of each quantized tensor against the weight it
+        replaced, and the quantizer's `record` of the block (JSON values), if any."""
+        tensors, metadata = {}, {} if record is None else {_RECORD: json.dumps(record, sort_keys=True)}
         for name, result in results.items():
             if isinstance(result, QuantizedTensor):
                 metadata[name] = json.dumps(
@@ -73,7 +75,7 @@ class BlockStore:
 
     def load(self, index: int) -> BlockResults:
         with safe_open(self._path(index), "pt") as f:
-            return {name: _result(f, name, json.loads(meta)) for name, meta in f.metadata().items()}
+            return {name: _result(f, name, json.loads(meta)) for name, meta in f.metadata().items() if name != _RECORD}
 
     def result(self, name: str, index: int) -> tuple["QuantizedTensor | torch.Tensor", float | None]:
         """One tensor's result from block `index`, read alone, with its relative error if quantized."""
@@ -83,7 +85,13 @@ class BlockStore:
 
     def names(self, index: int) -> list[str]:
         with safe_open(self._path(index), "pt") as f:
-            return list(f.metadata())
+            return [name for name in f.metadata() if name != _RECORD]
+
+    def record(self, index: int) -> dict | None:
+        """What the quantizer reported of block `index` (None when it reported nothing)."""
+        with safe_open(self._path(index), "pt") as f:
+            text = f.metadata().get(_RECORD)
+        return None if text is None else json.loads(text)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -22,6 +22,7 @@ from qconvert.cli.options import (
     CheckOption,
     DampOption,
     DtypeOption,
+    EpochsOption,
     EventsOption,
     ExcludeOption,
     ForceOption,
@@ -31,6 +32,7 @@ from qconvert.cli.options import (
     IncludeOption,
     LayoutChoice,
     LayoutOption,
+    LrOption,
     MaxShardOption,
     OutputFormat,
     OutputOption,
@@ -38,8 +40,10 @@ from qconvert.cli.options import (
     RecipeOption,
     RevisionOption,
     ScaleDtypeOption,
+    ScaleLrOption,
     SeedOption,
     SmoothOption,
+    StartOption,
     SymmetricOption,
     TargetBpwOption,
     TargetSizeOption,
@@ -47,6 +51,11 @@ from qconvert.cli.options import (
 from qconvert.cli.progress import block_progress, progress_bar
 from qconvert.errors import SchemeError
 from qconvert.formats import HOLDS_ACTIVATIONS, Format
+
+
+def quantizer_options(**given) -> dict | None:
+    """The quantizer options given on the command line (None: none given; the recipe's or defaults apply)."""
+    return {k: v for k, v in given.items() if v is not None} or None
 
 
 @app.command()
@@ -81,6 +90,10 @@ def model(
     seed: SeedOption = None,
     damp: DampOption = None,
     act_order: ActOrderOption = None,
+    epochs: EpochsOption = None,
+    lr: LrOption = None,
+    scale_lr: ScaleLrOption = None,
+    start: StartOption = None,
     events: EventsOption = None,
     output_format: FormatOption = OutputFormat("qconvert"),
     force: ForceOption = False,
@@ -108,7 +121,9 @@ def model(
             target_bpw=target_bpw,
             target_size=target_size,
             budget_grids=budget_grids,
-            options={k: v for k, v in {"damp": damp, "act_order": act_order}.items() if v is not None} or None,
+            options=quantizer_options(
+                damp=damp, act_order=act_order, epochs=epochs, lr=lr, scale_lr=scale_lr, start=start
+            ),
         )
         calibration = dict(
             text=calib,

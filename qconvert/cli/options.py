@@ -200,6 +200,28 @@ ActOrderOption = Annotated[
         rich_help_panel="Calibration",
     ),
 ]
+EpochsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        help="qat: passes over the calibration windows per block (default 2).", rich_help_panel="Training (qat)"
+    ),
+]
+LrOption = Annotated[
+    Optional[float],
+    typer.Option(help="qat: Adam's learning rate for the weights (default 5e-4).", rich_help_panel="Training (qat)"),
+]
+ScaleLrOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="qat: Adam's learning rate for scales and zero points (default 1e-4).", rich_help_panel="Training (qat)"
+    ),
+]
+StartOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="qat: the codes training starts from: gptq, clip or rtn (default gptq).", rich_help_panel="Training (qat)"
+    ),
+]
 EventsOption = Annotated[
     Optional[Path],
     typer.Option(

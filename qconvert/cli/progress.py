@@ -48,5 +48,5 @@ class block_progress(_Bar):
 
     def report(self, stage: str, done: int, total: int) -> None:
         super().report(stage, done, total)
-        if not stderr.is_terminal and stage.endswith("done"):
+        if not stderr.is_terminal and ": done" in stage:
             stderr.print(f"calibrating: {stage} ({done}/{total})", highlight=False)

@@ -192,6 +192,8 @@ class CalibratedQuantizer(Quantizer):
     """
 
     requires_calibration = True
+    # True: the block also carries the float model's outputs (`CalibrationBlock.targets`) to learn from.
+    needs_float_targets: ClassVar[bool] = False
 
     @abstractmethod
     def quantize_block(self, block: Any) -> dict[str, "QuantizedTensor | torch.Tensor"]:

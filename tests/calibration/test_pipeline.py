@@ -89,7 +89,9 @@ def test_block_by_block_equals_whole_model_calibration(tmp_path, real_models, ca
     assert not calibration_folder(out).exists()  # the resumable store goes once the output is complete
 
 
-def test_killed_run_resumes_to_a_byte_identical_output(tmp_path, real_models, calib_text):
+@pytest.mark.parametrize("quantizer", ["gptq", "qat"])
+def test_killed_run_resumes_to_a_byte_identical_output(tmp_path, real_models, calib_text, quantizer):
+    # qat also replays the float model's stream and trains in a seeded order: resumed, it must give the same bytes.
     source = make_tiny_lm(tmp_path / "tiny", real_models, layers=8, hidden=128)
     out = tmp_path / "out"
     command = [
@@ -99,7 +101,7 @@ def test_killed_run_resumes_to_a_byte_identical_output(tmp_path, real_models, ca
         "model",
         str(source),
         "-q",
-        "gptq",
+        quantizer,
         "--group-size",
         "64",
         "--calib",
