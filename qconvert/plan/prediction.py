@@ -7,7 +7,9 @@ simple model of how qconvert runs, with constants measured on a 2-core x86 machi
   tensor in flight (reader prefetch, writer queue) and the codes of the largest quantized one (the
   quantizer works on cache-sized row blocks, so its float32 working set is small);
 - calibration (gptq, awq): the baseline with transformers, the activations between blocks
-  (samples x seqlen x hidden, float32), one batch's forward intermediates and one block's weights.
+  (samples x seqlen x hidden, float32), one batch's forward intermediates and one block's weights;
+  qat adds the float model's stream of activations, the training state of one block and a batch's
+  activations kept for the backward pass.
 
 `tests/test_prediction.py` checks the prediction against measured peak RSS and output size.
 """
@@ -33,6 +35,9 @@ FORWARD_OVERHEAD = (
 STREAM_BYTES_PER_S = 150e6  # source bytes read, quantized, hashed and written per second (rtn)
 STARTUP_S = 3.0
 CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
+TRAINING_PASSES = 3  # a training step's forward and backward, in forward passes
+TRAINING_FLOPS = 150e9  # ... at the rate of whole-block passes (qat on SmolLM2: 24 s per block for 2 epochs)
+TRAINING_ACTIVATIONS = 3.0  # a batch's activations kept for the backward pass, in forward intermediates
 
 
 @dataclass
@@ -113,10 +118,17 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
     embeddings = max(
         (info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name), default=0
     )
-    peak = CALIBRATION_BASE_RSS + activations + max(forward + weights, embeddings)
     # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
-    flops = blocks * tokens * (2 * 2 * block_parameters + 2 * (hidden + intermediate) * hidden)
-    return peak, flops / CALIBRATION_FLOPS
+    pass_flops = blocks * tokens * 2 * block_parameters
+    seconds = (2 * pass_flops + blocks * tokens * 2 * (hidden + intermediate) * hidden) / CALIBRATION_FLOPS
+    if plan.calibrated.needs_float_targets:  # qat: the float stream, its targets pass, and training
+        activations *= 2
+        passes = 3 + TRAINING_PASSES * int(plan.calibrated.settings.get("epochs", 0))  # + the loss before, after
+        seconds += passes * pass_flops / TRAINING_FLOPS
+        # The trained weights, their gradients and Adam's two moments; a batch's saved activations.
+        weights += block_parameters * 4 * 4 + TRAINING_ACTIVATIONS * forward
+    peak = CALIBRATION_BASE_RSS + activations + max(forward + weights, embeddings)
+    return peak, seconds
 
 
 def available_memory() -> int | None:

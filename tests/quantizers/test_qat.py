@@ -150,3 +150,44 @@ def test_qat_refuses_table_grids_before_any_work(tmp_path, tiny_lm):
     with pytest.raises(SchemeError, match="integer weight grids only"):
         convert(tiny_lm, tmp_path / "out", settings)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_trains_or_refuses_in_one_sentence(tiny_checkpoint, tiny_lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from qconvert.cli import app
+
+    text = tmp_path / "calib.txt"
+    text.write_text("rivers and foxes and dogs " * 300)
+    common = ["--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--json"]
+    runner = CliRunner()
+    # Tensors that are not the blocks transformers builds for the config: no blocks to train.
+    refused = runner.invoke(app, ["model", str(tiny_checkpoint), "-q", "qat", "-o", str(tmp_path / "a"), *common])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "blocks cannot be run" in refused.output and not (tmp_path / "a").exists()
+    refused = runner.invoke(
+        app, ["model", str(tiny_lm), "-q", "gptq", "--epochs", "2", "-o", str(tmp_path / "b"), *common]
+    )
+    assert refused.exit_code != 0 and "takes no option epochs" in refused.output
+    done = runner.invoke(
+        app,
+        [
+            "model",
+            str(tiny_lm),
+            "-q",
+            "qat",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--start",
+            "clip",
+            "-o",
+            str(tmp_path / "c"),
+        ]
+        + common,
+    )
+    assert done.exit_code == 0, done.output
+    manifest = read_manifest(tmp_path / "c")
+    assert manifest.settings["options"] == {"epochs": 1, "lr": 1e-3, "start": "clip"}
+    assert [b["steps"] for b in manifest.training["blocks"]] == [1, 1]
