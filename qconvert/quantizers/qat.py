@@ -88,8 +88,8 @@ class FakeQuantizer(torch.nn.Module):
         group size), the scales as stored (rounded to the scale dtype), the zero points as integers."""
         scale = _RoundTo.apply(self.scale, SCALE_DTYPES[self.config.scale_dtype], self.top)
         zero = self.zero if self.config.symmetric else _RoundTo.apply(self.zero, None, self.top)
-        groups = group_view(weight, self.config) if weight.requires_grad else group_view(weight.detach(), self.config)
-        return _RoundToGrid.apply(groups * scale.reciprocal().unsqueeze(-1), zero.unsqueeze(-1), self.top), scale, zero
+        position = group_view(weight, self.config) * scale.reciprocal().unsqueeze(-1)  # as rtn: × the reciprocal
+        return _RoundToGrid.apply(position, zero.unsqueeze(-1), self.top), scale, zero
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.codes(weight)
@@ -252,7 +252,7 @@ def train_block(block, fakes: list[FakeQuantizer], settings: dict) -> dict:
     kwargs = block.inputs.kwargs
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    weights = [p for fake_linear in _parametrized(module) for p in [fake_linear.parametrizations.weight.original]]
+    weights = [linear.parametrizations.weight.original for linear in _parametrized(module)]
     quantizer_parameters = [p for fake in fakes for p in fake.parameters()]
     for p in weights + quantizer_parameters:
         p.requires_grad_(True)
