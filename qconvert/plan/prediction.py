@@ -37,7 +37,8 @@ STARTUP_S = 3.0
 CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
 TRAINING_PASSES = 3  # a training step's forward and backward, in forward passes
 TRAINING_FLOPS = 150e9  # ... at the rate of whole-block passes (qat on SmolLM2: 24 s per block for 2 epochs)
-TRAINING_ACTIVATIONS = 1.0  # a batch's activations kept for the backward pass, in forward intermediates (fits SmolLM2: 1.24 GB)
+# A batch's activations kept for the backward pass, in forward intermediates (fits SmolLM2's 1.24 GB).
+TRAINING_ACTIVATIONS = 1.0
 
 
 @dataclass
