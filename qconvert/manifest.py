@@ -94,8 +94,8 @@ class Manifest:
     command: list[str] | None = None
     schema_version: int = SCHEMA_VERSION
     totals: dict = field(default_factory=dict)
-    # A quantizer that learns (qat): {"blocks": [per block: losses, steps, seconds, ...]}; the text,
-    # seed and learning rates it learned with are in `settings`.
+    # A quantizer that learns (qat): {"blocks": [per block: losses, steps, which codes were kept]}; the
+    # text, seed and learning rates it learned with are in `settings`. Left out of the JSON when None.
     training: dict | None = None
 
     def compute_totals(self) -> None:
@@ -115,7 +115,10 @@ class Manifest:
         }
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, indent=1)
+        data = asdict(self)
+        if data["training"] is None:  # absent unless a quantizer trained: other outputs read as before
+            del data["training"]
+        return json.dumps(data, sort_keys=True, indent=1)
 
     def widest_json(self) -> str:
         """The JSON this manifest can grow to once converted: every field filled while streaming

@@ -69,6 +69,7 @@ def calibrate(
     Raises:
         SchemeError: a selected tensor lies outside the decoder blocks, or the model cannot be run.
     """
+    quantizer.check_configs(configs)
     blocks = DecoderBlocks(checkpoint)
     block_of = _assign_to_blocks(blocks, list(configs))
     report = progress or (lambda stage, done, total: None)
@@ -121,7 +122,7 @@ def calibrate(
 
 def _summary(record: dict | None) -> str:
     """A learning quantizer's loss before and after the block's training, for the progress line."""
-    if not record or "loss_start" not in record:
+    if not record or record.get("loss_start") is None or record.get("loss_end") is None:
         return ""
     return f", loss {record['loss_start']:.4g} -> {record['loss_end']:.4g}"
 

@@ -21,7 +21,10 @@ from qconvert.quantizers.base import QuantizedTensor
 
 BlockResults = dict[str, "QuantizedTensor | torch.Tensor"]
 _PARTS = ("codes", "scales", "zeros", "global_scale", "input_scale")
-_RECORD = "__record__"  # metadata key of what the quantizer reports of a block (qat: its losses)
+# Metadata keys that are not tensor names: the quantizer's report of the block (qat: its losses), and
+# the block's index, which keeps the header of a block with nothing selected from being empty (safetensors
+# cannot read back a file with neither tensors nor metadata).
+_RECORD, _BLOCK = "__record__", "__block__"
 
 
 def calibration_folder(destination: Path) -> Path:
@@ -50,7 +53,9 @@ class BlockStore:
     def save(self, index: int, results: BlockResults, errors: dict[str, float], record: dict | None = None) -> None:
         """Save a block's results, with the relative error of each quantized tensor against the weight it
         replaced, and the quantizer's `record` of the block (JSON values), if any."""
-        tensors, metadata = {}, {} if record is None else {_RECORD: json.dumps(record, sort_keys=True)}
+        tensors, metadata = {}, {_BLOCK: str(index)}
+        if record is not None:
+            metadata[_RECORD] = json.dumps(record, sort_keys=True)
         for name, result in results.items():
             if isinstance(result, QuantizedTensor):
                 metadata[name] = json.dumps(
@@ -75,7 +80,7 @@ class BlockStore:
 
     def load(self, index: int) -> BlockResults:
         with safe_open(self._path(index), "pt") as f:
-            return {name: _result(f, name, json.loads(meta)) for name, meta in f.metadata().items() if name != _RECORD}
+            return {name: _result(f, name, json.loads(f.metadata()[name])) for name in _names(f)}
 
     def result(self, name: str, index: int) -> tuple["QuantizedTensor | torch.Tensor", float | None]:
         """One tensor's result from block `index`, read alone, with its relative error if quantized."""
@@ -85,7 +90,7 @@ class BlockStore:
 
     def names(self, index: int) -> list[str]:
         with safe_open(self._path(index), "pt") as f:
-            return [name for name in f.metadata() if name != _RECORD]
+            return _names(f)
 
     def record(self, index: int) -> dict | None:
         """What the quantizer reported of block `index` (None when it reported nothing)."""
@@ -98,6 +103,10 @@ class BlockStore:
 
     def _path(self, index: int) -> Path:
         return self.folder / f"block-{index:05d}.safetensors"  # `finished_blocks` counts these
+
+
+def _names(f) -> list[str]:
+    return [name for name in f.metadata() if name not in (_RECORD, _BLOCK)]
 
 
 def _result(f, name: str, meta: dict) -> "QuantizedTensor | torch.Tensor":

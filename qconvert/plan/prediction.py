@@ -122,12 +122,12 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
     # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
     pass_flops = blocks * tokens * 2 * block_parameters
     seconds = (2 * pass_flops + blocks * tokens * 2 * (hidden + intermediate) * hidden) / CALIBRATION_FLOPS
-    if plan.calibrated.needs_float_targets:  # qat: the float stream, its targets pass, and training
+    if getattr(plan.calibrated, "needs_float_targets", False):  # qat: the float stream, its targets pass, and training
         activations *= 2
         passes = 3 + TRAINING_PASSES * int(plan.calibrated.settings.get("epochs", 0))  # + the loss before, after
         seconds += passes * pass_flops / TRAINING_FLOPS
-        # The trained weights, their gradients and Adam's two moments; a batch's saved activations.
-        weights += block_parameters * 4 * 4 + TRAINING_ACTIVATIONS * forward
+        # The trained weights, their gradients, Adam's two moments and the start's copy; a batch's saved activations.
+        weights += block_parameters * 4 * 5 + TRAINING_ACTIVATIONS * forward
     peak = CALIBRATION_BASE_RSS + activations + max(forward + weights, embeddings)
     return peak, seconds
 

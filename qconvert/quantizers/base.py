@@ -203,6 +203,13 @@ class CalibratedQuantizer(Quantizer):
         absorbed AWQ's scales); a QuantizedTensor is the quantized form of a selected weight.
         """
 
+    def check_configs(self, configs: dict[str, QuantConfig]) -> None:
+        """Refuse, before any calibration work, tensor configs this quantizer cannot handle.
+
+        Raises:
+            SchemeError: naming the tensor and why.
+        """
+
     def calibration_use(self) -> str:
         """What it uses calibration text for, for the message that asks for it."""
         return f"quantizer {self.name!r} learns from activations"

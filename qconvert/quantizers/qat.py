@@ -4,8 +4,9 @@
 layer then computes with the weight its codes stand for, `(q - z) * s`, exactly as `dequantize`
 rebuilds it, while gradients reach the float weight behind it, the scales and the zero points.
 Rounding passes gradients straight through (STE, Bengio et al. 2013, arXiv:1308.3432) inside the
-grid and stops them outside; the scale's gradient is LSQ's (Esser et al. 2020, arXiv:1902.08153),
-and learned zero points are LSQ+'s (Bhalgat et al. 2020). `convert` turns the layers back into plain
+grid and stops them outside; the scale's gradient is LSQ's (Esser et al. 2020, arXiv:1902.08153)
+without its gradient scale, which Adam's per-parameter step size makes moot; learned zero points are
+LSQ+'s (Bhalgat et al. 2020). `convert` turns the layers back into plain
 linears and returns the codes and scales the converter writes: the same numbers, so the converted
 model computes exactly what the trained one did.
 
@@ -131,9 +132,12 @@ def prepare(
     Raises:
         SchemeError: a name that is not a linear's weight, or a grid QAT does not train.
     """
+    linears = {name: _linear(module, name) for name in configs}  # refuse before changing anything
+    for name, config in configs.items():
+        _check_trainable(name, config)
     quantizers = {}
     for name, config in configs.items():
-        linear = _linear(module, name)
+        linear = linears[name]
         weight = linear.weight.detach().float()
         begin = start[name] if start is not None else rtn_quantize(name, weight, config)
         linear.weight.data = _inside_cells(weight, begin, config)
@@ -200,24 +204,38 @@ class QATQuantizer(CalibratedQuantizer):
 
     def __init__(self, config: QuantConfig, **options: Any) -> None:
         super().__init__(config, **options)
-        if self.settings["start"] not in ("gptq", "clip", "rtn"):
-            raise SchemeError(f"qat starts from gptq, clip or rtn codes, not {self.settings['start']!r}.")
-        if int(self.settings["epochs"]) < 0:
-            raise SchemeError(f"qat's epochs must be 0 or more, not {self.settings['epochs']}.")
+        settings = self.settings
+        if settings["start"] not in ("gptq", "clip", "rtn"):
+            raise SchemeError(f"qat starts from gptq, clip or rtn codes, not {settings['start']!r}.")
+        for name in ("epochs", "seed"):
+            if isinstance(settings[name], bool) or not isinstance(settings[name], int) or settings[name] < 0:
+                raise SchemeError(f"qat's {name} must be a whole number, 0 or more, not {settings[name]!r}.")
+        for name in ("lr", "scale_lr"):
+            rate = settings[name]
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < math.inf:
+                raise SchemeError(f"qat's {name} must be a finite learning rate, 0 or more, not {rate!r}.")
+
+    def check_configs(self, configs: dict[str, QuantConfig]) -> None:
+        for name, config in configs.items():
+            _check_trainable(name, config)
 
     def calibration_use(self) -> str:
         return "quantizer 'qat' trains each block on calibration text against the float model"
 
     def quantize_block(self, block) -> dict[str, QuantizedTensor]:
-        for name, config in block.configs.items():  # refuse before gptq spends its time
-            _check_trainable(name, config)
+        if not block.configs:  # a block the rules keep in float: nothing to train
+            return {}
+        self.check_configs(block.configs)
         start = self._start(block)
+        originals = {name: block.weight(name).clone() for name in block.configs}
         relative = {name[len(block.prefix) :]: config for name, config in block.configs.items()}
         fakes = prepare(block.module, relative, {name[len(block.prefix) :]: q for name, q in start.items()})
         try:
             block.record = train_block(block, list(fakes.values()), self.settings)
         finally:
             trained = convert(block.module)
+            for name, weight in originals.items():  # errors are measured against the source's weights
+                block.linears[name].weight.data = weight
         if block.record["kept"] == "start":
             return start
         return {block.prefix + name: q for name, q in trained.items()}
@@ -284,17 +302,22 @@ def train_block(block, fakes: list[FakeQuantizer], settings: dict) -> dict:
     for p in weights + quantizer_parameters:
         p.requires_grad_(False)
     after = _mean_loss(module, inputs, kwargs, targets) if steps else before
-    kept = "trained" if after < before else "start"
+    kept = "trained" if after < before else "start"  # also when training diverged (a NaN loss)
     if kept == "start":
         for p, saved in zip(weights + quantizer_parameters, snapshot):
             p.data.copy_(saved)
     return {
-        "loss_start": before,
-        "loss_epochs": epoch_losses,
-        "loss_end": min(after, before),
+        "loss_start": _finite(before),
+        "loss_epochs": [_finite(loss) for loss in epoch_losses],
+        "loss_end": _finite(after if kept == "trained" else before),
         "steps": steps,
         "kept": kept,
     }
+
+
+def _finite(loss: float) -> float | None:
+    """A loss for the manifest's JSON, which has no NaN or infinity: None for those."""
+    return loss if math.isfinite(loss) else None
 
 
 def _warmup_cosine(step: int, total: int) -> float:

@@ -128,7 +128,6 @@ def test_killed_run_resumes_to_a_byte_identical_output(tmp_path, real_models, ca
 
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "replaying" in resumed.stderr or len(finished) >= 3
     for name in ("model.safetensors", "qconvert.json", "config.json"):
         assert (out / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes(), name
 

@@ -133,12 +133,48 @@ def test_qat_converts_a_model_block_by_block_and_records_its_training(tmp_path, 
     assert [b["block"] for b in blocks] == [0, 1]
     for record in blocks:
         assert record["steps"] == 3 * 4 and len(record["loss_epochs"]) == 3
-        assert record["loss_end"] <= record["loss_start"]
+        if record["kept"] == "trained":
+            assert record["loss_end"] < record["loss_start"]
+        else:
+            assert record["loss_end"] == record["loss_start"]
     assert any(b["kept"] == "trained" for b in blocks)
     assert manifest.settings["options"] == options
     assert manifest.settings["calibration"]["text_sha256"]
     quantized = [t for t in manifest.tensors if t.action == "quantized"]
     assert len(quantized) == 2 * 7 and all(t.quantizer == "qat" and t.bits == 2 for t in quantized)
+    assert all(t.relative_mse > 0.01 for t in quantized)  # against the source's weights, not the trained ones
+
+
+def test_no_epochs_is_exactly_gptq_and_a_block_kept_in_float_is_skipped(tmp_path, real_models):
+    from safetensors.torch import load_file
+
+    source = make_tiny_lm(tmp_path / "tiny", real_models, layers=2, hidden=64)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"Line {i} of a text about rivers, foxes and dogs." for i in range(300)))
+    calibration = CalibrationSettings(text=str(text), samples=8, seqlen=64, batch_size=2)
+    common = dict(bits=3, group_size=32, calibration=calibration, exclude=(r"layers\.1\.",))
+    gptq = convert(source, tmp_path / "gptq", Settings(quantizer="gptq", **common)).output
+    qat = convert(source, tmp_path / "qat", Settings(quantizer="qat", options={"epochs": 0}, **common)).output
+    assert load_file(gptq / "model.safetensors").keys() == load_file(qat / "model.safetensors").keys()
+    for name, tensor in load_file(gptq / "model.safetensors").items():
+        assert torch.equal(tensor, load_file(qat / "model.safetensors")[name]), name
+    manifest = read_manifest(qat)
+    assert [(b["block"], b["steps"], b["kept"]) for b in manifest.training["blocks"]] == [(0, 0, "start")]
+    assert read_manifest(gptq).training is None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"epochs": "two"}, "epochs must be a whole number"),
+        ({"epochs": 2.5}, "epochs must be a whole number"),
+        ({"lr": -1.0}, "lr must be a finite learning rate"),
+        ({"scale_lr": float("nan")}, "scale_lr must be a finite learning rate"),
+    ],
+)
+def test_options_are_checked(options, message):
+    with pytest.raises(SchemeError, match=message):
+        QATQuantizer(QuantConfig(), **options)
 
 
 def test_qat_refuses_table_grids_before_any_work(tmp_path, tiny_lm):
