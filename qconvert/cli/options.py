@@ -203,7 +203,7 @@ ActOrderOption = Annotated[
 EpochsOption = Annotated[
     Optional[int],
     typer.Option(
-        help="qat: passes over the calibration windows per block (default 2).", rich_help_panel="Training (qat)"
+        help="qat: passes over the calibration windows per block (default 4).", rich_help_panel="Training (qat)"
     ),
 ]
 LrOption = Annotated[

@@ -22,6 +22,13 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def gradients_on():
+    # Other test modules turn gradients off for the whole process when they are imported.
+    with torch.enable_grad():
+        yield
+
+
 def two_layers(seed: int = 0) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(200, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))
