@@ -289,7 +289,7 @@ def train_block(block, fakes: list[FakeQuantizer], settings: dict) -> dict:
     block.report(f"loss {before:.4g} at the start")
     generator = torch.Generator().manual_seed(int(settings["seed"]))  # the same order on every run and resume
     with torch.enable_grad():  # whatever the caller's mode (calibration runs under no_grad)
-        epoch_losses, steps = _epochs(module, block, optimizer, schedule, generator, settings)
+        epoch_losses, steps = _epochs(block, optimizer, schedule, generator, int(settings["epochs"]))
     for p in weights + quantizer_parameters:
         p.requires_grad_(False)
     after = _mean_loss(module, inputs, kwargs, targets) if steps else before
@@ -306,11 +306,11 @@ def train_block(block, fakes: list[FakeQuantizer], settings: dict) -> dict:
     }
 
 
-def _epochs(module, block, optimizer, schedule, generator, settings: dict) -> tuple[list[float], int]:
+def _epochs(block, optimizer, schedule, generator, epochs: int) -> tuple[list[float], int]:
     """Run the training epochs; returns each epoch's mean loss and the steps taken."""
-    inputs, kwargs, targets = block.inputs.hidden, block.inputs.kwargs, block.targets.hidden
+    module, inputs, kwargs, targets = block.module, block.inputs.hidden, block.inputs.kwargs, block.targets.hidden
     epoch_losses, steps = [], 0
-    for epoch in range(int(settings["epochs"])):
+    for epoch in range(epochs):
         total = 0.0
         for i in torch.randperm(len(inputs), generator=generator).tolist():
             optimizer.zero_grad(set_to_none=True)
