@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from qconvert import __version__
-from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, calibrate
+from qconvert.calibration.pipeline import BlockProgress, CalibratedResults, calibrate, resolved_settings
 from qconvert.calibration.store import BlockStore, calibration_folder, finished_blocks
 from qconvert.compatibility import publish_check
 from qconvert.errors import SchemeError
@@ -113,6 +113,7 @@ def convert(
     protected = source_paths(checkpoint)
     check_destination(destination, force, protected)
     plan = planned_with_budget(checkpoint, settings)
+    settings = _with_calibration_dtype(settings, checkpoint, plan)
     if check_resources:
         from qconvert.plan.prediction import check_resources as check
         from qconvert.plan.prediction import predict
@@ -201,6 +202,20 @@ def planned_with_budget(checkpoint: Checkpoint, settings: Settings) -> Conversio
     return allocated
 
 
+def _calibrated_configs(plan: ConversionPlan) -> dict:
+    return {
+        p.record.name: p.scheme.config for p in plan.tensors if p.scheme and plan.quantizer_of(p).requires_calibration
+    }
+
+
+def _with_calibration_dtype(settings: Settings, checkpoint: Checkpoint, plan: ConversionPlan) -> Settings:
+    """`settings` with the calibration's "auto" compute dtype decided, so the manifest says which was used."""
+    if plan.calibrated is None or settings.calibration is None:
+        return settings
+    chosen = resolved_settings(settings.calibration, checkpoint, plan.calibrated, _calibrated_configs(plan))
+    return dataclasses.replace(settings, calibration=chosen)
+
+
 def _calibrate(
     checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, destination: Path, progress: BlockProgress | None
 ) -> CalibratedResults | None:
@@ -218,10 +233,7 @@ def _calibrate(
         "source": {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in checkpoint.files},
     }
     store = BlockStore(calibration_folder(destination), key)
-    configs = {
-        p.record.name: p.scheme.config for p in plan.tensors if p.scheme and plan.quantizer_of(p).requires_calibration
-    }
-    return calibrate(checkpoint, quantizer, configs, settings.calibration, store, progress)
+    return calibrate(checkpoint, quantizer, _calibrated_configs(plan), settings.calibration, store, progress)
 
 
 def _stored_record(planned: list[PlannedTensor], stored_name: str) -> StoredRecord:

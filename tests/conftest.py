@@ -3,11 +3,16 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import REPO, SHARED_DATA, make_tiny_lm, tiny_tensors, write_checkpoint
+
+# The answers qconvert keeps between runs (`io/memo.py`) start empty for every test session, here and in
+# the commands the tests run, so no test passes on an answer an earlier run left behind.
+os.environ["QCONVERT_CACHE"] = tempfile.mkdtemp(prefix="qconvert-test-memo-")
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ class _HandBack(torch.nn.Module):
 
 
 class DecoderBlocks:
-    """Load a model's transformer blocks from `checkpoint` one at a time, in float32.
+    """Load a model's transformer blocks from `checkpoint` one at a time, in `dtype` (float32 or
+    bfloat16: what their forward computes in).
 
     Decoders (Llama, Qwen, Mistral...) and encoders (BERT) alike: whatever transformers builds from
     the checkpoint's config with one list of `num_hidden_layers` blocks.
@@ -65,9 +66,10 @@ class DecoderBlocks:
         SchemeError: transformers cannot build the model, or its tensor names do not match the checkpoint's.
     """
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> None:
         self.checkpoint = checkpoint
-        self.model = _empty_model(checkpoint)
+        self.dtype = dtype
+        self.model = _empty_model(checkpoint, dtype)
         self.prefix, self.layers = _decoder_layers(self.model)
         missing = [n for n in self._block_tensor_names(0) if n not in checkpoint.tensors]
         if missing:
@@ -106,12 +108,12 @@ class DecoderBlocks:
         return inputs
 
     def load(self, index: int) -> torch.nn.Module:
-        """Block `index` with its float32 weights read from the checkpoint."""
+        """Block `index` with its weights read from the checkpoint, in the compute dtype."""
         block = self.layers[index]
         prefix = self.block_prefix(index)
         names = self._block_tensor_names(index)
         state = {
-            name[len(prefix) :]: tensor.float()
+            name[len(prefix) :]: tensor.to(self.dtype)
             for name, tensor in self.checkpoint.iter_tensors(names, hash_on_the_way=False)
         }
         block.load_state_dict(state, strict=False, assign=True)
@@ -148,11 +150,13 @@ class DecoderBlocks:
             setattr(parent, attribute, self.layers)
 
     def load_outside_blocks(self) -> None:
-        """Read the tensors outside the blocks (embeddings, final norm, head) in float32."""
+        """Read the tensors outside the blocks (embeddings, final norm, head) in the compute dtype."""
         block_names = self.prefix + "."
         wanted = [n for n, p in self.model.named_parameters() if not n.startswith(block_names)]
         present = [n for n in self.checkpoint.tensors if n in set(wanted)]
-        state = {name: tensor.float() for name, tensor in self.checkpoint.iter_tensors(present, hash_on_the_way=False)}
+        state = {
+            name: tensor.to(self.dtype) for name, tensor in self.checkpoint.iter_tensors(present, hash_on_the_way=False)
+        }
         self.model.load_state_dict(state, strict=False, assign=True)
         self.model.tie_weights()
 
@@ -165,7 +169,7 @@ class DecoderBlocks:
                 setattr(self.model.get_submodule(module_name), attribute, meta)
 
 
-def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
+def _empty_model(checkpoint: Checkpoint, dtype: torch.dtype) -> torch.nn.Module:
     """The checkpoint's own architecture (e.g. LlamaForCausalLM, BertModel), parameters on the meta device."""
     import transformers
     from accelerate import init_empty_weights
@@ -184,9 +188,9 @@ def _empty_model(checkpoint: Checkpoint) -> torch.nn.Module:
         config.use_cache = False  # a key/value cache would only grow during calibration
         with init_empty_weights(include_buffers=False):
             if model_class is not None:
-                model = model_class._from_config(config, dtype=torch.float32)
+                model = model_class._from_config(config, dtype=dtype)
             else:
-                model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError, OSError, AttributeError) as exc:
         kind = ", ".join(architectures) or checkpoint.config.get("model_type", "model")
         raise UnsupportedModelError(

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from qconvert.calibration.blocks import DecoderBlocks
-from qconvert.calibration.pipeline import release_freed_memory
+from qconvert.calibration.heap import release_freed_memory
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
 from qconvert.errors import SchemeError
 from qconvert.io.loading import Checkpoint

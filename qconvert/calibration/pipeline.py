@@ -15,7 +15,6 @@ activations by running the saved quantized blocks (bit-identical to the first ru
 weights see the same inputs) and carries on from the first unfinished block.
 """
 
-import ctypes
 import dataclasses
 import time
 from typing import Callable
@@ -23,7 +22,9 @@ from typing import Callable
 import torch
 
 from qconvert.calibration.blocks import DecoderBlocks
+from qconvert.calibration.heap import release_freed_memory
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
+from qconvert.calibration.sequential import SequentialRun
 from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
@@ -32,6 +33,7 @@ from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, Quantized
 from qconvert.quantizers.grids import ScaleRangeError
 from qconvert.quantizers.rtn import check_scale_range
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Called with (stage, blocks done, blocks in all); stage is e.g. "block 3: statistics".
 BlockProgress = Callable[[str, int, int], None]
 
@@ -70,7 +72,8 @@ def calibrate(
         SchemeError: a selected tensor lies outside the decoder blocks, or the model cannot be run.
     """
     quantizer.check_configs(configs)
-    blocks = DecoderBlocks(checkpoint)
+    settings = resolved_settings(settings, checkpoint, quantizer, configs)
+    blocks = DecoderBlocks(checkpoint, COMPUTE_DTYPES[settings.dtype])
     block_of = _assign_to_blocks(blocks, list(configs))
     report = progress or (lambda stage, done, total: None)
     unfinished = [i for i in range(len(blocks)) if not store.finished(i)]
@@ -81,7 +84,7 @@ def calibrate(
     targets = inputs.copy() if quantizer.needs_float_targets else None
     release_freed_memory()  # the tokenizer and the embeddings are gone
     for index in range(unfinished[-1] + 1):
-        began, record = time.perf_counter(), None
+        began, record, outputs_done = time.perf_counter(), None, False
         module, prefix = blocks.load(index), blocks.block_prefix(index)
         if targets is not None:  # the float block's outputs: what this block learns to give, and the next's inputs
             with torch.no_grad():
@@ -100,14 +103,18 @@ def calibrate(
                 targets,
                 report=lambda stage, index=index: report(f"block {index}: {stage}", index, len(blocks)),
             )
-            results = _quantize_block(quantizer, block, names, checkpoint)
-            # Against the block's weights as the quantizer left them (AWQ folds scales into them).
-            errors = {
-                n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)
-            }
+            if quantizer.sequential:  # one pass: the block's outputs come with its results
+                results, errors = _quantize_sequentially(quantizer, block, names, checkpoint)
+                outputs_done = True
+            else:
+                results = _quantize_block(quantizer, block, names, checkpoint)
+                # Against the block's weights as the quantizer left them (AWQ folds scales into them).
+                errors = {
+                    n: relative_error(block.weight(n), r) for n, r in results.items() if isinstance(r, QuantizedTensor)
+                }
             store.save(index, results, errors, block.record)
             record = block.record
-        if index < unfinished[-1]:  # the next blocks' inputs: this block's outputs, quantized
+        if index < unfinished[-1] and not outputs_done:  # the next blocks' inputs: this block's outputs, quantized
             report(f"block {index}: outputs", index, len(blocks))
             _apply(module, prefix, results)
             with torch.no_grad():
@@ -118,6 +125,20 @@ def calibrate(
     del inputs, targets
     release_freed_memory()  # before the streaming pass reads the checkpoint again
     return CalibratedResults(store, len(blocks))
+
+
+def resolved_settings(
+    settings: CalibrationSettings, checkpoint: Checkpoint, quantizer: CalibratedQuantizer, configs: dict
+) -> CalibrationSettings:
+    """`settings` with an "auto" compute dtype decided for these tensors and this quantizer (see
+    `CalibrationSettings.resolved`).
+
+    Raises:
+        SchemeError: bfloat16 asked of a quantizer that trains (its gradients need float32).
+    """
+    if settings.dtype == "bfloat16" and quantizer.needs_float_targets:
+        raise SchemeError(f"{quantizer.name} trains its blocks in float32; drop --calib-dtype bfloat16.")
+    return settings.resolved({checkpoint.tensors[n].dtype for n in configs}, quantizer.sequential)
 
 
 def _summary(record: dict | None) -> str:
@@ -140,17 +161,40 @@ def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, i
     return block_of
 
 
-def _quantize_block(
+def _quantize_sequentially(
     quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str], checkpoint: Checkpoint
-) -> BlockResults:
+) -> tuple[BlockResults, dict[str, float]]:
+    """Each linear as soon as its inputs are complete (`sequential.py`); the block's inputs become its outputs."""
+    _check_weights(block, names)
+    run = SequentialRun(block, quantizer.quantize_linear, lambda linear: block.report(f"{quantizer.name} {linear}"))
+    try:
+        results, errors = run.run()
+    except ScaleRangeError as exc:
+        raise SchemeError(f"a tensor of block {block.prefix.rstrip('.')} ({', '.join(names)}) {exc}") from exc
+    return _as_source_dtypes(quantizer, results, names, checkpoint), errors
+
+
+def _check_weights(block: CalibrationBlock, names: list[str]) -> None:
     for name in names:  # before any search mixes the tensors: name the one at fault
         if not torch.isfinite(block.weight(name)).all():
             raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
         check_scale_range(name, block.weight(name), block.configs[name])
+
+
+def _quantize_block(
+    quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str], checkpoint: Checkpoint
+) -> BlockResults:
+    _check_weights(block, names)
     try:
         results = quantizer.quantize_block(block)
     except ScaleRangeError as exc:
         raise SchemeError(f"a tensor of block {block.prefix.rstrip('.')} ({', '.join(names)}) {exc}") from exc
+    return _as_source_dtypes(quantizer, results, names, checkpoint)
+
+
+def _as_source_dtypes(
+    quantizer: CalibratedQuantizer, results: BlockResults, names: list[str], checkpoint: Checkpoint
+) -> BlockResults:
     missing = [n for n in names if n not in results]
     if missing:
         raise SchemeError(
@@ -170,13 +214,5 @@ def _apply(module: torch.nn.Module, prefix: str, results: BlockResults) -> None:
     parameters = dict(module.named_parameters())
     for name, result in results.items():
         parameter = parameters[name[len(prefix) :]]
-        value = dequantize(result) if isinstance(result, QuantizedTensor) else result.float()
-        parameter.data = value
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the last block back to the OS (glibc keeps it otherwise, and peak RSS creeps up)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+        value = dequantize(result) if isinstance(result, QuantizedTensor) else result
+        parameter.data = value.to(parameter.dtype)  # the compute dtype, as a sequential run left it

@@ -56,7 +56,8 @@ class CalibrationBlock:
             raise _not_linear(unreached[0], modules.get(unreached[0][len(prefix) :].removesuffix(".weight")))
 
     def weight(self, name: str) -> torch.Tensor:
-        return self.linears[name].weight.detach()
+        """The linear's weight as float32 (the module itself may compute in bfloat16)."""
+        return self.linears[name].weight.detach().float()
 
     def input_hessians(self) -> list[tuple[list[str], torch.Tensor]]:
         """H = 2 XᵀX / n of each selected linear's inputs X over all calibration tokens, in float32.

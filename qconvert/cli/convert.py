@@ -16,6 +16,7 @@ from qconvert.cli.options import (
     BudgetGridsOption,
     CalibBatchOption,
     CalibDatasetOption,
+    CalibDtypeOption,
     CalibOption,
     CalibSamplesOption,
     CalibSeqlenOption,
@@ -51,6 +52,7 @@ from qconvert.cli.options import (
 from qconvert.cli.progress import block_progress, progress_bar
 from qconvert.errors import SchemeError
 from qconvert.formats import HOLDS_ACTIVATIONS, Format
+from qconvert.io import hashing
 
 
 def quantizer_options(**given) -> dict | None:
@@ -87,6 +89,7 @@ def model(
     calib_samples: CalibSamplesOption = None,
     calib_seqlen: CalibSeqlenOption = None,
     calib_batch_size: CalibBatchOption = None,
+    calib_dtype: CalibDtypeOption = None,
     seed: SeedOption = None,
     damp: DampOption = None,
     act_order: ActOrderOption = None,
@@ -101,6 +104,7 @@ def model(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest (or another runtime's format)."""
+    hashing.start_for_source(source)  # while torch is imported, the other core hashes the source
     to = output_format.value
 
     def action() -> None:
@@ -132,6 +136,7 @@ def model(
             seqlen=calib_seqlen,
             seed=seed,
             batch_size=calib_batch_size,
+            dtype=calib_dtype,
         )
         settings = settings_from_flags(recipe, options, calibration)
         if settings.activations and to != "qconvert" and to not in HOLDS_ACTIVATIONS:

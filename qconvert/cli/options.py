@@ -178,6 +178,15 @@ CalibBatchOption = Annotated[
     Optional[int],
     typer.Option(help="Windows per forward pass. (default: 4)", show_default=False, rich_help_panel="Calibration"),
 ]
+CalibDtypeOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="What the blocks' forward passes compute in: float32, bfloat16, or auto (bfloat16 for gptq on a "
+        "bfloat16 checkpoint, else float32). (default: auto)",
+        show_default=False,
+        rich_help_panel="Calibration",
+    ),
+]
 SeedOption = Annotated[
     Optional[int],
     typer.Option(

@@ -18,7 +18,9 @@ from typing import Iterator
 import torch
 
 from qconvert.errors import SourceError
+from qconvert.io import hashing
 from qconvert.io.dtypes import SAFETENSORS_DTYPES
+from qconvert.io.hashing import sha256_file
 
 # Files copied next to the output: everything a runtime needs besides the weights.
 AUXILIARY_PATTERNS = (
@@ -136,16 +138,18 @@ class Checkpoint:
             position = end
 
     def sha256(self, file: Path) -> str:
-        """sha256 of a source file, from the last complete sequential read if there was one."""
+        """sha256 of a source file: from the last complete sequential read if there was one, or the
+        background hash the command started (`hashing.py`), else read now."""
         if file not in self._digests:
-            self._digests[file] = sha256_file(file)
+            self._digests[file] = hashing.result(file) or sha256_file(file)
         return self._digests[file]
 
     def _read_safetensors(
         self, file: Path, names: list[str], hash_on_the_way: bool
     ) -> Iterator[tuple[str, torch.Tensor]]:
         infos = [self.tensors[n] for n in names]
-        digest = hashlib.sha256() if hash_on_the_way else None
+        # Not when a background thread hashes the file already (`hashing.py`).
+        digest = hashlib.sha256() if hash_on_the_way and not hashing.started(file) else None
         position = 0
         with open(file, "rb") as f:
             for info in infos:
@@ -200,14 +204,6 @@ def read_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
     if not tensors:
         raise SourceError(f"{source} holds no tensors.")
     return Checkpoint(str(source), folder, files, tensors, hub_id=hub_id, revision=revision)
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 23) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve_hub_id(hub_id: str, revision: str | None) -> tuple[Path, str]:
@@ -285,10 +281,10 @@ def _read_headers(file: Path) -> list[TensorInfo]:
     if file.suffix != ".safetensors":
         state = _load_bin(file)
         return [TensorInfo(k, v.dtype, tuple(v.shape), file) for k, v in state.items() if isinstance(v, torch.Tensor)]
-    return _read_safetensors_header(file)
+    return read_safetensors_header(file)
 
 
-def _read_safetensors_header(file: Path) -> list[TensorInfo]:
+def read_safetensors_header(file: Path) -> list[TensorInfo]:
     """Tensor entries of a safetensors file in data order, checked as the safetensors library checks them.
 
     We read the (8-byte length + JSON) header ourselves because the library exposes no data

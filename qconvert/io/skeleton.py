@@ -19,6 +19,8 @@ Roles:
 from dataclasses import dataclass, field
 from typing import Callable
 
+from qconvert.io import memo
+
 LINEAR, EXPERTS, EMBEDDING, UNUSED = "linear", "experts", "embedding", "unused"
 QUANTIZABLE = (LINEAR, EXPERTS, EMBEDDING)
 
@@ -34,15 +36,18 @@ class Skeleton:
     runtime_names: dict[str, str]
     _rename: Callable[[str], tuple[str, str | None]] = field(repr=False, compare=False)
     _model: object = field(default=None, repr=False, compare=False)  # on the meta device: no memory
+    _build: Callable[[], object] | None = field(default=None, repr=False, compare=False)  # when recalled
 
     def role(self, name: str) -> str:
         return self.roles.get(name, UNUSED)
 
     def for_names(self, names: list[str]) -> "Skeleton":
         """The same model's roles of other checkpoint names (a quantized source's float weights besides its
-        stored parts), without building the model again."""
-        roles, runtime_names = _roles(self._model, names, self._rename)
-        return Skeleton(self.model_class, roles, runtime_names, self._rename, self._model)
+        stored parts), without building the model again (a recalled skeleton builds it now)."""
+        model = self._model if self._model is not None else self._build()
+        rename = self._rename if self._model is not None else _Renamer(model)
+        roles, runtime_names = _roles(model, names, rename)
+        return Skeleton(self.model_class, roles, runtime_names, rename, model)
 
     def runtime_name(self, key: str) -> str:
         """The name transformers gives checkpoint key `key` (any key, e.g. a packed part) while loading."""
@@ -55,6 +60,16 @@ def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | 
     then decides by name, and says so)."""
     if folder is None or not isinstance(config, dict):
         return None
+    inputs = {"config": config, "names": names}
+    recalled = memo.recall("skeleton", inputs)
+    if recalled is not None and set(recalled.get("roles", ())) == set(names):
+        return Skeleton(
+            recalled["model_class"],
+            recalled["roles"],
+            {n: n for n in names},
+            lambda key: (key, None),
+            _build=lambda: _meta_model(folder, config),
+        )
     try:
         model = _meta_model(folder, config)
     except Exception:  # any failure to build means: no skeleton, decide by name
@@ -63,7 +78,19 @@ def build_skeleton(folder, config: dict | None, names: list[str]) -> Skeleton | 
         return None
     rename = _Renamer(model)
     roles, runtime_names = _roles(model, names, rename)
+    if _renames_nothing(names, rename):
+        memo.remember("skeleton", inputs, {"model_class": type(model).__name__, "roles": roles})
     return Skeleton(type(model).__name__, roles, runtime_names, rename, model)
+
+
+# What layouts append to a weight's name; a recalled skeleton maps these to themselves too.
+_PART_SUFFIXES = ("", "_packed", "_scale", "_shape", "_zero_point", "_global_scale", "_g_idx")
+
+
+def _renames_nothing(names: list[str], rename) -> bool:
+    """transformers loads every key, and every layout part of it, under its own name, with no converter:
+    the only skeletons worth keeping (a recalled one renames nothing)."""
+    return all(rename(n + suffix) == (n + suffix, None) for n in names for suffix in _PART_SUFFIXES)
 
 
 def _meta_model(folder, config: dict):

@@ -5,7 +5,7 @@
     bits = 4
     group_size = 64
 
-    [calibration]             # for calibrated quantizers: text, dataset, samples, seqlen, seed, batch_size
+    [calibration]             # for calibrated quantizers: text, dataset, samples, seqlen, seed, batch_size, dtype
     samples = 128
 
     [[rules]]                 # ordered; the first rule whose regex matches a tensor's name decides it
@@ -47,7 +47,15 @@ SCHEME_KEYS = {
     "activations": str,
 }
 DEFAULT_KEYS = {**SCHEME_KEYS, "options": dict, "smooth": (float, int, str)}  # SmoothQuant: one α per conversion
-CALIBRATION_KEYS = {"text": str, "dataset": str, "samples": int, "seqlen": int, "seed": int, "batch_size": int}
+CALIBRATION_KEYS = {
+    "text": str,
+    "dataset": str,
+    "samples": int,
+    "seqlen": int,
+    "seed": int,
+    "batch_size": int,
+    "dtype": str,
+}
 RULE_KEYS = {"match": str, "keep": bool, **SCHEME_KEYS}
 SECTIONS = {"defaults": DEFAULT_KEYS, "calibration": CALIBRATION_KEYS}
 

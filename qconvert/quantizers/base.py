@@ -194,6 +194,16 @@ class CalibratedQuantizer(Quantizer):
     requires_calibration = True
     # True: the block also carries the float model's outputs (`CalibrationBlock.targets`) to learn from.
     needs_float_targets: ClassVar[bool] = False
+    # True: the quantizer solves one linear at a time from its input Hessian (`quantize_linear`), so the
+    # pipeline quantizes each linear as soon as its inputs are complete, in one forward pass per block.
+    sequential: ClassVar[bool] = False
+
+    def quantize_linear(
+        self, name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig
+    ) -> QuantizedTensor:
+        """Quantize one linear's float32 `weight` (rows, columns) given H = 2XᵀX/n (columns, columns) of
+        its calibration inputs X, float32 (for `sequential` quantizers)."""
+        raise NotImplementedError(f"{self.name} quantizes whole blocks only")
 
     @abstractmethod
     def quantize_block(self, block: Any) -> dict[str, "QuantizedTensor | torch.Tensor"]:

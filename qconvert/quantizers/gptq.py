@@ -7,10 +7,11 @@ it as W[:, j] -= e · H⁻¹[i, j] / H⁻¹[i, i], which is the least-squares co
 upper Cholesky factor of H⁻¹ this is a sequence of rank-1 updates, batched in blocks of columns
 ("lazy batch" updates) so most of the work is one matrix product per block.
 
-Rows are independent given H, so linears that read the same input (q/k/v, gate/up) are quantized
-as one stacked matrix: one pass over the columns instead of three. A block's stacked problems are
-independent too and run one per core, each single-threaded: the column loop is many small
-operations, which a shared thread pool only slows down.
+Rows are independent given H, so a matrix's rows are split across the cores, each part solved by
+its own single-threaded column loop: the loop is many small operations, which a shared thread pool
+only slows down. The pipeline quantizes each linear as soon as its inputs are complete inside the
+block, from the inputs the already-quantized linears before it produce ("true sequential", in one
+forward pass per block: `calibration/sequential.py`).
 
 Group scales and zero points are those of `rtn` (min/max of a group, rounded to the stored scale
 dtype), taken when the group's first column is reached, from the weights as updated so far. Any grid
@@ -21,7 +22,6 @@ fixed up front from the original weights ("static groups"), so the stored layout
 contiguous groups and loads anywhere rtn's does, with no g_idx permutation.
 """
 
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -36,9 +36,17 @@ MAX_DAMP_RETRIES = 6
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig, damp: float = 0.01, act_order: bool = True
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: QuantConfig,
+    damp: float = 0.01,
+    act_order: bool = True,
+    workers: int = 1,
 ) -> QuantizedTensor:
-    """Quantize `weight` (rows, columns) given the input Hessian (columns, columns).
+    """Quantize `weight` (rows, columns) given the input Hessian (columns, columns), float32.
+
+    Rows are independent given H, so with `workers` > 1 the rows are split into that many parts,
+    each solved by its own single-threaded column loop on its own core; the result is the same.
 
     Raises:
         SchemeError: the weight holds NaN or infinite values.
@@ -53,12 +61,47 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(columns)
-    rounding = Rounding(config, w)
+    rounding = Rounding(config, w)  # from the whole weight: nvfp4's global scale is the tensor's
     static = _group_grids(w, rounding, group_size) if act_order or group_size == columns else None
-    w, h = w[:, order], h[order][:, order]
-    h_inv = _inverse_cholesky(h, damp)
+    h_inv = _inverse_cholesky(h[order][:, order], damp)
+    parts = [p for p in torch.arange(rows).tensor_split(max(1, min(workers, rows // 16 or 1))) if len(p)]
 
-    grids = static or (torch.zeros(rows, -(-columns // group_size)), torch.zeros(rows, -(-columns // group_size)))
+    def solve(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.set_num_threads(1)  # the column loop is latency-bound: one part per core beats shared cores
+        grids = None if static is None else (static[0][part], static[1][part])
+        return _solve_rows(w[part][:, order], h_inv, order, grids, rounding, group_size)
+
+    if len(parts) == 1:
+        solved = [_solve_rows(w[:, order], h_inv, order, static, rounding, group_size)]
+    else:
+        threads = torch.get_num_threads()
+        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+            solved = list(pool.map(solve, parts))
+        torch.set_num_threads(threads)  # `solve` also set the count every new thread starts with: restore it
+    codes, scales, zeros = (torch.cat(x) for x in zip(*solved))
+    return QuantizedTensor(
+        codes=codes[:, torch.argsort(order)].to(torch.uint8).contiguous(),
+        bits=config.bits,
+        group_size=group_size,
+        shape=(rows, columns),
+        dtype=weight.dtype,
+        **rounding.stored(scales, zeros),
+    )
+
+
+def _solve_rows(
+    w: torch.Tensor,
+    h_inv: torch.Tensor,
+    order: torch.Tensor,
+    static: tuple[torch.Tensor, torch.Tensor] | None,
+    rounding: Rounding,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop over some rows of the weight, its columns already in visiting order: the
+    codes (rows, columns, in that order, as float32), and each group's scale and zero point (rows, groups)."""
+    rows, columns = w.shape
+    groups = -(-columns // group_size)
+    grids = static or (torch.zeros(rows, groups), torch.zeros(rows, groups))
     scales_t, zeros_t = grids[0].T.contiguous(), grids[1].T.contiguous()  # (groups, rows)
     # Work on Wᵀ: a weight column is then a contiguous row, which makes the per-column updates cheap.
     wt = w.T.contiguous()
@@ -82,16 +125,7 @@ def gptq_quantize(
             block[i:].addr_(inv[i, i:], error, alpha=-1)
             errors[i] = error
         wt[end:].addmm_(h_inv[start:end, end:].T, errors, alpha=-1)
-
-    codes = codes_t.T[:, torch.argsort(order)]
-    return QuantizedTensor(
-        codes=codes.to(torch.uint8).contiguous(),
-        bits=config.bits,
-        group_size=group_size,
-        shape=(rows, columns),
-        dtype=weight.dtype,
-        **rounding.stored(scales_t.T.contiguous(), zeros_t.T.contiguous()),
-    )
+    return codes_t.T, scales_t.T.contiguous(), zeros_t.T.contiguous()
 
 
 def block_columns_for(group_size: int) -> int:
@@ -138,50 +172,29 @@ class GPTQQuantizer(CalibratedQuantizer):
     description = "GPTQ: error-compensating column-by-column rounding from calibration activations"
     # Activation order is on by default, as in llm-compressor (its "static" order): on SmolLM2 int4 g64
     # (32 x 512 calibration tokens) it took perplexity from 22.17 to 20.73 (symmetric: 26.24 for rtn).
-    options = {"damp": 0.01, "act_order": True}
+    # sequential: each linear from the inputs the quantized linears before it give, in one pass per block
+    # (`calibration/sequential.py`); false: every linear from the block's own inputs, as qat's start is.
+    options = {"damp": 0.01, "act_order": True, "sequential": True}
+
+    @property
+    def sequential(self) -> bool:
+        return bool(self.settings["sequential"])
+
+    def quantize_linear(self, name: str, weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig):
+        return gptq_quantize(
+            weight,
+            hessian,
+            config,
+            self.settings["damp"],
+            self.settings["act_order"],
+            workers=max(1, torch.get_num_threads()),
+        )
 
     def quantize_block(self, block) -> dict[str, QuantizedTensor]:
-        # Linears sharing an input and a grid are solved as one stacked problem.
-        groups = [
-            ([n for n in names if block.configs[n] == config], hessian)
+        """Every selected linear from the float block's own inputs (qat's start; the pipeline runs
+        gptq sequentially instead, see `calibration/sequential.py`)."""
+        return {
+            name: self.quantize_linear(name, block.weight(name), hessian, block.configs[name])
             for names, hessian in block.input_hessians()
-            for config in dict.fromkeys(block.configs[n] for n in names)
-        ]
-
-        def solve(group: tuple[list[str], torch.Tensor]) -> QuantizedTensor:
-            names, hessian = group
-            torch.set_num_threads(1)  # the column loop is latency-bound: one problem per core beats shared cores
-            return gptq_quantize(
-                torch.cat([block.weight(n) for n in names]),
-                hessian,
-                block.configs[names[0]],
-                self.settings["damp"],
-                self.settings["act_order"],
-            )
-
-        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            stacked = list(pool.map(solve, groups))
-        results = {}
-        for (names, _), q in zip(groups, stacked):
-            results.update(zip(names, _split_rows(q, [block.weight(n).shape[0] for n in names])))
-        return results
-
-
-def _split_rows(q: QuantizedTensor, counts: list[int]) -> list[QuantizedTensor]:
-    parts, start = [], 0
-    for count in counts:
-        rows = slice(start, start + count)
-        zeros = None if q.zeros is None else q.zeros[rows].clone()
-        glob = None if q.global_scale is None else q.global_scale.clone()  # each part owns its tensors
-        parts.append(
-            dataclasses.replace(
-                q,
-                codes=q.codes[rows].clone(),
-                scales=q.scales[rows].clone(),
-                zeros=zeros,
-                shape=(count, q.shape[1]),
-                global_scale=glob,
-            )
-        )
-        start += count
-    return parts
+            for name in names
+        }

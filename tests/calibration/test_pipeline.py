@@ -1,5 +1,6 @@
 """Block-by-block calibration: equal to whole-model calibration, resumable, and clear about what it cannot do."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -30,43 +31,40 @@ def calib_text(tmp_path):
 
 
 def whole_model_gptq(folder, windows, config, batch_size):
-    """The textbook way, for reference: the whole model in memory, one full forward per layer, with
-    every earlier layer already replaced by its quantized weights."""
+    """The textbook way, for reference: the whole model in memory, and for every linear, in forward
+    order, one full forward with every earlier linear already replaced by its quantized weights
+    ("true sequential")."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     results = {}
     for index, layer in enumerate(model.model.layers):
-        linears = {
-            f"model.layers.{index}.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
-        }
-        sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
-        counts = dict.fromkeys(linears, 0)
+        for name, module in layer.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            total, count = torch.zeros(module.in_features, module.in_features), 0
 
-        def hook(name):
             def accumulate(module, args):
+                nonlocal total, count
                 x = args[0].reshape(-1, args[0].shape[-1])
-                sums[name] += x.T @ x
-                counts[name] += x.shape[0]
+                total += x.T @ x
+                count += x.shape[0]
 
-            return accumulate
-
-        handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                model(input_ids=batch, use_cache=False)
-        for handle in handles:
+            handle = module.register_forward_pre_hook(accumulate)
+            with torch.no_grad():
+                for batch in windows.split(batch_size):
+                    model(input_ids=batch, use_cache=False)
             handle.remove()
-        for name, module in linears.items():
-            q = gptq_quantize(module.weight.detach(), 2 * sums[name] / counts[name], config)
+            q = gptq_quantize(module.weight.detach(), 2 * total / count, config)
             module.weight.data = dequantize(q)
-            results[name] = q
+            results[f"model.layers.{index}.{name}.weight"] = q
     return results
 
 
 def test_block_by_block_equals_whole_model_calibration(tmp_path, real_models, calib_text):
     source = make_tiny_lm(tmp_path / "tiny", real_models, layers=3)
-    calibration = CalibrationSettings(text=str(calib_text), samples=8, seqlen=64, batch_size=4)
+    # float32, as the reference computes (for a bfloat16 checkpoint gptq would compute in bfloat16)
+    calibration = CalibrationSettings(text=str(calib_text), samples=8, seqlen=64, batch_size=4, dtype="float32")
     settings = Settings(quantizer="gptq", bits=4, group_size=32, calibration=calibration)
     out = convert(source, tmp_path / "out", settings).output
     reference = whole_model_gptq(
@@ -78,13 +76,14 @@ def test_block_by_block_equals_whole_model_calibration(tmp_path, real_models, ca
     for record, stored in iter_records(out, manifest):
         if record.action == "quantized":
             ours, theirs = quantized_tensor(manifest, record, stored), reference[record.name]
-            # Stacked q/k/v and gate/up rows sum in another order, so a rare code flips by one step, and a
-            # flip changes the next layers' inputs a little: exact in the first block, close after it.
+            # The Hessians sum in another order (upper blocks of XᵀX, batch by batch), so a rare code flips by
+            # one step, and a flip changes the next linears' inputs a little: exact in the first block, close after.
             agreement = (ours.codes == theirs.codes).float().mean()
             assert agreement > (0.999 if record.name.startswith("model.layers.0.") else 0.95), record.name
             torch.testing.assert_close(dequantize(ours), dequantize(theirs), atol=0.05, rtol=0)
             compared += 1
     assert compared == 3 * 7
+    assert manifest.settings["calibration"]["dtype"] == "float32"
     assert manifest.settings["calibration"]["text_sha256"] and manifest.settings["calibration"]["samples"] == 8
     assert not calibration_folder(out).exists()  # the resumable store goes once the output is complete
 
@@ -184,3 +183,30 @@ def test_gptq_works_on_an_encoder_and_beats_rtn(real_models, tmp_path, calib_tex
         )
     assert similarity["gptq"] > similarity["rtn"] and similarity["gptq"] > 0.97
     assert sum(r.action == "quantized" for r in read_manifest(tmp_path / "gptq").tensors) == 6 * 6
+
+
+def test_gptq_computes_a_bfloat16_checkpoint_in_bfloat16_and_says_so(tmp_path, real_models, calib_text):
+    source = make_tiny_lm(tmp_path / "tiny", real_models, layers=2)
+    calibration = CalibrationSettings(text=str(calib_text), samples=8, seqlen=64, batch_size=4)
+    exact = dataclasses.replace(calibration, dtype="float32")
+    outputs = {}
+    for label, chosen in (("auto", calibration), ("float32", exact)):
+        settings = Settings(quantizer="gptq", bits=4, group_size=32, calibration=chosen)
+        outputs[label] = convert(source, tmp_path / label, settings).output
+    assert read_manifest(outputs["auto"]).settings["calibration"]["dtype"] == "bfloat16"
+    codes = {
+        label: {
+            r.name: quantized_tensor(read_manifest(out), r, s).codes
+            for r, s in iter_records(out, read_manifest(out))
+            if r.action == "quantized"
+        }
+        for label, out in outputs.items()
+    }
+    agreement = [(codes["auto"][n] == codes["float32"][n]).float().mean() for n in codes["auto"]]
+    # close (a flipped code changes the next linears' inputs), yet computed otherwise
+    assert min(agreement) > 0.6 and sum(agreement) / len(agreement) > 0.85 and any(a < 1 for a in agreement)
+    with pytest.raises(SchemeError, match="float32"):
+        qat = Settings(
+            quantizer="qat", bits=4, group_size=32, calibration=dataclasses.replace(calibration, dtype="bfloat16")
+        )
+        convert(source, tmp_path / "qat", qat)
