@@ -20,7 +20,7 @@ from qconvert.calibration.store import BlockStore, calibration_folder, finished_
 from qconvert.compatibility import publish_check
 from qconvert.errors import SchemeError
 from qconvert.formats.base import Layout
-from qconvert.io.loading import Checkpoint
+from qconvert.io.loading import Checkpoint, SourceBytes
 from qconvert.io.quantized_sources import QuantizedCheckpoint
 from qconvert.io.sources import open_checkpoint
 from qconvert.io.threads import BackgroundWorker, prefetched
@@ -264,9 +264,10 @@ def _stream(
     total = sum(checkpoint.tensors[p.record.name].nbytes for p in plan.tensors)
     done = 0
     names = [p.record.name for p in plan.tensors]
+    unread = frozenset(p.record.name for p in plan.tensors if _copied_unchanged(p, checkpoint, settings, calibrated))
     background = BackgroundWorker()
     try:
-        for p, (name, tensor) in zip(plan.tensors, prefetched(checkpoint.iter_tensors(names))):
+        for p, (name, tensor) in zip(plan.tensors, prefetched(checkpoint.iter_tensors(names, unread=unread))):
             stored = _convert_one(p, tensor, plan, settings, calibrated, checkpoint)
             background.submit(lambda stored=stored, record=p.record: _write_all(stored, record, writer_of))
             done += checkpoint.tensors[name].nbytes
@@ -274,6 +275,21 @@ def _stream(
                 progress(p.record, done, total, len(plan.tensors))
     finally:
         background.join()
+
+
+def _copied_unchanged(
+    p: PlannedTensor, checkpoint: Checkpoint, settings: Settings, calibrated: CalibratedResults | None
+) -> bool:
+    """A kept tensor that leaves as it came (same dtype, not changed by calibration): the writer copies its
+    bytes from the source a chunk at a time, so an embedding of any size never sits in memory."""
+    info = checkpoint.tensors[p.record.name]
+    return (
+        p.record.action != "quantized"
+        and not isinstance(checkpoint, QuantizedCheckpoint)
+        and info.file.suffix == ".safetensors"
+        and kept_dtype(info.dtype, settings) == info.dtype
+        and (calibrated is None or p.record.name not in calibrated)
+    )
 
 
 def _convert_one(
@@ -302,6 +318,8 @@ def _convert_one(
         record.relative_mse = error if error is not None else relative_error(tensor, q)
         record.input_scale = None if q.input_scale is None else float(q.input_scale)
         return plan.layout.encode(name, dataclasses.replace(q, activations=record.activations))
+    if isinstance(tensor, SourceBytes):  # copied unchanged by the writer (`_copied_unchanged`)
+        return {name: tensor}
     if result is not None:  # a kept tensor the quantizer changed, e.g. a norm that absorbed AWQ's scales
         tensor, record.origin = result, RESCALED
     return {name: _cast_kept(name, tensor, kept_dtype(tensor.dtype, settings))}
@@ -353,9 +371,11 @@ def _from_quantized_source(
     return dataclasses.replace(source, dtype=checkpoint.tensors[name].dtype)
 
 
-def _write_all(stored: dict[str, torch.Tensor], record: TensorRecord, writer_of: dict) -> None:
+def _write_all(stored: dict[str, "torch.Tensor | SourceBytes"], record: TensorRecord, writer_of: dict) -> None:
     for stored_name, tensor in stored.items():
-        record.stored[stored_name].sha256 = writer_of[stored_name].write(stored_name, tensor)
+        writer = writer_of[stored_name]
+        copy = writer.copy if isinstance(tensor, SourceBytes) else writer.write
+        record.stored[stored_name].sha256 = copy(stored_name, tensor)
 
 
 def _describe_source(checkpoint: Checkpoint, placeholder: bool = False) -> dict:

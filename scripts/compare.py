@@ -17,7 +17,7 @@ run with an empty cache is reported on its own line, and the timed runs are the 
 as on a shared CI runner.
 
 Usage:
-    python scripts/compare.py [--runs 3] [--neighbours 2] [--llama-cpp build/llama.cpp]
+    python scripts/compare.py [--runs 3] [--neighbours 2] [--llama-cpp build/llama.cpp] [--calib TEXT]
 """
 
 import argparse
@@ -115,14 +115,46 @@ def line(label: str, s: dict) -> str:
     )
 
 
+def predicted_seconds(source: Path, options: list, env: dict) -> tuple[float, float]:
+    """`qconvert plan --json`'s predicted seconds for this conversion and the tolerance it states."""
+    command = [sys.executable, "-m", "qconvert.cli", "plan", str(source), *map(str, options), "--json"]
+    plan = json.loads(subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout)
+    return plan["prediction"]["seconds"], plan["prediction"]["seconds_tolerance"]
+
+
+def prediction_line(predicted: tuple[float, float], measured: float) -> str:
+    seconds, tolerance = predicted
+    within = abs(measured - seconds) <= tolerance * seconds
+    return (
+        f"  qconvert plan predicted {seconds:.1f} s (± {tolerance:.0%}), measured {measured:.2f} s: "
+        f"{'within' if within else 'OUTSIDE'} (off by {measured / seconds - 1:+.0%})"
+    )
+
+
+def calibrated(scratch: Path, calib: Path, runs: int) -> dict:
+    """gptq and awq at llm-compressor's setting (int4 g64 symmetric, 128 x 512 tokens of `calib`) on SmolLM2."""
+    figures = {}
+    for quantizer in ("gptq", "awq"):
+        options = ["-q", quantizer, "--bits", "4", "--group-size", "64", "--symmetric", "--calib", calib]
+        env = {**os.environ, "QCONVERT_CACHE": str(scratch / "calibrated-memo")}
+        predicted = predicted_seconds(SMOLLM2, options, env)
+        out = scratch / f"smollm2-{quantizer}"
+        command = [sys.executable, "-m", "qconvert.cli", "model", SMOLLM2, "-o", out, "--force", "--json", *options]
+        s = summary([run(command, env) for _ in range(runs)])
+        print(line(f"qconvert {quantizer} int4 g64 sym, 128 x 512 (min / median)", s))
+        print(prediction_line(predicted, s["wall"][1]))
+        figures[quantizer] = {**s, "predicted_seconds": predicted[0]}
+    return figures
+
+
 def compare(name: str, source: Path, tools: Path, scratch: Path, runs: int) -> dict:
     converter = tools.parent / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
     gguf_bf16, gguf_q4 = scratch / f"{name}-bf16.gguf", scratch / f"{name}-q4_0.gguf"
     to_gguf = [sys.executable, converter, source, "--outtype", "bf16", "--outfile", gguf_bf16]
     quantize = [tools / "llama-quantize", gguf_bf16, gguf_q4, "Q4_0", str(os.cpu_count())]
     out = scratch / f"{name}-qconvert"
-    ours = [sys.executable, "-m", "qconvert.cli", "model", source, "-o", out, "--force", "--json"]
-    ours += ["--bits", "4", "--group-size", "32", "--symmetric"]
+    options = ["--bits", "4", "--group-size", "32", "--symmetric"]
+    ours = [sys.executable, "-m", "qconvert.cli", "model", source, "-o", out, "--force", "--json", *options]
     cache = scratch / f"{name}-memo"
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "QCONVERT_CACHE": str(cache)}
@@ -140,6 +172,7 @@ def compare(name: str, source: Path, tools: Path, scratch: Path, runs: int) -> d
     print(line("qconvert, first run with an empty cache", first))
     path = {k: (convert[k][0] + theirs[k][1], None) for k in ("wall", "cpu")}
     print(f"  llama.cpp from the HF checkpoint (convert + quantize): {path['wall'][0]:.2f} s wall")
+    print(prediction_line(predicted_seconds(source, options, env), q["wall"][1]))
     ratios = {k: q[k][1] / theirs[k][1] for k in ("wall", "cpu", "rss_gb")}
     print(
         f"  qconvert / llama-quantize (medians): wall {ratios['wall']:.2f}x, cpu {ratios['cpu']:.2f}x, "
@@ -157,6 +190,10 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, default=REPO / "build" / "llama.cpp")
     parser.add_argument("--scratch", type=Path, help="keep the models and outputs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--calib", type=Path, help="also time gptq and awq on SmolLM2 with 128 x 512 tokens of this text (minutes)"
+    )
+    parser.add_argument("--calibrated-runs", type=int, default=1, help="runs of each calibrated conversion")
     args = parser.parse_args()
     subprocess.run(["bash", str(REPO / "scripts" / "build_llama_cpp.sh"), str(args.llama_cpp)], check=True)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="qconvert-compare-"))
@@ -170,6 +207,8 @@ def main() -> None:
                 "llama-730m", make_llama(scratch / "llama-730m"), args.llama_cpp.resolve() / "bin", scratch, args.runs
             ),
         }
+        if args.calib:
+            figures["calibrated"] = calibrated(scratch, args.calib.resolve(), args.calibrated_runs)
     finally:
         for n in neighbours:
             n.kill()

@@ -169,7 +169,8 @@ def _print_plan(
         out.print(
             f"predicted: peak memory {prediction.peak_rss_bytes / 1e9:.2f} GB (available "
             f"{_gb(prediction.available_memory_bytes)}), disk {prediction.disk_bytes / 1e9:.2f} GB (free "
-            f"{_gb(prediction.free_disk_bytes)}), about {prediction.seconds:.0f} s.",
+            f"{_gb(prediction.free_disk_bytes)}), about {prediction.seconds:.0f} s "
+            f"(± {prediction.seconds_tolerance:.0%}).",
             highlight=False,
         )
         for problem in prediction.problems():

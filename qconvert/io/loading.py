@@ -115,8 +115,11 @@ class Checkpoint:
         found = {p for pattern in AUXILIARY_PATTERNS for p in self.folder.glob(pattern) if p.is_file()}
         return sorted(found - set(self.files))
 
-    def iter_tensors(self, names: list[str], hash_on_the_way: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for `names` in order, holding one tensor at a time.
+    def iter_tensors(
+        self, names: list[str], hash_on_the_way: bool = True, unread: frozenset[str] = frozenset()
+    ) -> Iterator[tuple[str, "torch.Tensor | SourceBytes"]]:
+        """Yield (name, tensor) for `names` in order, holding one tensor at a time; for the safetensors
+        tensors named in `unread`, where their bytes lie (`SourceBytes`) instead of reading them.
 
         Safetensors data is read with plain sequential reads rather than a memory map, so pages
         already used do not stay resident. A file read from start to end in order is hashed on
@@ -131,7 +134,7 @@ class Checkpoint:
                 end += 1
             run = names[position:end]
             if file.suffix == ".safetensors":
-                yield from self._read_safetensors(file, run, hash_on_the_way)
+                yield from self._read_safetensors(file, run, hash_on_the_way, unread)
             else:
                 state = _load_bin(file)
                 yield from ((name, state[name]) for name in run)
@@ -145,14 +148,18 @@ class Checkpoint:
         return self._digests[file]
 
     def _read_safetensors(
-        self, file: Path, names: list[str], hash_on_the_way: bool
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+        self, file: Path, names: list[str], hash_on_the_way: bool, unread: frozenset[str]
+    ) -> Iterator[tuple[str, "torch.Tensor | SourceBytes"]]:
         infos = [self.tensors[n] for n in names]
-        # Not when a background thread hashes the file already (`hashing.py`).
-        digest = hashlib.sha256() if hash_on_the_way and not hashing.started(file) else None
+        # Not when a background thread hashes the file already (`hashing.py`), or bytes are left unread.
+        whole = hash_on_the_way and not hashing.started(file) and not unread.intersection(names)
+        digest = hashlib.sha256() if whole else None
         position = 0
         with open(file, "rb") as f:
             for info in infos:
+                if info.name in unread:
+                    yield info.name, SourceBytes(file, info.offset, info.nbytes, info.dtype, info.shape)
+                    continue
                 if info.offset < position:  # out of file order: hashing on the way is off
                     digest = None
                 f.seek(info.offset)
@@ -168,6 +175,17 @@ class Checkpoint:
                 yield info.name, _tensor_from_bytes(data, info)
             if digest is not None and not f.read(1) and position == file.stat().st_size:
                 self._digests[file] = digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceBytes:
+    """Where a tensor's bytes lie in a source file, for copying them unchanged without holding them."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 def _tensor_from_bytes(data: bytearray, info: TensorInfo) -> torch.Tensor:

@@ -38,12 +38,14 @@ class QuantizedCheckpoint(Checkpoint):
     _recent: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def iter_tensors(self, names: list[str], hash_on_the_way: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(
+        self, names: list[str], hash_on_the_way: bool = True, unread: frozenset[str] = frozenset()
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             if name in self.modules:
                 yield name, self.float_weight(name)
             else:
-                yield from self.stored.iter_tensors([name], hash_on_the_way=False)
+                yield from self.stored.iter_tensors([name], hash_on_the_way=False, unread=unread & {name})
 
     def quantized(self, name: str) -> QuantizedTensor | None:
         """The exact codes and scales behind a logical weight, or None (kept tensor, or act-order GPTQ)."""

@@ -41,6 +41,11 @@ class Skeleton:
     def role(self, name: str) -> str:
         return self.roles.get(name, UNUSED)
 
+    @property
+    def recalled(self) -> bool:
+        """Read from the answers of an earlier run (`memo.py`) rather than built: transformers not imported."""
+        return self._model is None and self._build is not None
+
     def for_names(self, names: list[str]) -> "Skeleton":
         """The same model's roles of other checkpoint names (a quantized source's float weights besides its
         stored parts), without building the model again (a recalled skeleton builds it now)."""

@@ -19,12 +19,15 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
 from qconvert.errors import OutputError
 from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
+
+if TYPE_CHECKING:
+    from qconvert.io.loading import SourceBytes
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,27 @@ class SafetensorsStreamWriter:
         self._file.write(data)
         self._next += 1
         return hashlib.sha256(data).hexdigest()
+
+    def copy(self, name: str, source: "SourceBytes", chunk_bytes: int = 1 << 23) -> str:
+        """Append the next planned tensor by copying its bytes from a source file, a chunk at a time
+        (memory stays flat whatever the tensor's size); return their sha256."""
+        spec = self.specs[self._next]
+        actual = (DTYPE_NAMES.get(source.dtype), tuple(source.shape))
+        if spec.name != name or actual != (spec.dtype, spec.shape):
+            raise AssertionError(f"planned {spec} but got {name} {actual}")  # a bug in the planner
+        digest, buffer = hashlib.sha256(), bytearray(min(chunk_bytes, source.nbytes))
+        with open(source.file, "rb") as f:
+            f.seek(source.offset)
+            left = source.nbytes
+            while left:
+                view = memoryview(buffer)[: min(left, len(buffer))]
+                if f.readinto(view) != len(view):
+                    raise OutputError(f"{source.file} changed while it was being converted: {name} is cut short.")
+                digest.update(view)
+                self._file.write(view)
+                left -= len(view)
+        self._next += 1
+        return digest.hexdigest()
 
     def finish(self, metadata: dict[str, str]) -> None:
         """Patch the final metadata into the reserved header space and close the file."""

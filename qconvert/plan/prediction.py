@@ -32,9 +32,15 @@ CODE_BYTES = 2.0  # per weight of the largest quantized tensor: its codes and th
 FORWARD_OVERHEAD = (
     2.0  # a batch's intermediates are allocated and freed in an order that leaves slack; fits SmolLM2 at 128 x 512
 )
-STREAM_BYTES_PER_S = 150e6  # source bytes read, quantized, hashed and written per second (rtn)
-STARTUP_S = 3.0
-CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a calibration pass
+STREAM_BYTES_PER_S = 480e6  # source bytes read, quantized, hashed and written per second (rtn, int4 g32)
+STARTUP_S = 1.5  # python, torch and the plan, with transformers' answers recalled (`io/memo.py`)
+TRANSFORMERS_S = 4.5  # the first run on a model: transformers imported, the model built, the output loaded
+CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a two-pass calibration (awq; gptq with sequential off)
+# gptq in one pass per block (`calibration/sequential.py`), fitted to SmolLM2 at 128 x 512 tokens (117 s):
+FORWARD_FLOPS = {"bfloat16": 300e9, "float32": 150e9}  # a block's forward, with its elementwise work
+GRAM_FLOPS = 160e9  # X^T X of each distinct linear input, upper blocks only, float32
+SOLVE_SECONDS_PER_WEIGHT = 2e-7  # gptq's column loops, two row halves at once
+SECONDS_TOLERANCE = 0.3  # what the time prediction is checked to (scripts/compare.py's runs; the note of issue 16)
 TRAINING_PASSES = 3  # a training step's forward and backward, in forward passes
 TRAINING_FLOPS = 150e9  # ... at the rate of whole-block passes (qat on SmolLM2: 24 s per block for 2 epochs)
 # A batch's activations kept for the backward pass, in forward intermediates (fits SmolLM2's 1.24 GB).
@@ -50,6 +56,7 @@ class Prediction:
     peak_rss_bytes: int
     disk_bytes: int  # output, plus the calibration store while it runs
     seconds: float
+    seconds_tolerance: float  # the measured runs fall within seconds x (1 ± this)
     available_memory_bytes: int | None
     free_disk_bytes: int | None
 
@@ -82,6 +89,8 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
     skeleton = SKELETON_RSS if checkpoint.skeleton() is not None else 0  # transformers was imported to build it
     peak = BASE_RSS + skeleton + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
     seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S
+    if skeleton and not checkpoint.skeleton().recalled:
+        seconds += TRANSFORMERS_S
     disk = output_bytes
     if plan.calibrated is not None:
         calibration_peak, calibration_seconds = _calibration_cost(checkpoint, plan, settings)
@@ -96,6 +105,7 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
         peak_rss_bytes=int(peak),
         disk_bytes=int(disk),
         seconds=round(seconds, 1),
+        seconds_tolerance=SECONDS_TOLERANCE,
         available_memory_bytes=available_memory(),
         free_disk_bytes=free_disk(destination),
     )
@@ -119,8 +129,24 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
     embeddings = max(
         (info.numel * 4 for name, info in checkpoint.tensors.items() if "embed" in name or "wte" in name), default=0
     )
-    # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
     pass_flops = blocks * tokens * 2 * block_parameters
+    if getattr(plan.calibrated, "sequential", False):
+        # One pass: the forward, X^T X of the inputs of q/k/v, o, gate/up and down, and the solves.
+        dtype = (
+            calibration.resolved(
+                {checkpoint.tensors[p.record.name].dtype for p in plan.tensors if p.scheme}, True
+            ).dtype
+            if calibration
+            else "float32"
+        )
+        grams = blocks * tokens * 2 * 0.625 * (3 * hidden**2 + intermediate**2)
+        seconds = pass_flops / FORWARD_FLOPS[dtype] + grams / GRAM_FLOPS
+        seconds += blocks * block_parameters * SOLVE_SECONDS_PER_WEIGHT
+        itemsize = 2 if dtype == "bfloat16" else 4
+        # Every batch paused at down_proj: its input, the residual, the norm's output and down's input.
+        in_flight = tokens * (3 * hidden + intermediate) * itemsize
+        return CALIBRATION_BASE_RSS + activations * itemsize / 4 + in_flight, seconds
+    # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
     seconds = (2 * pass_flops + blocks * tokens * 2 * (hidden + intermediate) * hidden) / CALIBRATION_FLOPS
     if getattr(plan.calibrated, "needs_float_targets", False):  # qat: the float stream, its targets pass, and training
         activations *= 2
