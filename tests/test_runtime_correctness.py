@@ -73,16 +73,20 @@ def interrupted_at_block(monkeypatch, number):
     returns the list that counts the blocks it started."""
     import qconvert.calibration.pipeline as pipeline
 
-    real = pipeline._quantize_block
     calls = []
 
-    def quantize_block(*args):
-        calls.append(1)
-        if len(calls) == number:
-            raise KeyboardInterrupt
-        return real(*args)
+    def counting(real):
+        def quantize_block(*args):
+            calls.append(1)
+            if len(calls) == number:
+                raise KeyboardInterrupt
+            return real(*args)
 
-    monkeypatch.setattr(pipeline, "_quantize_block", quantize_block)
+        return quantize_block
+
+    # two-pass quantizers quantize a block in `_quantize_block`, gptq in `_quantize_sequentially`
+    for name in ("_quantize_block", "_quantize_sequentially"):
+        monkeypatch.setattr(pipeline, name, counting(getattr(pipeline, name)))
     return calls
 
 

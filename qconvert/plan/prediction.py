@@ -4,7 +4,8 @@ The size is exact (the plan knows every stored tensor's bytes). Memory and time 
 simple model of how qconvert runs, with constants measured on a 2-core x86 machine:
 
 - streaming (rtn, clip): the process's baseline (Python, torch) plus two copies of the largest
-  tensor in flight (reader prefetch, writer queue) and the codes of the largest quantized one (the
+  tensor read whole (reader prefetch, writer queue; tensors kept unchanged are copied a chunk at a
+  time) and the codes of the largest quantized one (the
   quantizer works on cache-sized row blocks, so its float32 working set is small);
 - calibration (gptq, awq): the baseline with transformers, the activations between blocks
   (samples x seqlen x hidden, float32), one batch's forward intermediates and one block's weights;
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from qconvert.errors import ResourceError
 from qconvert.io.loading import Checkpoint
-from qconvert.plan.planning import ConversionPlan
+from qconvert.plan.planning import ConversionPlan, kept_dtype
 from qconvert.settings import Settings
 
 GB = 1e9
@@ -84,7 +85,9 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
     headers = 400 * len(plan.tensors) + 2 * sum(len(p.specs) for p in plan.tensors) * 120
     output_bytes = totals["stored_bytes"] + headers + sum(f.stat().st_size for f in checkpoint.auxiliary_files())
     source_bytes = sum(info.nbytes for info in checkpoint.tensors.values())
-    largest = max(info.nbytes for info in checkpoint.tensors.values())
+    # Tensors kept as they are are copied from the source a chunk at a time; the others are read whole.
+    infos = [(p, checkpoint.tensors[p.record.name]) for p in plan.tensors]
+    largest = max((i.nbytes for p, i in infos if p.scheme or kept_dtype(i.dtype, settings) != i.dtype), default=0)
     largest_quantized = max(p.record.parameters for p in plan.tensors if p.scheme)
     skeleton = SKELETON_RSS if checkpoint.skeleton() is not None else 0  # transformers was imported to build it
     peak = BASE_RSS + skeleton + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
