@@ -91,6 +91,7 @@ class JobResult:
     size_bytes: int | None = None
     exit_code: int | None = None
     error: str | None = None
+    placement: dict | None = None  # on a cluster: the Ray node it ran on, and when it began and ended
 
 
 def load_jobs(path: Path) -> list[Job]:
@@ -259,7 +260,7 @@ def run_batch(
         results[index] = run_job(jobs[index], force)
         if results[index].status == "failed" and not keep_going:
             stop = True
-        _write_report(report, jobs, results)
+        write_report(report, jobs, results)
         if on_result:
             on_result(results[index])
 
@@ -272,11 +273,12 @@ def run_batch(
         )
         for j, r in zip(jobs, results)
     ]
-    _write_report(report, jobs, final)
+    write_report(report, jobs, final)
     return final
 
 
-def _write_report(report: Path, jobs: list[Job], results: list) -> None:
+def write_report(report: Path, jobs: list[Job], results: list) -> None:
+    """The batch report, replaced atomically: every job's result so far, "pending" for the others."""
     rows = [
         asdict(r) if r else {"source": j.source, "output": str(j.output), "status": "pending"}
         for j, r in zip(jobs, results)

@@ -119,20 +119,8 @@ def convert(
         from qconvert.plan.prediction import predict
 
         check(predict(checkpoint, plan, settings, destination))
-    planned, layout = plan.tensors, plan.layout
-    shards = split_into_shards([p.specs for p in planned], settings.max_shard_size)
-    file_names = shard_file_names(len(shards))
-    for file_name, shard in zip(file_names, shards):
-        for spec in shard:
-            _stored_record(planned, spec.name).file = file_name
-    manifest = Manifest(
-        qconvert_version=__version__,
-        layout=layout.name,
-        source=_describe_source(checkpoint, placeholder=True),
-        settings=settings_dict(settings),
-        tensors=[p.record for p in planned],
-        command=command,
-    )
+    layout = plan.layout
+    shards, file_names, manifest = _prepare(checkpoint, plan, settings, command)
     with output_lock(destination), _calibration_kept_only_when_interrupted(destination):
         with staged_output(destination, force, protected) as staging:
             calibrated = _calibrate(checkpoint, plan, settings, destination, calibration_progress)
@@ -156,6 +144,108 @@ def convert(
             )
         remove_path(calibration_folder(destination))
     return ConversionResult(destination, manifest, [destination / n for n in file_names], runtime_check)
+
+
+def _prepare(
+    checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, command: list[str] | None
+) -> tuple[list[list[TensorSpec]], list[str], Manifest]:
+    """The output's shards, their file names, and the manifest to fill in (each record naming its file)."""
+    shards = split_into_shards([p.specs for p in plan.tensors], settings.max_shard_size)
+    file_names = shard_file_names(len(shards))
+    for file_name, shard in zip(file_names, shards):
+        for spec in shard:
+            _stored_record(plan.tensors, spec.name).file = file_name
+    manifest = Manifest(
+        qconvert_version=__version__,
+        layout=plan.layout.name,
+        source=_describe_source(checkpoint, placeholder=True),
+        settings=settings_dict(settings),
+        tensors=[p.record for p in plan.tensors],
+        command=command,
+    )
+    return shards, file_names, manifest
+
+
+# (source, staging folder, settings, shard index, command) for `convert_part`, run where `run_parts` runs it
+PartCall = tuple[str, str, Settings, int, "list[str] | None"]
+
+
+def convert_in_parts(
+    source: str | Path,
+    output: str | Path,
+    settings: Settings,
+    run_parts: Callable[[list[PartCall]], list[dict]],
+    *,
+    force: bool = False,
+    command: list[str] | None = None,
+    check_runtime: bool = True,
+) -> ConversionResult:
+    """`convert`, with each output shard (`settings.max_shard_size`) written by an independent call of
+    `convert_part`, which `run_parts` runs (one after another here; on a cluster, one task each, where
+    every node sees the source and the output's folder). This process then writes the one manifest into
+    every shard's header, the index and the sidecars, checks and publishes: the output is byte-identical
+    to `convert`'s.
+
+    Raises:
+        SchemeError: a calibrated quantizer, whose blocks form a chain rather than independent parts;
+            anything `convert` raises.
+    """
+    checkpoint = open_checkpoint(source)
+    destination = Path(output)
+    protected = source_paths(checkpoint)
+    check_destination(destination, force, protected)
+    plan = planned_with_budget(checkpoint, settings)
+    if plan.calibrated is not None:
+        raise SchemeError(
+            f"{plan.calibrated.name} calibrates block after block, each from the previous block's quantized "
+            "outputs, so its conversion cannot be split into independent parts; run it on one machine."
+        )
+    shards, file_names, manifest = _prepare(checkpoint, plan, settings, command)
+    records = {r.name: r for r in manifest.tensors}
+    with output_lock(destination), staged_output(destination, force, protected) as staging:
+        calls = [(str(source), str(staging), settings, index, command) for index in range(len(shards))]
+        for part in run_parts(calls):
+            for name, fields in part.items():
+                record = records[name]
+                record.relative_mse, record.input_scale = fields["relative_mse"], fields["input_scale"]
+                record.origin = fields["origin"]
+                for stored_name, digest in fields["sha256"].items():
+                    record.stored[stored_name].sha256 = digest
+        manifest.source = _describe_source(checkpoint)
+        manifest.compute_totals()
+        metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
+        reserve = _metadata_reserve(manifest)
+        for file_name, shard in zip(file_names, shards):
+            SafetensorsStreamWriter.reopen(staging / file_name, shard, reserve).finish(metadata)
+        _write_sidecars(staging, checkpoint, manifest, plan.layout, file_names, shards)
+        runtime_check = (
+            publish_check(staging, destination, plan.layout.name, checkpoint.folder) if check_runtime else None
+        )
+    return ConversionResult(destination, manifest, [destination / n for n in file_names], runtime_check)
+
+
+def convert_part(source: str, staging: str, settings: Settings, index: int, command: list[str] | None) -> dict:
+    """Write the tensors of output shard `index` into `staging`, leaving its header's metadata for
+    `convert_in_parts`; return each tensor's record fields (errors, origins, stored checksums)."""
+    checkpoint = open_checkpoint(source)
+    plan = planned_with_budget(checkpoint, settings)
+    shards, file_names, manifest = _prepare(checkpoint, plan, settings, command)
+    mine = {spec.name for spec in shards[index]}
+    tensors = [p for p in plan.tensors if any(spec.name in mine for spec in p.specs)]
+    writer = SafetensorsStreamWriter(Path(staging) / file_names[index], shards[index], _metadata_reserve(manifest))
+    try:
+        _stream(checkpoint, plan, settings, [writer], None, None, tensors)
+    finally:
+        writer.close()
+    return {
+        p.record.name: {
+            "relative_mse": p.record.relative_mse,
+            "input_scale": p.record.input_scale,
+            "origin": p.record.origin,
+            "sha256": {n: stored.sha256 for n, stored in p.record.stored.items()},
+        }
+        for p in tensors
+    }
 
 
 def source_paths(checkpoint: Checkpoint) -> list[Path]:
@@ -246,9 +336,14 @@ def _stored_record(planned: list[PlannedTensor], stored_name: str) -> StoredReco
 def _open_writers(
     staging: Path, file_names: list[str], shards: list[list[TensorSpec]], manifest: Manifest
 ) -> list[SafetensorsStreamWriter]:
-    manifest.compute_totals()
-    reserve = len(json.dumps({"format": "pt", METADATA_KEY: manifest.widest_json()}))
+    reserve = _metadata_reserve(manifest)
     return [SafetensorsStreamWriter(staging / name, shard, reserve) for name, shard in zip(file_names, shards)]
+
+
+def _metadata_reserve(manifest: Manifest) -> int:
+    """Header room for the final metadata: the manifest with every field at its widest."""
+    manifest.compute_totals()
+    return len(json.dumps({"format": "pt", METADATA_KEY: manifest.widest_json()}))
 
 
 def _stream(
@@ -258,21 +353,23 @@ def _stream(
     writers: list[SafetensorsStreamWriter],
     progress: ProgressCallback | None,
     calibrated: CalibratedResults | None,
+    tensors: list[PlannedTensor] | None = None,
 ) -> None:
-    """Read, quantize and write every tensor; reading and writing run on their own threads."""
+    """Read, quantize and write every tensor (or those given); reading and writing run on their own threads."""
+    tensors = plan.tensors if tensors is None else tensors
     writer_of = {spec.name: w for w in writers for spec in w.specs}
-    total = sum(checkpoint.tensors[p.record.name].nbytes for p in plan.tensors)
+    total = sum(checkpoint.tensors[p.record.name].nbytes for p in tensors)
     done = 0
-    names = [p.record.name for p in plan.tensors]
-    unread = frozenset(p.record.name for p in plan.tensors if _copied_unchanged(p, checkpoint, settings, calibrated))
+    names = [p.record.name for p in tensors]
+    unread = frozenset(p.record.name for p in tensors if _copied_unchanged(p, checkpoint, settings, calibrated))
     background = BackgroundWorker()
     try:
-        for p, (name, tensor) in zip(plan.tensors, prefetched(checkpoint.iter_tensors(names, unread=unread))):
+        for p, (name, tensor) in zip(tensors, prefetched(checkpoint.iter_tensors(names, unread=unread))):
             stored = _convert_one(p, tensor, plan, settings, calibrated, checkpoint)
             background.submit(lambda stored=stored, record=p.record: _write_all(stored, record, writer_of))
             done += checkpoint.tensors[name].nbytes
             if progress:
-                progress(p.record, done, total, len(plan.tensors))
+                progress(p.record, done, total, len(tensors))
     finally:
         background.join()
 

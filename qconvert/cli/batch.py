@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from qconvert.cli.common import app, run_command, stderr, stdout_console
+from qconvert.cli.options import ClusterOption
 
 
 @app.command()
@@ -25,6 +26,7 @@ def batch(
         typer.Option(help="Where to write the report (default: JOBS-report.json beside JOBS, e.g. jobs-report.json)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report's rows as JSON on stdout.")] = False,
+    cluster: ClusterOption = None,
 ) -> None:
     """Convert many models x recipes; skip outputs that are already current; exit 5 if any job failed."""
     from qconvert.batch import load_jobs, run_batch
@@ -39,7 +41,16 @@ def batch(
             )
             stderr.print(f"{result.status}: {result.source} -> {result.output} {detail}", highlight=False)
 
-        results = run_batch(job_list, report_path, force=force, keep_going=keep_going, workers=jobs, on_result=announce)
+        if cluster:  # each job a Ray task sized by its predicted memory (`cluster.py`)
+            from qconvert.cluster import run_batch_on_cluster
+
+            results = run_batch_on_cluster(
+                job_list, report_path, cluster, force=force, keep_going=keep_going, on_result=announce
+            )
+        else:
+            results = run_batch(
+                job_list, report_path, force=force, keep_going=keep_going, workers=jobs, on_result=announce
+            )
         if as_json:
             from dataclasses import asdict
 

@@ -21,6 +21,7 @@ from qconvert.cli.options import (
     CalibSamplesOption,
     CalibSeqlenOption,
     CheckOption,
+    ClusterOption,
     DampOption,
     DtypeOption,
     EpochsOption,
@@ -101,6 +102,7 @@ def model(
     output_format: FormatOption = OutputFormat("qconvert"),
     force: ForceOption = False,
     check_runtime: CheckOption = True,
+    cluster: ClusterOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest (or another runtime's format)."""
@@ -144,10 +146,33 @@ def model(
                 f"--format {to} cannot say that a layer's inputs are quantized, so it cannot hold --activations "
                 f"{settings.activations}; use --format compressed-tensors (or qconvert), or drop --activations."
             )
-        result, exported = _convert_with_progress(source, output, settings, to, force, revision, events, check_runtime)
+        if cluster:
+            result, exported = _convert_on_cluster(source, output, settings, to, force, cluster, check_runtime), None
+        else:
+            result, exported = _convert_with_progress(
+                source, output, settings, to, force, revision, events, check_runtime
+            )
         _report_conversion(result, exported, as_json)
 
     run_command(action)
+
+
+def _convert_on_cluster(source, output, settings, to: str, force, address: str, check_runtime):
+    """Each output shard (`--max-shard-size`) converted by its own task on a Ray cluster (`cluster.py`)."""
+    from qconvert.cluster import convert_across_cluster
+    from qconvert.conversion import default_output
+
+    if to != "qconvert":
+        raise SchemeError(f"--cluster writes qconvert's output; convert it with `qconvert export --to {to}` after.")
+    return convert_across_cluster(
+        source,
+        output or default_output(source, settings),
+        settings,
+        address,
+        force=force,
+        command=["qconvert", *sys.argv[1:]],
+        check_runtime=check_runtime,
+    )
 
 
 def _convert_with_progress(source, output, settings, to: str, force, revision, events, check_runtime):

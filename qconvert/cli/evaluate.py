@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qconvert.cli.common import app, run_command, stderr
-from qconvert.cli.options import SmoothOption
+from qconvert.cli.options import ClusterOption, SmoothOption
 from qconvert.errors import QConvertError
 from qconvert.limits import GRID_NAMES
 
@@ -189,6 +189,7 @@ def sweep(
         int, typer.Option(help="Tokens per calibration window.", rich_help_panel="Calibration")
     ] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+    cluster: ClusterOption = None,
 ) -> None:
     """Convert at every setting, evaluate each and the float model on the same text, and draw the trade-off."""
     from qconvert.calibration.samples import CalibrationSettings
@@ -219,6 +220,8 @@ def sweep(
         )
         read_text(text, dataset)  # fail early on a bad text source
         require_plotting()
+        if cluster:
+            from qconvert.cluster import sweep_mapper
         rows = run_sweep(
             source,
             grid,
@@ -227,6 +230,7 @@ def sweep(
             settings,
             reference or [],
             log=lambda line: stderr.print(line, highlight=False),
+            map_settings=sweep_mapper(cluster) if cluster else None,
         )
         return _report_sweep(rows, output, source, str(text or dataset), ctx, max_tokens, as_json)
 

@@ -266,3 +266,13 @@ CheckOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 FullOption = Annotated[bool, typer.Option("--full", help="One row per tensor instead of per tensor kind.")]
+
+ClusterOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cluster",
+        metavar="ADDRESS",
+        help="Run on a Ray cluster: its address (ray://host:10001 or host:6379), auto (the one this machine "
+        "joined), or local (start one here). Needs pip install 'qconvert\\[cluster]' and paths every node sees.",
+    ),
+]

@@ -126,23 +126,20 @@ def run_sweep(
     eval_settings: EvalSettings,
     references: list[Path] = (),
     log: Callable[[str], None] = print,
+    map_settings: Callable[[Callable, list[tuple]], list[SweepRow]] | None = None,
 ) -> list[SweepRow]:
     """Convert, evaluate and collect one row per setting, plus the float model and references; every
-    model is scored with the source's tokenizer."""
+    model is scored with the source's tokenizer. `map_settings(setting_row, arguments)` runs the settings'
+    rows (default: here, one after another; `cluster.py`: one Ray task each)."""
     models_dir = report_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     evaluation = {"task": "evaluate", **text.job(), "tokenizer": str(source), "settings": asdict(eval_settings)}
     rows = [_evaluated(SweepRow("float", "float", str(source)), evaluation, log)]
-    for settings in grid:
-        row = SweepRow(label(settings), "qconvert", str(models_dir / f"{source.name}-{settings.suffix()}"))
-        try:
-            _convert_or_reuse(source, settings, Path(row.path), row, log)
-        except QConvertError as exc:
-            row.status, row.error = "failed", str(exc)
-            rows.append(row)
-            log(f"{row.label}: conversion failed: {exc}")
-            continue
-        rows.append(_evaluated(row, evaluation, log))
+    arguments = [(source, s, str(models_dir / f"{source.name}-{s.suffix()}"), evaluation, log) for s in grid]
+    if map_settings is None:
+        rows += [setting_row(*a) for a in arguments]
+    else:
+        rows += map_settings(setting_row, [a[:-1] for a in arguments])
     for reference in references:
         rows.append(_evaluated(SweepRow(reference.name, "reference", str(reference)), evaluation, log))
     float_ppl = rows[0].perplexity
@@ -150,6 +147,20 @@ def run_sweep(
         if float_ppl and row.perplexity:
             row.ppl_change_pct = 100 * (row.perplexity / float_ppl - 1)
     return rows
+
+
+def setting_row(
+    source: Path, settings: Settings, path: str, evaluation: dict, log: Callable[[str], None] = lambda line: None
+) -> SweepRow:
+    """One setting's row: convert (or reuse the output already there), then evaluate in a fresh process."""
+    row = SweepRow(label(settings), "qconvert", path)
+    try:
+        _convert_or_reuse(source, settings, Path(path), row, log)
+    except QConvertError as exc:
+        row.status, row.error = "failed", str(exc)
+        log(f"{row.label}: conversion failed: {exc}")
+        return row
+    return _evaluated(row, evaluation, log)
 
 
 def _convert_or_reuse(source: Path, settings: Settings, output: Path, row: SweepRow, log) -> None:

@@ -59,20 +59,25 @@ class SafetensorsStreamWriter:
         self.path = path
         self.specs = specs
         self._next = 0
-        self._entries: dict[str, dict] = {}
-        offset = 0
-        for spec in specs:
-            self._entries[spec.name] = {
-                "dtype": spec.dtype,
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + spec.nbytes],
-            }
-            offset += spec.nbytes
-        self.data_bytes = offset
+        self._entries = self._entries_of(specs)
+        self.data_bytes = sum(spec.nbytes for spec in specs)
         placeholder = self._header_json({"": " " * metadata_bytes})
         self._header_length = len(placeholder) + (-len(placeholder) % 8)  # data starts 8-byte aligned
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", self._header_length) + b" " * self._header_length)
+
+    @classmethod
+    def reopen(cls, path: Path, specs: list[TensorSpec], metadata_bytes: int) -> "SafetensorsStreamWriter":
+        """A file another writer filled with every tensor of `specs` and closed unfinished, ready for `finish`
+        (a shard written as a part of a conversion split across machines)."""
+        writer = cls.__new__(cls)
+        writer.path, writer.specs = path, specs
+        writer._entries = cls._entries_of(specs)
+        placeholder = writer._header_json({"": " " * metadata_bytes})
+        writer._header_length = len(placeholder) + (-len(placeholder) % 8)
+        writer._file = open(path, "r+b")
+        writer._next = len(specs)
+        return writer
 
     def write(self, name: str, tensor: torch.Tensor) -> str:
         """Append the next planned tensor and return the sha256 of its bytes."""
@@ -119,6 +124,18 @@ class SafetensorsStreamWriter:
 
     def close(self) -> None:
         self._file.close()
+
+    @staticmethod
+    def _entries_of(specs: list[TensorSpec]) -> dict[str, dict]:
+        entries, offset = {}, 0
+        for spec in specs:
+            entries[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        return entries
 
     def _header_json(self, metadata: dict[str, str]) -> bytes:
         header = {"__metadata__": metadata, **self._entries}

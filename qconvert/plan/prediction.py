@@ -33,10 +33,10 @@ CODE_BYTES = 2.0  # per weight of the largest quantized tensor: its codes and th
 FORWARD_OVERHEAD = (
     2.0  # a batch's intermediates are allocated and freed in an order that leaves slack; fits SmolLM2 at 128 x 512
 )
-STREAM_BYTES_PER_S = 480e6  # source bytes read, quantized, hashed and written per second (rtn, int4 g32)
+STREAM_BYTES_PER_S = 400e6  # source bytes read, quantized, hashed, written per second (rtn int4 g32, compare.py)
 STARTUP_S = 1.5  # python, torch and the plan, with transformers' answers recalled (`io/memo.py`)
 TRANSFORMERS_S = 4.5  # the first run on a model: transformers imported, the model built, the output loaded
-CALIBRATION_FLOPS = 90e9  # sustained float32 matmul rate of a two-pass calibration (awq; gptq with sequential off)
+CALIBRATION_FLOPS = 140e9  # sustained float32 rate of a two-pass calibration (awq at 128 x 512: 235 s on SmolLM2)
 # gptq in one pass per block (`calibration/sequential.py`), fitted to SmolLM2 at 128 x 512 tokens (117 s):
 FORWARD_FLOPS = {"bfloat16": 300e9, "float32": 150e9}  # a block's forward, with its elementwise work
 GRAM_FLOPS = 160e9  # X^T X of each distinct linear input, upper blocks only, float32
