@@ -96,6 +96,10 @@ def main() -> None:
             job = json.loads(sys.stdin.read())
         except json.JSONDecodeError as exc:
             raise SchemeError(f"the worker's job is not JSON: {exc}.") from exc
+        if job.get("task") == "convert":  # batch jobs share the cores; evaluations time decoding, so spin
+            from qconvert.io.threads import idle_threads_sleep
+
+            idle_threads_sleep()  # before torch is imported
         print(json.dumps(run(job), sort_keys=True))
 
     try:

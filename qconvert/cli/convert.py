@@ -54,6 +54,7 @@ from qconvert.cli.progress import block_progress, progress_bar
 from qconvert.errors import SchemeError
 from qconvert.formats import HOLDS_ACTIVATIONS, Format
 from qconvert.io import hashing
+from qconvert.io.threads import idle_threads_sleep
 
 
 def quantizer_options(**given) -> dict | None:
@@ -106,6 +107,7 @@ def model(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Quantize a checkpoint into a packed safetensors file with a manifest (or another runtime's format)."""
+    idle_threads_sleep()  # before torch is imported
     hashing.start_for_source(source)  # while torch is imported, the other core hashes the source
     to = output_format.value
 

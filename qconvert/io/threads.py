@@ -5,11 +5,26 @@ hashes the next tensors and a writer thread that writes and hashes finished ones
 busy. Bounded queues keep at most a few tensors in flight, so memory stays flat.
 """
 
+import os
 import queue
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+def idle_threads_sleep() -> None:
+    """Make torch's OpenMP threads sleep rather than spin while they wait for work; effective only when
+    called before torch is imported (libgomp reads it once). A user's own OMP_WAIT_POLICY wins.
+
+    By default libgomp's threads spin-wait at every barrier before they sleep. On cores that other
+    processes share (a CI runner, `batch --jobs 2`) they spin while the thread they wait for is off its
+    core: with two busy neighbours, converting the 730M Llama took 16.4 CPU-seconds against 8.9 on a
+    quiet machine (scripts/compare.py --neighbours 2).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 _DONE = object()
 
 
