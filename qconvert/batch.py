@@ -148,11 +148,12 @@ def _job(entry: dict, index: int, defaults: dict, base: Path, path: Path) -> Job
         )
     source = _resolve(entry["source"], base)
     recipe = Path(_resolve(entry["recipe"], base)) if "recipe" in entry else None
+    # Outputs are always paths relative to this file: "out/int4" is a folder to create, never a hub id.
     if "output" in entry:
-        output = Path(_resolve(entry["output"], base))
+        output = base / entry["output"]
     else:
         name = recipe.stem if recipe else "-".join(_name_part(k, v) for k, v in sorted(settings.items())) or "default"
-        output = Path(_resolve(defaults.get("output_dir", "."), base)) / f"{Path(source).name}-{name}"
+        output = base / defaults.get("output_dir", ".") / f"{Path(source).name}-{name}"
     calib = entry.get("calib", defaults.get("calib"))
     return Job(
         source=source,

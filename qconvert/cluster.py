@@ -30,7 +30,8 @@ DEFAULT_JOB_MEMORY = 1 * GB  # a job whose prediction fails still asks for this 
 
 
 def connect(address: str) -> None:
-    """Connect to a running Ray cluster (`auto`: the one this machine belongs to; `local`: start one here).
+    """Connect to a running Ray cluster (`auto`: the one this machine belongs to; `local`: start a new one
+    here, whatever RAY_ADDRESS says). A process already connected keeps its connection.
 
     Raises:
         SchemeError: Ray is not installed, or no cluster answers at `address`.
@@ -44,7 +45,7 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=None if address == "local" else address, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SchemeError(f"cannot reach a Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from exc
 
@@ -89,33 +90,48 @@ def run_batch_on_cluster(
     import ray
 
     remote = ray.remote(_run_on_node)
+    largest = _largest_node_memory()
+    # At most one job per CPU of the cluster is submitted at a time, so that after a failure (without
+    # --keep-going) the jobs not yet started are simply never submitted, and the running ones finish.
+    window = max(1, int(ray.cluster_resources().get("CPU", 1)))
     results: list[JobResult | None] = [None] * len(jobs)
-    pending = {}
-    for index, job in enumerate(jobs):
-        if not force and is_current(job):
-            results[index] = run_job(job, force)  # reports it skipped, with its output's figures
-            continue
-        memory = job_memory(job)
-        task = remote.options(num_cpus=1, memory=memory, max_retries=0).remote(job, force, 1)
-        pending[task] = index
-    write_report(report, jobs, results)
+    waiting = list(range(len(jobs)))
+    pending: dict = {}
     stopped = False
-    while pending:
+    while (waiting and not stopped) or pending:
+        while waiting and not stopped and len(pending) < window:
+            index = waiting.pop(0)
+            job = jobs[index]
+            if not force and is_current(job):
+                results[index] = run_job(job, force)  # reports it skipped, with its output's figures
+                if on_result:
+                    on_result(results[index])
+                continue
+            memory = job_memory(job)
+            if largest is not None and memory > largest:  # Ray would keep it pending for ever
+                results[index] = _failed(
+                    job, f"it needs about {memory / GB:.2f} GB and the largest node has {largest / GB:.2f} GB"
+                )
+                if on_result:
+                    on_result(results[index])
+                stopped = not keep_going
+                continue
+            pending[remote.options(num_cpus=1, memory=memory, max_retries=0).remote(job, force, 1)] = index
+        write_report(report, jobs, results)
+        if not pending:
+            continue
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
         try:
             result, placement = ray.get(done[0])
-        except ray.exceptions.TaskCancelledError:
-            continue  # never started after a failure: "not run"
-        result.placement = placement
+            result.placement = placement
+        except ray.exceptions.RayError as exc:  # the task itself failed: its node died, out of memory...
+            result = _failed(jobs[index], f"Ray could not run it: {str(exc).strip().splitlines()[0]}")
         results[index] = result
         write_report(report, jobs, results)
         if on_result:
             on_result(result)
-        if result.status == "failed" and not keep_going and not stopped:
-            stopped = True  # as locally: jobs not started are not run, running ones finish
-            for task in pending:
-                ray.cancel(task)
+        stopped = stopped or (result.status == "failed" and not keep_going)
     final = [
         r
         or JobResult(
@@ -125,6 +141,20 @@ def run_batch_on_cluster(
     ]
     write_report(report, jobs, final)
     return final
+
+
+def _failed(job: Job, error: str) -> JobResult:
+    recipe = str(job.recipe) if job.recipe else None
+    return JobResult(source=job.source, output=str(job.output), recipe=recipe, status="failed", error=error)
+
+
+def _largest_node_memory() -> int | None:
+    """The most `memory` any live node offers Ray, in bytes (None when Ray does not say)."""
+    import ray
+
+    sizes = [n.get("Resources", {}).get("memory") for n in ray.nodes() if n.get("Alive")]
+    sizes = [s for s in sizes if s]
+    return int(max(sizes)) if sizes else None
 
 
 def convert_across_cluster(
@@ -149,9 +179,20 @@ def convert_across_cluster(
     import ray
 
     remote = ray.remote(convert_part)
+    memory = _settings_memory(source, settings, output)
 
     def run_parts(calls: list) -> list[dict]:
-        return ray.get([remote.options(num_cpus=1, max_retries=0).remote(*call) for call in calls])
+        tasks = [remote.options(num_cpus=1, memory=memory, max_retries=0).remote(*call) for call in calls]
+        try:
+            return ray.get(tasks)
+        except BaseException as exc:  # stop the other parts before the staging folder goes
+            for task in tasks:
+                ray.cancel(task, force=True)
+            ray.wait(tasks, num_returns=len(tasks), timeout=60)
+            cause = getattr(exc, "cause", None)  # a part's own error, in one sentence, rather than Ray's wrapper
+            if isinstance(cause, QConvertError):
+                raise cause from None
+            raise
 
     return convert_in_parts(
         source, output, settings, run_parts, force=force, command=command, check_runtime=check_runtime

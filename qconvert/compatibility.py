@@ -375,15 +375,24 @@ def publish_check(staging: Path, destination: Path, layout: str, source_folder: 
 
 def _loading_inputs(folder: Path) -> dict:
     """Everything transformers' loading of `folder` depends on besides the libraries (`memo.py`): its
-    config, the shard index, and each file's tensor names, dtypes and shapes (not their values)."""
+    config, the shard index, each file's tensor names, dtypes and shapes, and the values of the few
+    tensors the check itself reads (the recorded `weight_shape`s)."""
+    from safetensors import safe_open
+
     from qconvert.io.loading import read_safetensors_header
 
     index = folder / "model.safetensors.index.json"
+    files, recorded = {}, {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = read_safetensors_header(f)
+        files[f.name] = [[t.name, str(t.dtype), list(t.shape)] for t in tensors]
+        shapes = [t.name for t in tensors if t.name.endswith("weight_shape")]
+        if shapes:
+            with safe_open(f, "pt") as opened:
+                recorded |= {name: opened.get_tensor(name).tolist() for name in shapes}
     return {
         "config": json.loads((folder / "config.json").read_text()),
         "index": json.loads(index.read_text())["weight_map"] if index.is_file() else None,
-        "files": {
-            f.name: [[t.name, str(t.dtype), list(t.shape)] for t in read_safetensors_header(f)]
-            for f in sorted(folder.glob("*.safetensors"))
-        },
+        "files": files,
+        "recorded_shapes": recorded,
     }

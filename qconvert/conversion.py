@@ -20,6 +20,7 @@ from qconvert.calibration.store import BlockStore, calibration_folder, finished_
 from qconvert.compatibility import publish_check
 from qconvert.errors import SchemeError
 from qconvert.formats.base import Layout
+from qconvert.io import hashing
 from qconvert.io.loading import Checkpoint, SourceBytes
 from qconvert.io.quantized_sources import QuantizedCheckpoint
 from qconvert.io.sources import open_checkpoint
@@ -109,6 +110,7 @@ def convert(
     """
     settings = settings or Settings()
     checkpoint = open_checkpoint(source, revision)
+    hashing.start(checkpoint.files)  # the manifest's checksums, on another core while tensors are converted
     destination = Path(output) if output else default_output(str(source), settings)
     protected = source_paths(checkpoint)
     check_destination(destination, force, protected)
@@ -200,10 +202,17 @@ def convert_in_parts(
             f"{plan.calibrated.name} calibrates block after block, each from the previous block's quantized "
             "outputs, so its conversion cannot be split into independent parts; run it on one machine."
         )
+    if settings.target_bpw is not None or settings.target_size is not None:
+        raise SchemeError(
+            "a size budget measures every tensor's error before choosing its bits, which every part would repeat; "
+            "convert with a budget on one machine, or give the chosen bits as a recipe."
+        )
     shards, file_names, manifest = _prepare(checkpoint, plan, settings, command)
     records = {r.name: r for r in manifest.tensors}
     with output_lock(destination), staged_output(destination, force, protected) as staging:
-        calls = [(str(source), str(staging), settings, index, command) for index in range(len(shards))]
+        # Absolute paths: each part runs in its own process, perhaps on another machine, in another folder.
+        where = str(Path(source).resolve()) if Path(source).exists() else str(source)
+        calls = [(where, str(staging.resolve()), settings, index, command) for index in range(len(shards))]
         for part in run_parts(calls):
             for name, fields in part.items():
                 record = records[name]

@@ -79,7 +79,12 @@ def run_in_process(job: dict) -> tuple[int, str, str, int]:
     ]
     for reader in readers:
         reader.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:  # interrupted (Ctrl-C, a cancelled Ray task): stop the job as SIGTERM stops qconvert
+        process.terminate()
+        process.wait()
+        raise
     for reader in readers:
         reader.join()
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again

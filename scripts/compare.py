@@ -35,8 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = REPO / "models" / "smollm2-135m"
 
 
-def run(command: list, env: dict | None = None) -> dict:
-    """Run `command` as a child; its own wall seconds, CPU seconds (user + system) and peak RSS."""
+def run(command: list, env: dict | None = None, output: Path | None = None) -> dict:
+    """Run `command` as a child; its own wall seconds, CPU seconds (user + system) and peak RSS.
+    `output` is removed first, outside the timing: both tools are timed writing a new output."""
+    if output is not None:
+        shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         child = subprocess.Popen([str(c) for c in command], stdout=subprocess.DEVNULL, stderr=err, env=env)
@@ -140,7 +143,7 @@ def calibrated(scratch: Path, calib: Path, runs: int) -> dict:
         predicted = predicted_seconds(SMOLLM2, options, env)
         out = scratch / f"smollm2-{quantizer}"
         command = [sys.executable, "-m", "qconvert.cli", "model", SMOLLM2, "-o", out, "--force", "--json", *options]
-        s = summary([run(command, env) for _ in range(runs)])
+        s = summary([run(command, env, out) for _ in range(runs)])
         print(line(f"qconvert {quantizer} int4 g64 sym, 128 x 512 (min / median)", s))
         print(prediction_line(predicted, s["wall"][1]))
         figures[quantizer] = {**s, "predicted_seconds": predicted[0]}
@@ -160,11 +163,11 @@ def compare(name: str, source: Path, tools: Path, scratch: Path, runs: int) -> d
     env = {**os.environ, "QCONVERT_CACHE": str(cache)}
     print(f"{name} ({source}, {sum(f.stat().st_size for f in source.glob('*.safetensors')) / 1e9:.2f} GB):")
     convert = summary([run(to_gguf)])
-    first = summary([run(ours, env)])  # fills the empty cache
+    first = summary([run(ours, env, out)])  # fills the empty cache
     results = {"llama-quantize": [], "qconvert": []}
     for _ in range(runs):  # interleaved, so both see the same machine
-        results["llama-quantize"].append(run(quantize))
-        results["qconvert"].append(run(ours, env))
+        results["llama-quantize"].append(run(quantize, output=gguf_q4))
+        results["qconvert"].append(run(ours, env, out))
     q, theirs = summary(results["qconvert"]), summary(results["llama-quantize"])
     print(line("convert_hf_to_gguf.py (bf16), once", convert))
     print(line("llama-quantize Q4_0 (min / median)", theirs))

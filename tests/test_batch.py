@@ -102,3 +102,11 @@ def test_a_batch_killed_midway_resumes_where_it_stopped(tmp_path, tiny_llama):
     assert resumed.exit_code == 0, resumed.output
     assert [r["status"] for r in json.loads(resumed.stdout)] == ["skipped", "converted"]
     assert not any(p.name.endswith(".qconvert-partial") for p in out.iterdir())
+
+
+def test_an_output_that_looks_like_a_hub_id_is_still_a_folder_beside_the_batch_file(tmp_path, tiny_llama):
+    from qconvert.batch import load_jobs
+
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'[[jobs]]\nsource = "{tiny_llama}"\noutput = "out/int4"\nsettings = {{ bits = 4 }}\n')
+    assert load_jobs(jobs)[0].output == tmp_path / "out" / "int4"  # not "out/int4" under the working folder

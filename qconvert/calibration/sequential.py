@@ -114,7 +114,9 @@ class SequentialRun:
                     )
                 name = reached.pop()
                 release_freed_memory()  # the batches' freed temporaries lie between their held activations
-                self._quantize(name, self.hessians[name].mul_(2 / self.tokens.pop(name)))
+                # Only this round's H can still be shared (by the linears reading the same input): drop the rest.
+                self.hessians = {name: self.hessians[name].mul_(2 / self.tokens.pop(name))}
+                self._quantize(name, self.hessians[name])
                 active = paused
         inputs.hidden = [b.output for b in batches]
         return self.results, self.errors

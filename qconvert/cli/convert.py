@@ -149,7 +149,8 @@ def model(
                 f"{settings.activations}; use --format compressed-tensors (or qconvert), or drop --activations."
             )
         if cluster:
-            result, exported = _convert_on_cluster(source, output, settings, to, force, cluster, check_runtime), None
+            result = _convert_on_cluster(source, output, settings, to, force, cluster, check_runtime, revision, events)
+            exported = None
         else:
             result, exported = _convert_with_progress(
                 source, output, settings, to, force, revision, events, check_runtime
@@ -159,13 +160,15 @@ def model(
     run_command(action)
 
 
-def _convert_on_cluster(source, output, settings, to: str, force, address: str, check_runtime):
+def _convert_on_cluster(source, output, settings, to: str, force, address: str, check_runtime, revision, events):
     """Each output shard (`--max-shard-size`) converted by its own task on a Ray cluster (`cluster.py`)."""
     from qconvert.cluster import convert_across_cluster
     from qconvert.conversion import default_output
 
     if to != "qconvert":
         raise SchemeError(f"--cluster writes qconvert's output; convert it with `qconvert export --to {to}` after.")
+    if revision or events:
+        raise SchemeError("--cluster converts a local checkpoint without an event log; drop --revision and --events.")
     return convert_across_cluster(
         source,
         output or default_output(source, settings),

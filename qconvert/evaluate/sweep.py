@@ -186,7 +186,11 @@ def _same_conversion(source: Path, settings: Settings, output: Path) -> bool:
     base = checkpoint.folder or checkpoint.files[0].parent
     current = {str(f.relative_to(base)): sha256_file(f) for f in checkpoint.files}
     recorded = manifest.source.get("sha256", {})
-    return manifest.settings == settings_dict(settings) and all(recorded.get(k) == v for k, v in current.items())
+    expected = settings_dict(settings)
+    calibration, done = expected.get("calibration"), manifest.settings.get("calibration")
+    if isinstance(calibration, dict) and isinstance(done, dict) and calibration.get("dtype") == "auto":
+        calibration["dtype"] = done.get("dtype")  # "auto" is decided by the checkpoint, which the checksums pin
+    return manifest.settings == expected and all(recorded.get(k) == v for k, v in current.items())
 
 
 def _evaluated(row: SweepRow, evaluation: dict, log) -> SweepRow:

@@ -8,6 +8,7 @@ A hash is used only for the very file it was started on: same path, size and mod
 """
 
 import hashlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -41,21 +42,34 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 23) -> str:
 
 
 def start_for_source(source: str) -> None:
-    """Start hashing the weight files of a local checkpoint folder or file (a hub id: nothing to do)."""
+    """Start hashing the weight files of a local checkpoint folder or file, chosen as the loader chooses
+    them (the shard index's files, else model.safetensors, else the folder's safetensors, else its
+    pytorch_model*.bin); a hub id: nothing to do."""
     path = Path(source).expanduser()
     try:
-        if path.is_dir():
-            files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern))
-        elif path.is_file():
-            files = [path]
-        else:
-            return
-        for file in files:
-            resolved = file.resolve()
-            if resolved not in _started and os.access(resolved, os.R_OK):
-                _started[resolved] = _Hash(resolved)
-    except OSError:
+        if path.is_file():
+            start([path])
+        elif path.is_dir():
+            start(_weight_files(path))
+    except (OSError, ValueError):
         return  # reading the source reports it properly
+
+
+def start(files: list[Path]) -> None:
+    """Start hashing these files on background threads (those already started are left as they are)."""
+    for file in files:
+        resolved = file.resolve()
+        if resolved not in _started and os.access(resolved, os.R_OK):
+            _started[resolved] = _Hash(resolved)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
 
 
 def started(path: Path) -> bool:

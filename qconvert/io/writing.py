@@ -75,6 +75,13 @@ class SafetensorsStreamWriter:
         writer._entries = cls._entries_of(specs)
         placeholder = writer._header_json({"": " " * metadata_bytes})
         writer._header_length = len(placeholder) + (-len(placeholder) % 8)
+        expected = 8 + writer._header_length + sum(spec.nbytes for spec in specs)
+        if not path.is_file() or path.stat().st_size != expected:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "no file"
+            raise OutputError(
+                f"{path} should hold {expected} bytes of converted tensors and has {found}: the part that wrote it "
+                "did not finish, or wrote where this machine does not see (use a folder every node shares)."
+            )
         writer._file = open(path, "r+b")
         writer._next = len(specs)
         return writer

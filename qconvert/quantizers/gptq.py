@@ -75,9 +75,11 @@ def gptq_quantize(
         solved = [_solve_rows(w[:, order], h_inv, order, static, rounding, group_size)]
     else:
         threads = torch.get_num_threads()
-        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-            solved = list(pool.map(solve, parts))
-        torch.set_num_threads(threads)  # `solve` also set the count every new thread starts with: restore it
+        try:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                solved = list(pool.map(solve, parts))
+        finally:
+            torch.set_num_threads(threads)  # `solve` also set the count every new thread starts with: restore it
     codes, scales, zeros = (torch.cat(x) for x in zip(*solved))
     return QuantizedTensor(
         codes=codes[:, torch.argsort(order)].to(torch.uint8).contiguous(),
