@@ -51,8 +51,8 @@ def start_for_source(source: str) -> None:
             start([path])
         elif path.is_dir():
             start(_weight_files(path))
-    except (OSError, ValueError):
-        return  # reading the source reports it properly
+    except Exception:  # a malformed index, an unreadable folder: only a head start is lost, and the loader
+        return  # reports the problem itself in one sentence
 
 
 def start(files: list[Path]) -> None:
