@@ -203,10 +203,21 @@ def is_current(job: Job) -> bool:
     return manifest.source.get("sha256") == current
 
 
+def job_result(job: Job, status: str, **fields) -> JobResult:
+    """A result row for `job` with `status` (and any other JobResult fields)."""
+    recipe = str(job.recipe) if job.recipe else None
+    return JobResult(source=job.source, output=str(job.output), recipe=recipe, status=status, **fields)
+
+
+def finish_report(report: Path, jobs: list[Job], results: list[JobResult | None]) -> list[JobResult]:
+    """Every job's result, "not run" for those that never ran, also written to `report`."""
+    final = [r or job_result(j, "not run") for j, r in zip(jobs, results)]
+    write_report(report, jobs, final)
+    return final
+
+
 def run_job(job: Job, force: bool) -> JobResult:
-    result = JobResult(
-        source=job.source, output=str(job.output), recipe=str(job.recipe) if job.recipe else None, status="failed"
-    )
+    result = job_result(job, "failed")
     if not force and is_current(job):
         result.status = "skipped"
         _fill_from_output(result, job.output)
@@ -267,15 +278,7 @@ def run_batch(
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(one, range(len(jobs))))
-    final = [
-        r
-        or JobResult(
-            source=j.source, output=str(j.output), recipe=str(j.recipe) if j.recipe else None, status="not run"
-        )
-        for j, r in zip(jobs, results)
-    ]
-    write_report(report, jobs, final)
-    return final
+    return finish_report(report, jobs, results)
 
 
 def write_report(report: Path, jobs: list[Job], results: list) -> None:

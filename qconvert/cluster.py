@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from qconvert.batch import Job, JobResult, is_current, run_job, write_report
+from qconvert.batch import Job, JobResult, finish_report, is_current, job_result, run_job, write_report
 from qconvert.errors import QConvertError, SchemeError
 
 GB = 1e9
@@ -109,9 +109,8 @@ def run_batch_on_cluster(
                 continue
             memory = job_memory(job)
             if largest is not None and memory > largest:  # Ray would keep it pending for ever
-                results[index] = _failed(
-                    job, f"it needs about {memory / GB:.2f} GB and the largest node has {largest / GB:.2f} GB"
-                )
+                needs = f"it needs about {memory / GB:.2f} GB and the largest node has {largest / GB:.2f} GB"
+                results[index] = job_result(job, "failed", error=needs)
                 if on_result:
                     on_result(results[index])
                 stopped = not keep_going
@@ -126,26 +125,15 @@ def run_batch_on_cluster(
             result, placement = ray.get(done[0])
             result.placement = placement
         except ray.exceptions.RayError as exc:  # the task itself failed: its node died, out of memory...
-            result = _failed(jobs[index], f"Ray could not run it: {str(exc).strip().splitlines()[0]}")
+            result = job_result(
+                jobs[index], "failed", error=f"Ray could not run it: {str(exc).strip().splitlines()[0]}"
+            )
         results[index] = result
         write_report(report, jobs, results)
         if on_result:
             on_result(result)
         stopped = stopped or (result.status == "failed" and not keep_going)
-    final = [
-        r
-        or JobResult(
-            source=j.source, output=str(j.output), recipe=str(j.recipe) if j.recipe else None, status="not run"
-        )
-        for j, r in zip(jobs, results)
-    ]
-    write_report(report, jobs, final)
-    return final
-
-
-def _failed(job: Job, error: str) -> JobResult:
-    recipe = str(job.recipe) if job.recipe else None
-    return JobResult(source=job.source, output=str(job.output), recipe=recipe, status="failed", error=error)
+    return finish_report(report, jobs, results)
 
 
 def _largest_node_memory() -> int | None:

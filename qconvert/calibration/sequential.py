@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 from qconvert.calibration.heap import map_large_allocations, release_freed_memory
-from qconvert.calibration.statistics import CalibrationBlock, add_gram
+from qconvert.calibration.statistics import CalibrationBlock, GramSums
 from qconvert.errors import UnsupportedModelError
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize, relative_error
 
@@ -86,8 +86,8 @@ class SequentialRun:
         self.name_of = {linear: name for name, linear in block.linears.items()}
         self.results: dict[str, QuantizedTensor] = {}
         self.errors: dict[str, float] = {}
-        self.hessians: dict[str, torch.Tensor] = {}  # per linear: ΣXᵀX while batches arrive, then H
-        self.tokens: dict[str, int] = {}
+        self.grams = GramSums()  # per linear paused at: ΣXᵀX while the batches arrive
+        self.hessians: dict[str, torch.Tensor] = {}  # the last round's H, which linears reading its input share
         self.current: _Batch | None = None
 
     def run(self) -> tuple[dict[str, QuantizedTensor], dict[str, float]]:
@@ -115,7 +115,7 @@ class SequentialRun:
                 name = reached.pop()
                 release_freed_memory()  # the batches' freed temporaries lie between their held activations
                 # Only this round's H can still be shared (by the linears reading the same input): drop the rest.
-                self.hessians = {name: self.hessians[name].mul_(2 / self.tokens.pop(name))}
+                self.hessians = {name: self.grams.hessian(name)}
                 self._quantize(name, self.hessians[name])
                 active = paused
         inputs.hidden = [b.output for b in batches]
@@ -135,13 +135,7 @@ class SequentialRun:
         if shared and batch.paused_at in self.results:  # the same input as the linear just quantized
             self._quantize(name, self.hessians[batch.paused_at])
             return
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if name not in self.hessians:
-            self.hessians[name] = torch.zeros(flat.shape[1], flat.shape[1])
-            self.tokens[name] = 0
-        add_gram(self.hessians[name], flat)
-        self.tokens[name] += flat.shape[0]
-        del flat
+        self.grams.add(name, x)
         batch.paused_at, batch.paused_input = name, weakref.ref(x)
         batch.greenlet.parent.switch()  # pause: back to `run`, until every batch has delivered
 

@@ -131,6 +131,26 @@ def add_gram(total: torch.Tensor, x: torch.Tensor, chunk: int = 384) -> None:
                 total[columns, rows] += product.T
 
 
+class GramSums:
+    """ΣXᵀX and the token count of each input, by key; `hessian(key)` is H = 2XᵀX/n, float32."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(flat.shape[1], flat.shape[1])
+            self.tokens[key] = 0
+        add_gram(self.sums[key], flat)
+        self.tokens[key] += flat.shape[0]
+
+    def hessian(self, key: str) -> torch.Tensor:
+        """H of `key`'s inputs, taking (not copying) its sum: the key is then no longer held."""
+        return self.sums.pop(key).mul_(2 / self.tokens.pop(key))
+
+
 class _AllInputsSeen(Exception):
     """Raised once every selected linear has seen its input in this batch, to skip the rest of the forward."""
 
@@ -175,8 +195,7 @@ class _HessianCollector(_InputHooks):
     def __init__(self, linears: dict[str, torch.nn.Linear]) -> None:
         super().__init__(linears)
         self.leader: dict[str, str] = {}  # name -> the first linear seen reading the same input
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}
+        self.grams = GramSums()
         self._last: tuple[torch.Tensor | None, str] = (None, "")
 
     def start_batch(self) -> None:
@@ -190,19 +209,13 @@ class _HessianCollector(_InputHooks):
             return
         self.leader.setdefault(name, name)
         self._last = (x, name)
-        leader = self.leader[name]
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if leader not in self.sums:
-            self.sums[leader] = torch.zeros(flat.shape[1], flat.shape[1])
-            self.tokens[leader] = 0
-        add_gram(self.sums[leader], flat)
-        self.tokens[leader] += flat.shape[0]
+        self.grams.add(self.leader[name], x)
 
     def results(self) -> list[tuple[list[str], torch.Tensor]]:
         groups = []
-        for leader, total in self.sums.items():
+        for leader in list(self.grams.sums):
             names = [n for n in self.linears if self.leader.get(n) == leader]
-            groups.append((names, total.mul_(2 / self.tokens[leader])))
+            groups.append((names, self.grams.hessian(leader)))
         return groups
 
 

@@ -145,15 +145,7 @@ def _rtn_int(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedT
         else:
             scaled.add_(zeros[block].unsqueeze(-1)).clamp_(0, top)
         codes[block] = scaled.view(scaled.shape[0], -1)[:, :columns]
-    return QuantizedTensor(
-        codes=codes,
-        bits=config.bits,
-        group_size=config.group_size_for(columns),
-        shape=(rows, columns),
-        dtype=weight.dtype,
-        scales=scales,
-        zeros=None if zeros is None else zeros.to(torch.uint8),
-    )
+    return _assembled(codes, weight, config, Rounding(config, weight).stored(scales, zeros))
 
 
 class Rounding:
@@ -236,13 +228,19 @@ def quantize_in_row_blocks(
         codes[block], scales[block], block_zeros = quantize_block(name, weight[block], config)
         if block_zeros is not None:
             zeros[block] = block_zeros
+    return _assembled(codes, weight, config, (rounding or Rounding(config, weight)).stored(scales, zeros))
+
+
+def _assembled(codes: torch.Tensor, weight: torch.Tensor, config: QuantConfig, stored: dict) -> QuantizedTensor:
+    """The QuantizedTensor of `weight`'s codes with its stored scales and zero points (`Rounding.stored`)."""
+    rows, columns = weight.shape
     return QuantizedTensor(
         codes=codes,
         bits=config.bits,
         group_size=config.group_size_for(columns),
         shape=(rows, columns),
         dtype=weight.dtype,
-        **(rounding or Rounding(config, weight)).stored(scales, zeros),
+        **stored,
     )
 
 
