@@ -18,23 +18,19 @@ Kernels, on `kernels.py`'s layout (one plane per weight; each group padded to `p
   = 4 + 2, ...): Σ_g s·(Σ_planes 2**shift · Σ q·x) − Σ_g (z·s)·(Σ x), each plane's sub-codes
   shifted out and multiplied with their slice of the group's inputs.
 
-The source is compiled once per machine by the system C compiler (`cc -O3 -mavx2 -mfma -fopenmp`)
-into ~/.cache/qconvert/kernels/ under the source's hash, and called through ctypes on the tensors'
-memory. Where it cannot be built or run (no compiler, a CPU without AVX2), `load()` returns None and
+The source is compiled once per machine by the system C compiler (`cc -O3 -mavx2 -mfma -fopenmp`,
+`native.py`) into ~/.cache/qconvert/kernels/ under the source's hash, and called through ctypes on
+the tensors' memory. Where it cannot be built or run (no compiler, a CPU without AVX2), `load()` returns None and
 the compiled Inductor kernels serve instead.
 """
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
 import time
 from functools import cache
-from pathlib import Path
 
 import torch
 
+from qconvert import native
 from qconvert.evaluate.kernels import Compiled
 
 SOURCE = r"""
@@ -204,24 +200,15 @@ void table_dequantize(const uint8_t *planes, const float *scales, const float *t
     }
 }
 """
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
 @cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot be built or run here."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qconvert" / "kernels"
-    library = folder / f"c_kernels-{digest}.so"
-    try:
-        if not library.exists():
-            start = time.perf_counter()
-            _build(library)
-            Compiled.seconds += time.perf_counter() - start
-        lib = ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError):
+    start = time.perf_counter()
+    lib = native.load("c_kernels", SOURCE)
+    Compiled.seconds += time.perf_counter() - start  # the first call builds it (once per machine)
+    if lib is None:
         return None
     for name in ("table_gemv", "table_dequantize", "e4m3_gemv", "int_gemv"):
         getattr(lib, name).restype = None
@@ -232,12 +219,7 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def _check(t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
-    """The C code reads raw memory: refuse a tensor of another shape, dtype or layout."""
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous():
-        raise ValueError(
-            f"expected a contiguous {dtype} tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}"
-        )
+_check = native.check_tensor
 
 
 def kernel_for(spec) -> str | None:
@@ -280,15 +262,6 @@ def gemv(x: torch.Tensor, weight, table: torch.Tensor | None = None) -> torch.Te
         load().int_gemv(x.data_ptr(), *planes, *bits, weight.scales.data_ptr(), weight.offsets.data_ptr(),
                         sums.data_ptr(), y.data_ptr(), rows, groups, spec.padded)  # fmt: skip
     return y
-
-
-def _build(library: Path) -> None:
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-        source, built = Path(scratch) / "c_kernels.c", Path(scratch) / library.name
-        source.write_text(SOURCE)
-        subprocess.run(["cc", *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, timeout=120)
-        built.replace(library)  # whole or not at all: a concurrent build renames the same bytes
 
 
 def table_dequantize(

@@ -4,29 +4,63 @@ knows its source.
 A conversion records the checksum of every source file in its manifest. Hashing takes about a second
 of one core per 1.5 GB; started before torch is imported (which keeps the other core busy for 1.2 s),
 it is done by the time the tensors are read, instead of competing with quantization for the cores.
-A hash is used only for the very file it was started on: same path, size and modification time.
+A hash is used only for the very file it was started on (`file_identity`).
+
+A file's hash is also kept between runs (`memo.py`, kind "sha256") under its identity: resolved path,
+device, inode, size, modification and change times in nanoseconds, the way git's index and DVC trust
+a file they have hashed before. Rewriting a file changes its change time (which no user call can
+set back), so a kept hash is never used for other bytes. A file changed less than `SETTLED_S` before
+it was hashed may still be being written (and timestamps are coarse: a change within the same tick
+would keep them), so its hash is not kept. `qconvert verify` always reads
+every byte.
 """
 
 import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
+from qconvert.io import memo
+
+SETTLED_S = 2.0  # seconds: a file changed more recently than this when hashed: its hash is not kept
+
 _started: dict[Path, "_Hash"] = {}
+
+
+def file_identity(stat: os.stat_result) -> dict:
+    """What a kept hash is filed under (with the resolved path): any rewrite of the file changes it."""
+    return {
+        "device": stat.st_dev,
+        "inode": stat.st_ino,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+    }
 
 
 class _Hash:
     def __init__(self, path: Path) -> None:
         stat = path.stat()
-        self.path, self.identity = path, (stat.st_size, stat.st_mtime_ns)
-        self.digest: str | None = None
+        self.path, self.key = path, {"path": str(path), **file_identity(stat)}
         self.done = threading.Event()
-        threading.Thread(target=self._run, daemon=True, name=f"sha256 {path.name}").start()
+        self.digest: str | None = (memo.recall("sha256", self.key) or {}).get("sha256")
+        if self.digest is not None:
+            self.done.set()
+        else:
+            threading.Thread(target=self._run, daemon=True, name=f"sha256 {path.name}").start()
 
     def _run(self) -> None:
         try:
-            self.digest = sha256_file(self.path)
+            began = time.time()
+            digest = sha256_file(self.path)
+            stat = self.path.stat()
+            if {"path": str(self.path), **file_identity(stat)} == self.key and max(
+                stat.st_mtime, stat.st_ctime
+            ) < began - SETTLED_S:
+                memo.remember("sha256", self.key, {"sha256": digest})
+            self.digest = digest
         except OSError:
             pass  # the reader reports the file's problem; the hash is then simply not used
         finally:
@@ -77,8 +111,7 @@ def started(path: Path) -> bool:
     h = _started.get(path.resolve())
     if h is None:
         return False
-    stat = path.stat()
-    return h.identity == (stat.st_size, stat.st_mtime_ns)
+    return h.key == {"path": str(h.path), **file_identity(path.stat())}
 
 
 def result(path: Path) -> str | None:

@@ -14,6 +14,7 @@ import torch
 
 from qconvert.errors import SchemeError
 from qconvert.limits import SUPPORTED_BITS
+from qconvert.quantizers import rtn_kernel
 from qconvert.quantizers.activations import get_scheme, weights_of
 from qconvert.quantizers.grids import SCALE_DTYPES, effective_scales, get_grid
 
@@ -138,7 +139,12 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32, rows: sli
 
 
 def relative_error(weight: torch.Tensor, q: QuantizedTensor) -> float:
-    """|W - deq(Q)|² / |W|², in cache-sized row blocks; rounded to 6 significant digits for stable manifests."""
+    """|W - deq(Q)|² / |W|², in float64, rounded to 6 significant digits for stable manifests: by the C
+    kernel of `rtn_kernel.py` on the integer grid where it applies, else in cache-sized row blocks."""
+    if q.grid == "int" and q.codes.dtype == torch.uint8 and q.codes.is_contiguous() and rtn_kernel.applies(weight):
+        scales, zeros = q.scales.float().contiguous(), zero_points(q).contiguous()
+        error, norm = rtn_kernel.error_sums(weight, q.codes, scales, zeros, q.group_size)
+        return float(f"{error / norm:.6g}") if norm else 0.0
     rows, columns = weight.shape
     step = max(1, (1 << 19) // max(columns, 1))
     error = norm = 0.0
