@@ -131,12 +131,18 @@ def _rtn_int(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedT
         finite = bool(torch.isfinite(low).all() and torch.isfinite(high).all())
     if not finite:
         raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
-    if not config.symmetric:
-        low.clamp_(max=0)
-        high.clamp_(min=0)
-    scales = range_scales(low, high, config)  # the caller names the tensor in a ScaleRangeError
-    inverse = scales.float().reciprocal()
-    zeros = None if config.symmetric else low.mul_(inverse).neg_().round_().clamp_(0, 2**config.bits - 1)
+    fitted = (
+        rtn_kernel.grid(low, high, config.bits, config.symmetric, SCALE_DTYPES[config.scale_dtype]) if native else None
+    )
+    if fitted is not None:
+        scales, inverse, zeros = fitted
+    else:
+        if not config.symmetric:
+            low.clamp_(max=0)
+            high.clamp_(min=0)
+        scales = range_scales(low, high, config)  # the caller names the tensor in a ScaleRangeError
+        inverse = scales.float().reciprocal()
+        zeros = None if config.symmetric else low.mul_(inverse).neg_().round_().clamp_(0, 2**config.bits - 1)
     if native:
         codes = rtn_kernel.int_codes(weight, inverse, zeros, config.group_size_for(columns), config.bits)
     else:

@@ -13,6 +13,8 @@ turned off. Only the error sums add in another order (per row, then rows in orde
 they agree with `base.relative_error` to its six reported digits.
 
 Kernels, for a weight (rows, columns) in groups of `group` columns (the last group may be partial):
+- `scales`: each group's stored scale, its inverse and its zero point from its range, the steps of
+  `rtn._rtn_int` and `grids.stored_scales` (bfloat16 rounding to nearest even, float16 by F16C).
 - `ranges`: each group's min and max, zero included for a partial group (the zero padding of
   `rtn.group_view`); returns 1 if any weight is NaN or infinite.
 - `codes`: code = clamp(rint(w · inverse[r, g]), −half, half − 1) + half (symmetric), or
@@ -26,6 +28,7 @@ from functools import cache
 import torch
 
 from qconvert import native
+from qconvert.quantizers.grids import SCALE_TOLERANCE
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -170,8 +173,58 @@ void error_##SUFFIX(const T *w, const uint8_t *codes, const float *scales, const
 
 KERNELS(bf16, uint16_t)
 KERNELS(f32, float)
+
+/* float32 -> bfloat16 bits, rounding to nearest even (torch's rule; NaN never reaches here) */
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &x, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+static inline float from_bf16(uint16_t h) { return load1_bf16(&h); }
+
+/* Each group's stored scale (float16 or bfloat16 bits), its float32 inverse and (asymmetric) zero
+   point, from its range [low, high] as `grids.stored_scales` and `rtn._rtn_int` make them. Returns 1
+   when some scale does not fit the dtype; the caller then raises torch's own error. */
+int scales(const float *low, const float *high, int64_t n, int bits, int symmetric, int bfloat16,
+           float tolerance, uint16_t *stored, float *inverse, float *zeros) {
+    const float half = (float)(1 << (bits - 1)), top = (float)((1 << bits) - 1);
+    const float tiny = bfloat16 ? 1.1754943508222875e-38f : 6.103515625e-05f;
+    const uint16_t tiny_bits = bfloat16 ? 0x0080 : 0x0400;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float l = low[i], h = high[i], raw;
+        if (symmetric) {
+            raw = (-l > h ? l : h) / -half;
+        } else {
+            l = l < 0.0f ? l : 0.0f;
+            h = h > 0.0f ? h : 0.0f;
+            raw = (h - l) / top;
+        }
+        float magnitude = fabsf(raw);
+        uint16_t s = bfloat16 ? to_bf16(magnitude) : _cvtss_sh(magnitude, _MM_FROUND_TO_NEAREST_INT);
+        float back = bfloat16 ? from_bf16(s) : _cvtsh_ss(s);
+        if (back < magnitude && magnitude < tiny) { /* among the subnormals: round up */
+            s += 1;
+            back = bfloat16 ? from_bf16(s) : _cvtsh_ss(s);
+        }
+        int drifts = magnitude > 0.0f && fabsf(back - magnitude) > tolerance * magnitude;
+        if (!(magnitude <= 3.4028234663852886e38f) || drifts) {
+            bad = 1;
+            continue;
+        }
+        if (!(magnitude > 0.0f)) { s = tiny_bits; back = tiny; }
+        if (raw < 0.0f) { s |= 0x8000; back = -back; }
+        stored[i] = s;
+        inverse[i] = 1.0f / back;
+        if (!symmetric) {
+            float z = rintf(-(l * inverse[i]));
+            zeros[i] = z < 0.0f ? 0.0f : (z > top ? top : z);
+        }
+    }
+    return bad;
+}
 """
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 SUFFIXES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -189,6 +242,8 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, f"codes_{suffix}").restype = None
         getattr(lib, f"error_{suffix}").argtypes = [p, p, p, p, p, i64, i64, i64, i32]
         getattr(lib, f"error_{suffix}").restype = None
+    lib.scales.argtypes = [p, p, i64, i32, i32, i32, ctypes.c_float, p, p, p]
+    lib.scales.restype = ctypes.c_int
     return lib
 
 
@@ -207,6 +262,33 @@ def group_ranges(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.
         weight.data_ptr(), low.data_ptr(), high.data_ptr(), rows, columns, group, torch.get_num_threads()
     )
     return low, high, not bad
+
+
+def grid(
+    low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(stored scales in `scale_dtype`, float32 inverses, float32 zero points or None when symmetric), all
+    (rows, groups), for groups spanning the float32 ranges [low, high] (unclamped) on the integer grid:
+    the values of `rtn.range_scales` and `rtn._rtn_int`. None when some scale does not fit `scale_dtype`
+    (`grids.stored_scales` then raises its error)."""
+    native.check_tensor(high, low.shape, torch.float32)
+    native.check_tensor(low, high.shape, torch.float32)
+    stored = torch.empty(low.shape, dtype=torch.int16)
+    inverse = torch.empty(low.shape)
+    zeros = None if symmetric else torch.empty(low.shape)
+    bad = load().scales(
+        low.data_ptr(),
+        high.data_ptr(),
+        low.numel(),
+        bits,
+        symmetric,
+        scale_dtype == torch.bfloat16,
+        SCALE_TOLERANCE,
+        stored.data_ptr(),
+        inverse.data_ptr(),
+        None if zeros is None else zeros.data_ptr(),
+    )
+    return None if bad else (stored.view(scale_dtype), inverse, zeros)
 
 
 def int_codes(

@@ -8,6 +8,7 @@ import torch
 from qconvert.errors import SchemeError
 from qconvert.quantizers import rtn, rtn_kernel
 from qconvert.quantizers.base import QuantConfig, relative_error
+from qconvert.quantizers.grids import ScaleRangeError
 
 pytestmark = pytest.mark.skipif(rtn_kernel.load() is None, reason="no C compiler or no AVX2 here")
 
@@ -40,6 +41,28 @@ def test_codes_scales_zero_points_and_error_equal_torchs(monkeypatch, dtype, sym
         assert torch.equal(ours.scales, reference.scales)
         assert (ours.zeros is None) == symmetric and (symmetric or torch.equal(ours.zeros, reference.zeros))
         assert relative_error(w, ours) == in_torch(monkeypatch, lambda: relative_error(w, reference)) > 0
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("magnitude", [5e-3, 1.0, 300.0])  # float16 scales among the subnormals, normal, large
+def test_stored_scales_equal_torchs_across_the_scale_dtypes_range(monkeypatch, scale_dtype, magnitude):
+    w = weight((16, 96), torch.float32, 0) * magnitude
+    for symmetric in (True, False):
+        config = QuantConfig(bits=4, group_size=32, symmetric=symmetric, scale_dtype=scale_dtype)
+        ours = rtn.rtn_quantize("t", w, config)
+        reference = in_torch(monkeypatch, lambda: rtn.rtn_quantize("t", w, config))
+        assert torch.equal(ours.scales, reference.scales) and torch.equal(ours.codes, reference.codes)
+        assert symmetric or torch.equal(ours.zeros, reference.zeros)
+
+
+def test_scales_out_of_range_get_torchs_error(monkeypatch):
+    w = torch.randn(4, 64) * 1e6  # scales past float16's largest value
+    config = QuantConfig(bits=4, group_size=32)
+    with pytest.raises(ScaleRangeError) as ours:
+        rtn.rtn_quantize("t", w, config)
+    with pytest.raises(ScaleRangeError) as reference:
+        in_torch(monkeypatch, lambda: rtn.rtn_quantize("t", w, config))
+    assert str(ours.value) == str(reference.value) and "bfloat16" in str(ours.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
