@@ -22,6 +22,7 @@ from pathlib import Path
 from qconvert.errors import ResourceError
 from qconvert.io.loading import Checkpoint
 from qconvert.plan.planning import ConversionPlan, kept_dtype
+from qconvert.quantizers import rtn_kernel
 from qconvert.settings import Settings
 
 GB = 1e9
@@ -33,7 +34,9 @@ CODE_BYTES = 2.0  # per weight of the largest quantized tensor: its codes and th
 FORWARD_OVERHEAD = (
     2.0  # a batch's intermediates are allocated and freed in an order that leaves slack; fits SmolLM2 at 128 x 512
 )
-STREAM_BYTES_PER_S = 400e6  # source bytes read, quantized, hashed, written per second (rtn int4 g32, compare.py)
+# Source bytes read, quantized, hashed and written per second (rtn int4 g32, compare.py): the integer grid
+# by the C kernels (`rtn_kernel.py`; 730M Llama 3.3-4.0 s), else by torch (and the other grids).
+STREAM_BYTES_PER_S = {"c": 700e6, "torch": 400e6}
 STARTUP_S = 1.5  # python, torch and the plan, with transformers' answers recalled (`io/memo.py`)
 TRANSFORMERS_S = 4.5  # the first run on a model: transformers imported, the model built, the output loaded
 CALIBRATION_FLOPS = 140e9  # sustained float32 rate of a two-pass calibration (awq at 128 x 512: 235 s on SmolLM2)
@@ -91,7 +94,8 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
     largest_quantized = max(p.record.parameters for p in plan.tensors if p.scheme)
     skeleton = SKELETON_RSS if checkpoint.skeleton() is not None else 0  # transformers was imported to build it
     peak = BASE_RSS + skeleton + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
-    seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S
+    in_c = rtn_kernel.load() is not None and all(p.scheme.config.grid == "int" for p in plan.tensors if p.scheme)
+    seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S["c" if in_c else "torch"]
     if skeleton and not checkpoint.skeleton().recalled:
         seconds += TRANSFORMERS_S
     disk = output_bytes
