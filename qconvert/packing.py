@@ -14,7 +14,48 @@ For 4 bits this is "low nibble first", which read as little-endian int32 words i
 compressed-tensors' ``pack_to_int32`` layout (eight codes per word, code 0 in the lowest bits).
 """
 
+import ctypes
+from functools import cache
+
 import torch
+
+from qconvert import native
+
+# 4-bit codes, the common case, packed in C (`native.py`): two 32-byte loads of codes become one 32-byte
+# store of nibble pairs (vpmaddubsw multiplies each pair by (1, 16) and adds), 2x faster than the torch
+# shifts. The same bytes as `_pack_within_bytes`; the torch code serves where it cannot be built.
+PACK4_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+void pack4(const uint8_t *codes, uint8_t *out, int64_t rows, int64_t columns, int threads) {
+    const int64_t bytes = (columns + 1) / 2;
+    const __m256i pair = _mm256_set1_epi16(0x1001); /* bytes 1, 16: low code + 16 x high code */
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *c = codes + r * columns;
+        uint8_t *o = out + r * bytes;
+        int64_t k = 0;
+        for (; 2 * k + 64 <= columns; k += 32) {
+            __m256i a = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(c + 2 * k)), pair);
+            __m256i b = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(c + 2 * k + 32)), pair);
+            /* packus interleaves the 128-bit lanes of a and b; the permute puts them back in order */
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi16(a, b), 0xD8);
+            _mm256_storeu_si256((__m256i *)(o + k), packed);
+        }
+        for (; k < bytes; k++) o[k] = (uint8_t)(c[2 * k] | (2 * k + 1 < columns ? c[2 * k + 1] << 4 : 0));
+    }
+}
+"""
+
+
+@cache
+def _pack4_library() -> ctypes.CDLL | None:
+    lib = native.load("pack4", PACK4_SOURCE)
+    if lib is not None:
+        lib.pack4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        lib.pack4.restype = None
+    return lib
 
 
 def packed_row_bytes(columns: int, bits: int) -> int:
@@ -38,6 +79,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.to(torch.uint8)
     if bits == 8:
         return codes.contiguous()
+    if bits == 4 and _pack4_library() is not None:
+        codes = codes.contiguous()
+        packed = torch.empty(rows, packed_row_bytes(columns, 4), dtype=torch.uint8)
+        _pack4_library().pack4(codes.data_ptr(), packed.data_ptr(), rows, columns, torch.get_num_threads())
+        return packed
     if 8 % bits == 0:
         return _pack_within_bytes(codes, bits)[:, : packed_row_bytes(columns, bits)].contiguous()
     return _pack_across_bytes(codes, bits)[:, : packed_row_bytes(columns, bits)].contiguous()

@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qconvert import packing
 from qconvert.limits import SUPPORTED_BITS
 from qconvert.packing import pack_codes, packed_row_bytes, unpack_codes
 
@@ -46,3 +47,12 @@ def test_documented_bit_order():
 def test_wrong_packed_width_is_refused():
     with pytest.raises(ValueError, match="bytes"):
         unpack_codes(torch.zeros(2, 5, dtype=torch.uint8), 4, 12)
+
+
+@pytest.mark.skipif(packing._pack4_library() is None, reason="no C compiler or no AVX2 here")
+@pytest.mark.parametrize("shape", [(3, 7), (5, 63), (4, 64), (2, 65), (7, 130), (64, 2048), (1, 1)])
+def test_4_bit_codes_packed_in_c_equal_the_torch_packing(shape):
+    codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = packing._pack_within_bytes(codes, 4)[:, : packing.packed_row_bytes(shape[1], 4)]
+    assert torch.equal(packing.pack_codes(codes, 4), reference)
+    assert torch.equal(packing.pack_codes(codes.t().contiguous().t(), 4), reference)  # strided codes too
