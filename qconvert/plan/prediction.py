@@ -92,11 +92,13 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
     infos = [(p, checkpoint.tensors[p.record.name]) for p in plan.tensors]
     largest = max((i.nbytes for p, i in infos if p.scheme or kept_dtype(i.dtype, settings) != i.dtype), default=0)
     largest_quantized = max(p.record.parameters for p in plan.tensors if p.scheme)
-    skeleton = SKELETON_RSS if checkpoint.skeleton() is not None else 0  # transformers was imported to build it
+    # transformers is imported to build the skeleton, unless the skeleton was recalled (`io/memo.py`)
+    built = checkpoint.skeleton() is not None and not checkpoint.skeleton().recalled
+    skeleton = SKELETON_RSS if built else 0
     peak = BASE_RSS + skeleton + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
     in_c = rtn_kernel.load() is not None and all(p.scheme.config.grid == "int" for p in plan.tensors if p.scheme)
     seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S["c" if in_c else "torch"]
-    if skeleton and not checkpoint.skeleton().recalled:
+    if built:
         seconds += TRANSFORMERS_S
     disk = output_bytes
     if plan.calibrated is not None:
