@@ -27,7 +27,7 @@ def load(name: str, source: str, flags: tuple[str, ...] = AVX2_FLAGS) -> ctypes.
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qconvert" / "kernels"
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qconvert" / "kernels"
     library = folder / f"{name}-{digest}.so"
     try:
         if not library.exists():

@@ -79,7 +79,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.to(torch.uint8)
     if bits == 8:
         return codes.contiguous()
-    if bits == 4 and _pack4_library() is not None:
+    if bits == 4 and codes.device.type == "cpu" and _pack4_library() is not None:
         codes = codes.contiguous()
         packed = torch.empty(rows, packed_row_bytes(columns, 4), dtype=torch.uint8)
         _pack4_library().pack4(codes.data_ptr(), packed.data_ptr(), rows, columns, torch.get_num_threads())

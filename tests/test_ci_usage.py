@@ -30,7 +30,8 @@ def test_plan_predicts_the_measured_size_exactly_and_the_peak_memory_roughly(tmp
     assert predicted["weights_bytes"] == json.loads(result.stdout)["stored_bytes"]
     on_disk = sum(f.stat().st_size for f in (tmp_path / "out").iterdir())
     assert abs(predicted["output_bytes"] - on_disk) < 0.01 * on_disk
-    assert 0.7 * peak <= predicted["peak_rss_bytes"] <= 1.6 * peak, (predicted["peak_rss_bytes"], peak)
+    # The plan counts transformers' memory whenever it may be imported (a recalled check never imports it).
+    assert 0.7 * peak <= predicted["peak_rss_bytes"] <= 1.8 * peak, (predicted["peak_rss_bytes"], peak)
 
 
 def test_model_refuses_to_start_when_the_plan_does_not_fit(tmp_path, tiny_llama, monkeypatch):

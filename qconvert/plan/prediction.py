@@ -92,9 +92,10 @@ def predict(checkpoint: Checkpoint, plan: ConversionPlan, settings: Settings, de
     infos = [(p, checkpoint.tensors[p.record.name]) for p in plan.tensors]
     largest = max((i.nbytes for p, i in infos if p.scheme or kept_dtype(i.dtype, settings) != i.dtype), default=0)
     largest_quantized = max(p.record.parameters for p in plan.tensors if p.scheme)
-    # transformers is imported to build the skeleton, unless the skeleton was recalled (`io/memo.py`)
-    built = checkpoint.skeleton() is not None and not checkpoint.skeleton().recalled
-    skeleton = SKELETON_RSS if built else 0
+    # transformers' memory whenever it may be imported: to build the skeleton, or for the runtime check of
+    # the output, whose recalled answer (`io/memo.py`) the plan cannot know beforehand
+    skeleton = SKELETON_RSS if checkpoint.skeleton() is not None else 0
+    built = skeleton and not checkpoint.skeleton().recalled
     peak = BASE_RSS + skeleton + IN_FLIGHT_COPIES * largest + CODE_BYTES * largest_quantized
     in_c = rtn_kernel.load() is not None and all(p.scheme.config.grid == "int" for p in plan.tensors if p.scheme)
     seconds = STARTUP_S + source_bytes / STREAM_BYTES_PER_S["c" if in_c else "torch"]

@@ -248,8 +248,15 @@ def load() -> ctypes.CDLL | None:
 
 
 def applies(weight: torch.Tensor) -> bool:
-    """Whether the C kernels take this weight: 2-D, contiguous bfloat16 or float32, on a machine that built them."""
-    return weight.dim() == 2 and weight.dtype in SUFFIXES and weight.is_contiguous() and load() is not None
+    """Whether the C kernels take this weight: 2-D, contiguous bfloat16 or float32 in CPU memory, on a machine that
+    built them."""
+    return (
+        weight.dim() == 2
+        and weight.device.type == "cpu"
+        and weight.dtype in SUFFIXES
+        and weight.is_contiguous()
+        and load() is not None
+    )
 
 
 def group_ranges(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
