@@ -21,6 +21,7 @@ from qconvert.calibration.store import BlockStore, calibration_folder, finished_
 from qconvert.compatibility import publish_check
 from qconvert.errors import SchemeError
 from qconvert.formats.base import Layout
+from qconvert.heap import reuse_freed_memory
 from qconvert.io import hashing
 from qconvert.io.loading import Checkpoint, SourceBytes
 from qconvert.io.quantized_sources import QuantizedCheckpoint
@@ -378,6 +379,7 @@ def _stream(
     # against 4.4-4.6 s with two, and in 6.4-6.8 s against 7.1-11.7 s with two busy neighbour processes.
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, len(os.sched_getaffinity(0)) - 2)))
+    reuse_freed_memory()
     try:
         for p, (name, tensor) in zip(tensors, prefetched(checkpoint.iter_tensors(names, unread=unread))):
             stored = _convert_one(p, tensor, plan, settings, calibrated, checkpoint)

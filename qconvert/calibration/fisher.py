@@ -25,9 +25,9 @@ from typing import Iterator
 import torch
 
 from qconvert.calibration.blocks import DecoderBlocks
-from qconvert.calibration.heap import release_freed_memory
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
 from qconvert.errors import SchemeError
+from qconvert.heap import release_freed_memory
 from qconvert.io.loading import Checkpoint
 
 

@@ -22,12 +22,12 @@ from typing import Callable
 import torch
 
 from qconvert.calibration.blocks import DecoderBlocks
-from qconvert.calibration.heap import release_freed_memory
 from qconvert.calibration.samples import CalibrationSettings, calibration_windows
 from qconvert.calibration.sequential import SequentialRun
 from qconvert.calibration.statistics import CalibrationBlock
 from qconvert.calibration.store import BlockResults, BlockStore
 from qconvert.errors import SchemeError
+from qconvert.heap import release_freed_memory
 from qconvert.io.loading import Checkpoint
 from qconvert.quantizers.base import CalibratedQuantizer, QuantConfig, QuantizedTensor, dequantize, relative_error
 from qconvert.quantizers.grids import ScaleRangeError

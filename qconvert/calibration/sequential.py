@@ -30,9 +30,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from qconvert.calibration.heap import map_large_allocations, release_freed_memory
 from qconvert.calibration.statistics import CalibrationBlock, GramSums
 from qconvert.errors import UnsupportedModelError
+from qconvert.heap import map_large_allocations, release_freed_memory
 from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize, relative_error
 
 # (tensor name, float32 weight (rows, columns), H (columns, columns), config) -> its quantized form

@@ -12,7 +12,9 @@ a file they have hashed before. Rewriting a file changes its change time (which 
 set back), so a kept hash is never used for other bytes. A file changed less than `SETTLED_S` before
 it was hashed may still be being written (and timestamps are coarse: a change within the same tick
 would keep them), so its hash is not kept. `qconvert verify` always reads
-every byte.
+every byte. The sha256 of a tensor's bytes that a conversion copies unchanged from a source file
+(an embedding, a head) is kept the same way, under the file's identity and the bytes' offset and
+length (`bytes_key`), so that the writer can copy them inside the kernel without reading them.
 """
 
 import hashlib
@@ -121,3 +123,28 @@ def result(path: Path) -> str | None:
     h = _started[path.resolve()]
     h.done.wait()
     return h.digest
+
+
+def bytes_key(file: Path, offset: int, nbytes: int) -> dict | None:
+    """What the sha256 of `nbytes` bytes of `file` at `offset` is kept under (`recall_bytes`, `keep_bytes`),
+    or None while the file is not settled (changed less than SETTLED_S ago)."""
+    stat = file.stat()
+    if max(stat.st_mtime, stat.st_ctime) >= time.time() - SETTLED_S:
+        return None
+    return {"path": str(file.resolve()), **file_identity(stat), "offset": offset, "nbytes": nbytes}
+
+
+def recall_bytes(key: dict | None) -> str | None:
+    """The kept sha256 for `bytes_key`'s key, or None."""
+    return None if key is None else (memo.recall("sha256", key) or {}).get("sha256")
+
+
+def keep_bytes(key: dict | None, digest: str) -> None:
+    """Keep `digest`, read just now, under `key` if the file is still the one the key was made for."""
+    if key is not None:
+        path = Path(key["path"])
+        try:
+            if {**key, **file_identity(path.stat())} == key:
+                memo.remember("sha256", key, {"sha256": digest})
+        except OSError:
+            pass

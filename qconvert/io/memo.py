@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def cache_folder() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qconvert" / "memo"
 
 
+@cache  # read once per process: a conversion asks the cache a few dozen times
 def library_versions() -> dict[str, str | None]:
     """The installed versions of the libraries an answer depends on (without importing them)."""
     versions = {}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 
 from qconvert.errors import OutputError
+from qconvert.io import hashing
 from qconvert.io.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES
 
 if TYPE_CHECKING:
@@ -98,24 +99,61 @@ class SafetensorsStreamWriter:
         return hashlib.sha256(data).hexdigest()
 
     def copy(self, name: str, source: "SourceBytes", chunk_bytes: int = 1 << 23) -> str:
-        """Append the next planned tensor by copying its bytes from a source file, a chunk at a time
-        (memory stays flat whatever the tensor's size); return their sha256."""
+        """Append the next planned tensor by copying its bytes from a source file, and return their sha256.
+
+        Bytes (at least 1 MB) whose sha256 an earlier run kept (`hashing.bytes_key`) are copied inside
+        the kernel (copy_file_range), never entering this process; others are read a chunk at a time
+        (memory stays flat whatever the tensor's size), hashed and written, and their sha256 kept for
+        the next run.
+
+        Raises:
+            OutputError: the source file is shorter than its header says (it changed meanwhile).
+        """
         spec = self.specs[self._next]
         actual = (DTYPE_NAMES.get(source.dtype), tuple(source.shape))
         if spec.name != name or actual != (spec.dtype, spec.shape):
             raise AssertionError(f"planned {spec} but got {name} {actual}")  # a bug in the planner
-        digest, buffer = hashlib.sha256(), bytearray(min(chunk_bytes, source.nbytes))
+        # Small tensors (norms) are read: cheaper than asking the cache.
+        key = hashing.bytes_key(source.file, source.offset, source.nbytes) if source.nbytes >= 1 << 20 else None
+        known = hashing.recall_bytes(key)
         with open(source.file, "rb") as f:
-            f.seek(source.offset)
-            left = source.nbytes
-            while left:
-                view = memoryview(buffer)[: min(left, len(buffer))]
-                if f.readinto(view) != len(view):
-                    raise OutputError(f"{source.file} changed while it was being converted: {name} is cut short.")
-                digest.update(view)
-                self._file.write(view)
-                left -= len(view)
+            if known is None or not self._copy_in_kernel(f, source, name):
+                known = self._copy_hashing(f, source, name, chunk_bytes)
+                hashing.keep_bytes(key, known)
         self._next += 1
+        return known
+
+    def _copy_in_kernel(self, f, source: "SourceBytes", name: str) -> bool:
+        """Copy the bytes with copy_file_range; False (nothing written) where the filesystems refuse it."""
+        self._file.flush()
+        start = self._file.tell()
+        copied = 0
+        try:
+            while copied < source.nbytes:
+                n = os.copy_file_range(
+                    f.fileno(), self._file.fileno(), source.nbytes - copied, source.offset + copied, start + copied
+                )
+                if n == 0:
+                    raise OutputError(f"{source.file} changed while it was being converted: {name} is cut short.")
+                copied += n
+        except OSError as exc:
+            if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            return False
+        self._file.seek(start + copied)
+        return True
+
+    def _copy_hashing(self, f, source: "SourceBytes", name: str, chunk_bytes: int) -> str:
+        digest, buffer = hashlib.sha256(), bytearray(min(chunk_bytes, source.nbytes))
+        f.seek(source.offset)
+        left = source.nbytes
+        while left:
+            view = memoryview(buffer)[: min(left, len(buffer))]
+            if f.readinto(view) != len(view):
+                raise OutputError(f"{source.file} changed while it was being converted: {name} is cut short.")
+            digest.update(view)
+            self._file.write(view)
+            left -= len(view)
         return digest.hexdigest()
 
     def finish(self, metadata: dict[str, str]) -> None:

@@ -61,3 +61,50 @@ def test_staged_directory_replaces_only_on_success(tmp_path):
         (staging / "new").write_text("y")
     assert sorted(p.name for p in destination.iterdir()) == ["new"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _copied_twice(tmp_path, monkeypatch, second_run_setup):
+    """Copy a 2 MB tensor from a settled source file into two outputs; the second after `second_run_setup`."""
+    import hashlib
+    import os
+    import time
+
+    from qconvert.io import hashing
+    from qconvert.io.loading import SourceBytes
+
+    monkeypatch.setenv("QCONVERT_CACHE", str(tmp_path / "memo"))
+    monkeypatch.setattr(hashing, "SETTLED_S", 0.05)
+    data = torch.arange(1 << 20, dtype=torch.int16).view(torch.bfloat16)
+    raw = data.view(torch.int16).numpy().tobytes()
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"x" * 100 + raw)
+    os.utime(source, (time.time() - 60, time.time() - 60))
+    time.sleep(0.1)
+    piece = SourceBytes(source, 100, data.numel() * 2, torch.bfloat16, (data.numel(),))
+    digests = []
+    for run in range(2):
+        if run:
+            second_run_setup()
+        out = tmp_path / f"out{run}.safetensors"
+        writer = SafetensorsStreamWriter(out, [TensorSpec("t", "BF16", (data.numel(),))], metadata_bytes=64)
+        digests.append(writer.copy("t", piece))
+        writer.finish({})
+        assert load_file(out)["t"].view(torch.int16).numpy().tobytes() == raw
+    assert digests == [hashlib.sha256(raw).hexdigest()] * 2
+
+
+def test_kept_bytes_are_copied_in_the_kernel_the_second_time(tmp_path, monkeypatch):
+    def no_reading():
+        monkeypatch.setattr(SafetensorsStreamWriter, "_copy_hashing", lambda *a: pytest.fail("read the bytes again"))
+
+    _copied_twice(tmp_path, monkeypatch, no_reading)
+
+
+def test_a_filesystem_without_copy_file_range_gets_the_bytes_read(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    _copied_twice(tmp_path, monkeypatch, lambda: monkeypatch.setattr(os, "copy_file_range", refuse))
