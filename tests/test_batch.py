@@ -79,8 +79,9 @@ def test_bad_batch_files_are_refused(tmp_path):
     assert result.exit_code == 2 and "unknown setting `bitz`" in result.stderr
 
 
-def test_a_batch_killed_midway_resumes_where_it_stopped(tmp_path, tiny_llama):
-    path = jobs_file(tmp_path, tiny_llama)
+def test_a_batch_killed_midway_resumes_where_it_stopped(tmp_path, real_models):
+    # SmolLM2, not the tiny model: its jobs take long enough (~1 s) to be caught writing, every time.
+    path = jobs_file(tmp_path, real_models / "smollm2-135m")
     process = subprocess.Popen(
         [sys.executable, "-m", "qconvert.cli", "batch", str(path)],
         start_new_session=True,
