@@ -17,6 +17,7 @@ weights see the same inputs) and carries on from the first unfinished block.
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -104,7 +105,7 @@ def calibrate(
                 report=lambda stage, index=index: report(f"block {index}: {stage}", index, len(blocks)),
             )
             if quantizer.sequential:  # one pass: the block's outputs come with its results
-                results, errors = _quantize_sequentially(quantizer, block, names, checkpoint)
+                results, errors = _quantize_sequentially(quantizer, block, names, checkpoint, store.folder)
                 outputs_done = True
             else:
                 results = _quantize_block(quantizer, block, names, checkpoint)
@@ -162,11 +163,16 @@ def _assign_to_blocks(blocks: DecoderBlocks, selected: list[str]) -> dict[str, i
 
 
 def _quantize_sequentially(
-    quantizer: CalibratedQuantizer, block: CalibrationBlock, names: list[str], checkpoint: Checkpoint
+    quantizer: CalibratedQuantizer,
+    block: CalibrationBlock,
+    names: list[str],
+    checkpoint: Checkpoint,
+    offload_folder: Path | None = None,
 ) -> tuple[BlockResults, dict[str, float]]:
     """Each linear as soon as its inputs are complete (`sequential.py`); the block's inputs become its outputs."""
     _check_weights(block, names)
-    run = SequentialRun(block, quantizer.quantize_linear, lambda linear: block.report(f"{quantizer.name} {linear}"))
+    report = lambda linear: block.report(f"{quantizer.name} {linear}")  # noqa: E731
+    run = SequentialRun(block, quantizer.quantize_linear, report, offload_folder=offload_folder)
     try:
         results, errors = run.run()
     except ScaleRangeError as exc:

@@ -20,13 +20,21 @@ every batch has finished, its output, computed with all of the block's quantized
 next block's input: the same values a plain forward of the quantized block gives, which is what a
 resumed run computes from the saved block.
 
-Memory: paused batches hold their live activations at once. The peak is at the last linear
-(down_proj's input, tokens × intermediate size), on top of the block's inputs and the residual.
+Memory: paused batches hold their live activations at once; the peak is at the last linear
+(down_proj's input, tokens × intermediate size), on top of the residual and what transformers'
+frames keep. While a linear is solved, the inputs the batches paused with are moved to a temporary
+file beside the calibration store (`_Offload`), and read back before the batches resume: on SmolLM2
+with 128 x 512 tokens this took the peak RSS from 0.98 to 0.85 GB, for 12.8 GB written and read back
+(about 16 s over 30 blocks). The page cache keeps them while memory is plentiful, and writes them to
+disk when it is not.
 """
 
+import ctypes
+import tempfile
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
 
 import torch
 
@@ -37,6 +45,64 @@ from qconvert.quantizers.base import QuantConfig, QuantizedTensor, dequantize, r
 
 # (tensor name, float32 weight (rows, columns), H (columns, columns), config) -> its quantized form
 SolveLinear = Callable[[str, torch.Tensor, torch.Tensor, QuantConfig], QuantizedTensor]
+
+
+OFFLOAD_BYTES = 1 << 20  # smaller paused inputs stay in memory: not worth a write and a read
+
+
+class _Offload:
+    """Paused inputs moved to files while their batches wait: each tensor keeps its shape and dtype, but
+    its storage is emptied (resized to 0 bytes) until `restore` reads its bytes back, just before its
+    batch resumes, so that the batches' activations come back one batch at a time.
+
+    Only an input that owns its whole storage is moved, so nothing else (a parameter, another tensor
+    viewing the same memory) can see it emptied; and nothing of its batch runs while it is away. Two
+    files take turns: a round's inputs go to one while the last round's are read back from the other."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.files = [] if folder is None else [tempfile.TemporaryFile(dir=folder) for _ in range(2)]
+        self.round = 0
+        self.ends = [0, 0]  # where each file's next input goes
+        self.moved: dict[int, list[tuple[torch.Tensor, BinaryIO, int]]] = {}  # batch id -> (tensor, file, offset)
+
+    def move(self, batch: "_Batch", x: torch.Tensor) -> None:
+        storage = x.untyped_storage()
+        nbytes = x.numel() * x.element_size()
+        if not self.files or nbytes < OFFLOAD_BYTES or not x.is_contiguous() or x.storage_offset():
+            return
+        if storage.nbytes() != nbytes or not storage.resizable():
+            return
+        file = self.files[self.round % 2]
+        offset = self.ends[self.round % 2]
+        file.seek(offset)
+        file.write(memoryview(_bytes_of(x)))
+        self.ends[self.round % 2] += nbytes
+        self.moved.setdefault(id(batch), []).append((x, file, offset))
+        storage.resize_(0)
+
+    def restore(self, batch: "_Batch") -> None:
+        """Give the batch's moved inputs their bytes back."""
+        for x, file, offset in self.moved.pop(id(batch), []):
+            nbytes = x.numel() * x.element_size()
+            x.untyped_storage().resize_(nbytes)
+            file.seek(offset)
+            if file.readinto(memoryview(_bytes_of(x))) != nbytes:
+                raise OSError(f"the temporary file of paused inputs lost {nbytes} bytes")
+
+    def next_round(self) -> None:
+        """Every batch has resumed: the file they were read back from is rewritten from its start by the
+        next round (over the same pages of the page cache, not truncated and grown again)."""
+        self.round += 1
+        self.ends[self.round % 2] = 0
+
+    def close(self) -> None:
+        for file in self.files:
+            file.close()
+
+
+def _bytes_of(x: torch.Tensor) -> ctypes.Array:
+    """The bytes of a contiguous tensor, in place (a numpy view would pin its storage's size)."""
+    return (ctypes.c_char * (x.numel() * x.element_size())).from_address(x.data_ptr())
 
 
 class _Batch:
@@ -57,14 +123,15 @@ class _Batch:
 
 
 @contextmanager
-def _unwinding(batches: list[_Batch], hooks: list) -> Iterator[None]:
-    """Remove the hooks at the end, and after an error unwind the paused batches (GreenletExit ends them
-    quietly), so that none is left holding its activations."""
+def _unwinding(batches: list[_Batch], hooks: list, offload: _Offload) -> Iterator[None]:
+    """Remove the hooks and the offload file at the end, and after an error unwind the paused batches
+    (GreenletExit ends them quietly), so that none is left holding its activations."""
     try:
         yield
     finally:
         for hook in hooks:
             hook.remove()
+        offload.close()
         for batch in batches:
             if not batch.finished:
                 batch.greenlet.throw()
@@ -81,8 +148,15 @@ class SequentialRun:
         SchemeError: from `solve`.
     """
 
-    def __init__(self, block: CalibrationBlock, solve: SolveLinear, report: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        block: CalibrationBlock,
+        solve: SolveLinear,
+        report: Callable[[str], None],
+        offload_folder: Path | None = None,
+    ) -> None:
         self.block, self.solve, self.report = block, solve, report
+        self.offload = _Offload(offload_folder)  # the paused inputs, while a linear is solved
         self.name_of = {linear: name for name, linear in block.linears.items()}
         self.results: dict[str, QuantizedTensor] = {}
         self.errors: dict[str, float] = {}
@@ -97,12 +171,14 @@ class SequentialRun:
         inputs.hidden = []  # each batch owns its activations until its output replaces them
         hooks = [linear.register_forward_pre_hook(self._hook) for linear in self.block.linears.values()]
         # Grad mode is per thread, so shared by the greenlets: set once around them all, not in each.
-        with torch.no_grad(), _unwinding(batches, hooks):
+        with torch.no_grad(), _unwinding(batches, hooks, self.offload):
             active = batches
             while active:
                 for batch in active:
+                    self.offload.restore(batch)
                     self.current = batch
                     batch.greenlet.switch()  # runs it until it pauses at a linear or finishes; raises its errors
+                self.offload.next_round()
                 paused = [b for b in active if not b.finished]
                 if not paused:
                     break
@@ -137,6 +213,7 @@ class SequentialRun:
             return
         self.grams.add(name, x)
         batch.paused_at, batch.paused_input = name, weakref.ref(x)
+        self.offload.move(batch, x)
         batch.greenlet.parent.switch()  # pause: back to `run`, until every batch has delivered
 
     def _quantize(self, name: str, hessian: torch.Tensor) -> None:

@@ -42,7 +42,9 @@ TRANSFORMERS_S = 4.5  # the first run on a model: transformers imported, the mod
 CALIBRATION_FLOPS = 140e9  # sustained float32 rate of a two-pass calibration (awq at 128 x 512: 235 s on SmolLM2)
 # gptq in one pass per block (`calibration/sequential.py`), fitted to SmolLM2 at 128 x 512 tokens (117 s):
 FORWARD_FLOPS = {"bfloat16": 300e9, "float32": 150e9}  # a block's forward, with its elementwise work
-GRAM_FLOPS = 160e9  # X^T X of each distinct linear input, upper blocks only, float32
+# X^T X of each distinct linear input, upper blocks only (bfloat16 products summed in float32: 4x float32's rate)
+GRAM_FLOPS = {"bfloat16": 500e9, "float32": 160e9}
+OFFLOAD_BYTES_PER_S = 0.75e9  # paused inputs written to a file and read back (gptq on SmolLM2: +16 s for 12.8 GB)
 SOLVE_SECONDS_PER_WEIGHT = 2e-7  # gptq's column loops, two row halves at once
 SECONDS_TOLERANCE = 0.3  # what the time prediction is checked to (scripts/compare.py's runs; the note of issue 16)
 TRAINING_PASSES = 3  # a training step's forward and backward, in forward passes
@@ -150,11 +152,14 @@ def _calibration_cost(checkpoint: Checkpoint, plan: ConversionPlan, settings: Se
             else "float32"
         )
         grams = blocks * tokens * 2 * 0.625 * (3 * hidden**2 + intermediate**2)
-        seconds = pass_flops / FORWARD_FLOPS[dtype] + grams / GRAM_FLOPS
+        seconds = pass_flops / FORWARD_FLOPS[dtype] + grams / GRAM_FLOPS[dtype]
         seconds += blocks * block_parameters * SOLVE_SECONDS_PER_WEIGHT
         itemsize = 2 if dtype == "bfloat16" else 4
-        # Every batch paused at down_proj: its input, the residual, the norm's output and down's input.
-        in_flight = tokens * (3 * hidden + intermediate) * itemsize
+        offloaded = blocks * tokens * (3 * hidden + intermediate) * itemsize  # the inputs of q, o, gate and down
+        seconds += offloaded / OFFLOAD_BYTES_PER_S
+        # Every batch paused at o_proj: the block's input, the norm's output, q, k and v (the paused inputs
+        # themselves wait in a file: `sequential._Offload`).
+        in_flight = tokens * 4 * hidden * itemsize
         return CALIBRATION_BASE_RSS + activations * itemsize / 4 + in_flight, seconds
     # Per block: a statistics pass and a quantized pass over all tokens, plus X^T X.
     seconds = (2 * pass_flops + blocks * tokens * 2 * (hidden + intermediate) * hidden) / CALIBRATION_FLOPS

@@ -6,6 +6,7 @@ import greenlet
 import pytest
 import torch
 
+from qconvert.calibration import sequential
 from qconvert.calibration.blocks import BlockInputs
 from qconvert.calibration.sequential import SequentialRun
 from qconvert.calibration.statistics import CalibrationBlock
@@ -52,13 +53,25 @@ def solve(name, weight, hessian, config):
     return gptq_quantize(weight, hessian, config)
 
 
-def test_each_linear_is_quantized_from_the_inputs_the_quantized_ones_before_it_give():
+@pytest.mark.parametrize("offload", [False, True])
+def test_each_linear_is_quantized_from_the_inputs_the_quantized_ones_before_it_give(offload, tmp_path, monkeypatch):
     module = Block()
     source = {n: p.detach().clone() for n, p in module.named_parameters()}
     block = make_block(module)
     inputs = [h.clone() for h in block.inputs.hidden]
-    seen = []
-    results, errors = SequentialRun(block, solve, seen.append).run()
+    seen, moved = [], []
+    if offload:  # every paused input goes to the file while its linear is solved, and comes back exactly
+        monkeypatch.setattr(sequential, "OFFLOAD_BYTES", 0)
+        restore = sequential._Offload.restore
+        monkeypatch.setattr(
+            sequential._Offload,
+            "restore",
+            lambda self, batch: moved.append(len(self.moved.get(id(batch), []))) or restore(self, batch),
+        )
+    results, errors = SequentialRun(block, solve, seen.append, offload_folder=tmp_path if offload else None).run()
+    # Three batches, each paused at a and then at c, and its input read back just before it resumes.
+    assert moved == ([0, 0, 0, 1, 1, 1, 1, 1, 1] if offload else [])
+    assert not list(tmp_path.iterdir())  # the file is gone
     assert seen == ["a", "b", "c"]  # b shares a's input: quantized at once, without a round of its own
 
     # The reference: a's and b's Hessian from the inputs, c's from what quantized a and b give.
