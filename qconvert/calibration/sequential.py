@@ -59,7 +59,8 @@ class _Offload:
     viewing the same memory) can see it emptied; and nothing of its batch runs while it is away. Two
     files take turns: a round's inputs go to one while the last round's are read back from the other."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, shared: set[int]) -> None:
+        self.shared = shared  # storages every batch reads (parameters, buffers, keyword arguments): never moved
         self.files = [] if folder is None else [tempfile.TemporaryFile(dir=folder) for _ in range(2)]
         self.round = 0
         self.ends = [0, 0]  # where each file's next input goes
@@ -70,7 +71,9 @@ class _Offload:
         nbytes = x.numel() * x.element_size()
         if not self.files or nbytes < OFFLOAD_BYTES or not x.is_contiguous() or x.storage_offset():
             return
-        if storage.nbytes() != nbytes or not storage.resizable():
+        if storage.nbytes() != nbytes or not storage.resizable() or isinstance(x, torch.nn.Parameter):
+            return
+        if storage.data_ptr() in self.shared:
             return
         file = self.files[self.round % 2]
         offset = self.ends[self.round % 2]
@@ -98,6 +101,15 @@ class _Offload:
     def close(self) -> None:
         for file in self.files:
             file.close()
+
+
+def _shared_storages(module: torch.nn.Module, kwargs: list[dict]) -> set[int]:
+    """The storages of the block's parameters and buffers and of the batches' keyword arguments."""
+    tensors = [*module.parameters(), *module.buffers()]
+    for arguments in kwargs:
+        for value in arguments.values():
+            tensors += [v for v in (value if isinstance(value, (tuple, list)) else (value,)) if torch.is_tensor(v)]
+    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 def _bytes_of(x: torch.Tensor) -> ctypes.Array:
@@ -156,7 +168,7 @@ class SequentialRun:
         offload_folder: Path | None = None,
     ) -> None:
         self.block, self.solve, self.report = block, solve, report
-        self.offload = _Offload(offload_folder)  # the paused inputs, while a linear is solved
+        self.offload_folder = offload_folder  # where the paused inputs wait while a linear is solved
         self.name_of = {linear: name for name, linear in block.linears.items()}
         self.results: dict[str, QuantizedTensor] = {}
         self.errors: dict[str, float] = {}
@@ -167,6 +179,7 @@ class SequentialRun:
     def run(self) -> tuple[dict[str, QuantizedTensor], dict[str, float]]:
         map_large_allocations()
         inputs = self.block.inputs
+        self.offload = _Offload(self.offload_folder, _shared_storages(self.block.module, inputs.kwargs))
         batches = [_Batch(self, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         inputs.hidden = []  # each batch owns its activations until its output replaces them
         hooks = [linear.register_forward_pre_hook(self._hook) for linear in self.block.linears.values()]

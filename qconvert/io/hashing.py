@@ -125,10 +125,9 @@ def result(path: Path) -> str | None:
     return h.digest
 
 
-def bytes_key(file: Path, offset: int, nbytes: int) -> dict | None:
-    """What the sha256 of `nbytes` bytes of `file` at `offset` is kept under (`recall_bytes`, `keep_bytes`),
-    or None while the file is not settled (changed less than SETTLED_S ago)."""
-    stat = file.stat()
+def bytes_key(file: Path, stat: os.stat_result, offset: int, nbytes: int) -> dict | None:
+    """What the sha256 of `nbytes` bytes of `file` (opened, with this fstat) at `offset` is kept under
+    (`recall_bytes`, `keep_bytes`), or None while the file is not settled (changed less than SETTLED_S ago)."""
     if max(stat.st_mtime, stat.st_ctime) >= time.time() - SETTLED_S:
         return None
     return {"path": str(file.resolve()), **file_identity(stat), "offset": offset, "nbytes": nbytes}

@@ -113,11 +113,20 @@ class SafetensorsStreamWriter:
         actual = (DTYPE_NAMES.get(source.dtype), tuple(source.shape))
         if spec.name != name or actual != (spec.dtype, spec.shape):
             raise AssertionError(f"planned {spec} but got {name} {actual}")  # a bug in the planner
-        # Small tensors (norms) are read: cheaper than asking the cache.
-        key = hashing.bytes_key(source.file, source.offset, source.nbytes) if source.nbytes >= 1 << 20 else None
-        known = hashing.recall_bytes(key)
         with open(source.file, "rb") as f:
-            if known is None or not self._copy_in_kernel(f, source, name):
+            # The key of the file as opened (not as a path names it): small tensors (norms) are read, cheaper
+            # than asking the cache.
+            opened = os.fstat(f.fileno())
+            key = (
+                hashing.bytes_key(source.file, opened, source.offset, source.nbytes)
+                if source.nbytes >= 1 << 20
+                else None
+            )
+            known = hashing.recall_bytes(key)
+            if known is not None and self._copy_in_kernel(f, source, name):
+                if hashing.file_identity(os.fstat(f.fileno())) != hashing.file_identity(opened):
+                    raise OutputError(f"{source.file} changed while it was being converted: {name} may be mixed.")
+            else:
                 known = self._copy_hashing(f, source, name, chunk_bytes)
                 hashing.keep_bytes(key, known)
         self._next += 1
@@ -133,11 +142,14 @@ class SafetensorsStreamWriter:
                 n = os.copy_file_range(
                     f.fileno(), self._file.fileno(), source.nbytes - copied, source.offset + copied, start + copied
                 )
+                if n == 0 and not copied:
+                    return False  # some filesystems say "not supported" this way: read the bytes instead
                 if n == 0:
                     raise OutputError(f"{source.file} changed while it was being converted: {name} is cut short.")
                 copied += n
         except OSError as exc:
-            if copied or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+            refused = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM)
+            if copied or exc.errno not in refused:  # EPERM: sandboxes that forbid the call
                 raise
             return False
         self._file.seek(start + copied)

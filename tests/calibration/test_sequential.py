@@ -114,3 +114,17 @@ def test_an_error_while_quantizing_reaches_the_caller_and_leaves_no_batch_paused
     assert not block.module.c._forward_pre_hooks
     paused = [g for g in gc.get_objects() if type(g) is greenlet.greenlet and g.parent and not g.dead]
     assert not paused
+
+
+def test_storages_every_batch_reads_are_never_offloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequential, "OFFLOAD_BYTES", 0)
+    module, shared = Block(), torch.randn(4, 32)
+    offload = sequential._Offload(tmp_path, sequential._shared_storages(module, [{"rotary": (shared, shared)}]))
+    for tensor in (module.a.weight, shared, module.a.weight.detach().view(-1)):
+        offload.move("batch", tensor)
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * 4
+    own = torch.randn(4, 32)
+    offload.move("batch", own)
+    assert own.untyped_storage().nbytes() == 0  # away until its batch resumes
+    offload.restore("batch")
+    offload.close()
