@@ -94,7 +94,7 @@ def run_in_process(job: dict) -> tuple[int, str, str, int]:
 def main() -> None:
     import typer
 
-    from qconvert.cli.common import run_command
+    from qconvert.cli.common import exit_now, run_command
 
     def action() -> None:
         try:
@@ -110,7 +110,8 @@ def main() -> None:
     try:
         run_command(action)  # the command line's one mapping of errors to a sentence and an exit code
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        exit_now(exc.exit_code)
+    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ is the order `qconvert --help` lists them in. Exit codes are documented in the R
 """
 # isort: skip_file
 
-from qconvert.cli.common import app
+from qconvert.cli.common import app, run_program
 from qconvert.cli import convert, plan, inspect, evaluate, batch, export  # noqa: F401  (each registers its commands)
 
-__all__ = ["app"]
+__all__ = ["app", "run_program"]

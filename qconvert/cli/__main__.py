@@ -1,5 +1,5 @@
-"""`python -m qconvert.cli`: what batch and sweep run for each job, in its own process."""
+"""`python -m qconvert.cli`: the `qconvert` program (what batch and sweep run for each job, in its own process)."""
 
-from qconvert.cli import app
+from qconvert.cli.common import run_program
 
-app()
+run_program()

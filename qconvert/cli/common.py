@@ -2,8 +2,13 @@
 errors, OS errors and signals become a sentence and an exit code, and the options several commands take."""
 
 import errno
+import logging
+import os
 import signal
+import sys
+import threading
 import traceback
+import weakref
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -138,3 +143,41 @@ def print_export(report) -> None:
         stderr.print(f"  requantized: {name}")
     for name in report.dequantized:
         stderr.print(f"  as float: {name}")
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` without tearing the interpreter down, when nothing is left to clean up.
+
+    With torch imported, Python's own shutdown (freeing every module's objects) takes 0.43 s here
+    (`python -c "import torch"` against the same with os._exit: 1.27 against 0.84 s), a sixth of a
+    730M model's conversion. Nothing is skipped that matters: the streams are flushed and logging shut
+    down first, and the normal exit runs instead while anything else would want the shutdown: a
+    thread that is not a daemon, a pending removal of a temporary folder (`weakref.finalize`), or Ray,
+    whose exit handler stops the processes it started.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    pending = any(  # a temporary folder or file still to be removed (torch's own finalizers only free memory)
+        info.atexit and getattr(info.func, "__module__", None) == "tempfile"
+        for info in list(weakref.finalize._registry.values())
+    )
+    if others or pending or "ray" in sys.modules:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: what was written is all there is
+            pass
+    os._exit(code)
+
+
+def run_program() -> None:
+    """The `qconvert` program (and `python -m qconvert.cli`): the app, then `exit_now`."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    exit_now(code)
