@@ -6,10 +6,12 @@ block). The streaming pass allocates and frees one tensor's buffers after anothe
 heap, so each tensor reuses the last one's pages instead of faulting in fresh ones."""
 
 import ctypes
+from functools import cache
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
+@cache  # asked between every calibration round
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

@@ -67,21 +67,29 @@ class _Offload:
         self.moved: dict[int, list[tuple[torch.Tensor, BinaryIO, int]]] = {}  # batch id -> (tensor, file, offset)
 
     def move(self, batch: "_Batch", x: torch.Tensor) -> None:
-        storage = x.untyped_storage()
-        nbytes = x.numel() * x.element_size()
-        if not self.files or nbytes < OFFLOAD_BYTES or not x.is_contiguous() or x.storage_offset():
+        if not self._movable(x):
             return
-        if storage.nbytes() != nbytes or not storage.resizable() or isinstance(x, torch.nn.Parameter):
-            return
-        if storage.data_ptr() in self.shared:
-            return
-        file = self.files[self.round % 2]
-        offset = self.ends[self.round % 2]
+        side = self.round % 2
+        file, offset = self.files[side], self.ends[side]
         file.seek(offset)
         file.write(memoryview(_bytes_of(x)))
-        self.ends[self.round % 2] += nbytes
+        self.ends[side] += x.untyped_storage().nbytes()
         self.moved.setdefault(id(batch), []).append((x, file, offset))
-        storage.resize_(0)
+        x.untyped_storage().resize_(0)
+
+    def _movable(self, x: torch.Tensor) -> bool:
+        """A large enough input that owns its whole resizable storage, which no other batch reads."""
+        storage, nbytes = x.untyped_storage(), x.numel() * x.element_size()
+        return (
+            bool(self.files)
+            and nbytes >= OFFLOAD_BYTES
+            and x.is_contiguous()
+            and x.storage_offset() == 0
+            and storage.nbytes() == nbytes
+            and storage.resizable()
+            and not isinstance(x, torch.nn.Parameter)
+            and storage.data_ptr() not in self.shared
+        )
 
     def restore(self, batch: "_Batch") -> None:
         """Give the batch's moved inputs their bytes back."""

@@ -14,7 +14,7 @@ it was hashed may still be being written (and timestamps are coarse: a change wi
 would keep them), so its hash is not kept. `qconvert verify` always reads
 every byte. The sha256 of a tensor's bytes that a conversion copies unchanged from a source file
 (an embedding, a head) is kept the same way, under the file's identity and the bytes' offset and
-length (`bytes_key`), so that the writer can copy them inside the kernel without reading them.
+length (`file_key`), so that the writer can copy them inside the kernel without reading them.
 """
 
 import hashlib
@@ -45,9 +45,10 @@ def file_identity(stat: os.stat_result) -> dict:
 class _Hash:
     def __init__(self, path: Path) -> None:
         stat = path.stat()
-        self.path, self.key = path, {"path": str(path), **file_identity(stat)}
+        self.path, self.identity = path, file_identity(stat)
+        self.key = file_key(path, stat)
         self.done = threading.Event()
-        self.digest: str | None = (memo.recall("sha256", self.key) or {}).get("sha256")
+        self.digest = recall(self.key)
         if self.digest is not None:
             self.done.set()
         else:
@@ -55,14 +56,8 @@ class _Hash:
 
     def _run(self) -> None:
         try:
-            began = time.time()
-            digest = sha256_file(self.path)
-            stat = self.path.stat()
-            if {"path": str(self.path), **file_identity(stat)} == self.key and max(
-                stat.st_mtime, stat.st_ctime
-            ) < began - SETTLED_S:
-                memo.remember("sha256", self.key, {"sha256": digest})
-            self.digest = digest
+            self.digest = sha256_file(self.path)
+            keep(self.key, self.digest)
         except OSError:
             pass  # the reader reports the file's problem; the hash is then simply not used
         finally:
@@ -113,7 +108,7 @@ def started(path: Path) -> bool:
     h = _started.get(path.resolve())
     if h is None:
         return False
-    return h.key == {"path": str(h.path), **file_identity(path.stat())}
+    return h.identity == file_identity(path.stat())
 
 
 def result(path: Path) -> str | None:
@@ -125,25 +120,24 @@ def result(path: Path) -> str | None:
     return h.digest
 
 
-def bytes_key(file: Path, stat: os.stat_result, offset: int, nbytes: int) -> dict | None:
-    """What the sha256 of `nbytes` bytes of `file` (opened, with this fstat) at `offset` is kept under
-    (`recall_bytes`, `keep_bytes`), or None while the file is not settled (changed less than SETTLED_S ago)."""
+def file_key(file: Path, stat: os.stat_result, **part: int) -> dict | None:
+    """What the sha256 of `file` (or of a `part` of it: offset=, nbytes=) is kept under, given the file's
+    stat as it was opened; None while the file is not settled (changed less than SETTLED_S ago)."""
     if max(stat.st_mtime, stat.st_ctime) >= time.time() - SETTLED_S:
         return None
-    return {"path": str(file.resolve()), **file_identity(stat), "offset": offset, "nbytes": nbytes}
+    return {"path": str(file.resolve()), **file_identity(stat), **part}
 
 
-def recall_bytes(key: dict | None) -> str | None:
-    """The kept sha256 for `bytes_key`'s key, or None."""
+def recall(key: dict | None) -> str | None:
+    """The sha256 kept under `file_key`'s key, or None."""
     return None if key is None else (memo.recall("sha256", key) or {}).get("sha256")
 
 
-def keep_bytes(key: dict | None, digest: str) -> None:
+def keep(key: dict | None, digest: str) -> None:
     """Keep `digest`, read just now, under `key` if the file is still the one the key was made for."""
     if key is not None:
-        path = Path(key["path"])
         try:
-            if {**key, **file_identity(path.stat())} == key:
+            if {**key, **file_identity(Path(key["path"]).stat())} == key:
                 memo.remember("sha256", key, {"sha256": digest})
         except OSError:
             pass

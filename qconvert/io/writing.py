@@ -101,7 +101,7 @@ class SafetensorsStreamWriter:
     def copy(self, name: str, source: "SourceBytes", chunk_bytes: int = 1 << 23) -> str:
         """Append the next planned tensor by copying its bytes from a source file, and return their sha256.
 
-        Bytes (at least 1 MB) whose sha256 an earlier run kept (`hashing.bytes_key`) are copied inside
+        Bytes (at least 1 MB) whose sha256 an earlier run kept (`hashing.file_key`) are copied inside
         the kernel (copy_file_range), never entering this process; others are read a chunk at a time
         (memory stays flat whatever the tensor's size), hashed and written, and their sha256 kept for
         the next run.
@@ -118,17 +118,17 @@ class SafetensorsStreamWriter:
             # than asking the cache.
             opened = os.fstat(f.fileno())
             key = (
-                hashing.bytes_key(source.file, opened, source.offset, source.nbytes)
+                hashing.file_key(source.file, opened, offset=source.offset, nbytes=source.nbytes)
                 if source.nbytes >= 1 << 20
                 else None
             )
-            known = hashing.recall_bytes(key)
+            known = hashing.recall(key)
             if known is not None and self._copy_in_kernel(f, source, name):
                 if hashing.file_identity(os.fstat(f.fileno())) != hashing.file_identity(opened):
                     raise OutputError(f"{source.file} changed while it was being converted: {name} may be mixed.")
             else:
                 known = self._copy_hashing(f, source, name, chunk_bytes)
-                hashing.keep_bytes(key, known)
+                hashing.keep(key, known)
         self._next += 1
         return known
 

@@ -144,7 +144,13 @@ def relative_error(weight: torch.Tensor, q: QuantizedTensor) -> float:
     if q.grid == "int" and q.codes.dtype == torch.uint8 and q.codes.is_contiguous() and rtn_kernel.applies(weight):
         scales, zeros = q.scales.float().contiguous(), zero_points(q).contiguous()
         error, norm = rtn_kernel.error_sums(weight, q.codes, scales, zeros, q.group_size)
-        return float(f"{error / norm:.6g}") if norm else 0.0
+    else:
+        error, norm = _error_sums(weight, q)
+    return float(f"{error / norm:.6g}") if norm else 0.0
+
+
+def _error_sums(weight: torch.Tensor, q: QuantizedTensor) -> tuple[float, float]:
+    """(|W - deq(Q)|², |W|²) in float64, over cache-sized row blocks."""
     rows, columns = weight.shape
     step = max(1, (1 << 19) // max(columns, 1))
     error = norm = 0.0
@@ -153,7 +159,7 @@ def relative_error(weight: torch.Tensor, q: QuantizedTensor) -> float:
         w = weight[block].double()  # float32 squares of large weights overflow
         error += (dequantize(q, rows=block).double().sub_(w)).square_().sum().item()
         norm += w.square().sum().item()
-    return float(f"{error / norm:.6g}") if norm else 0.0
+    return error, norm
 
 
 class Quantizer(ABC):

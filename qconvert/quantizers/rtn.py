@@ -122,36 +122,41 @@ def _rtn_int(name: str, weight: torch.Tensor, config: QuantConfig) -> QuantizedT
     Raises:
         SchemeError: NaN or infinite weights; ScaleRangeError: scales the scale dtype cannot hold.
     """
-    rows, columns = weight.shape
+    group = config.group_size_for(weight.shape[1])
     native = rtn_kernel.applies(weight)
-    if native:
-        low, high, finite = rtn_kernel.group_ranges(weight, config.group_size_for(columns))
-    else:
-        low, high = _group_ranges(weight, config)
-        finite = bool(torch.isfinite(low).all() and torch.isfinite(high).all())
+    low, high, finite = rtn_kernel.group_ranges(weight, group) if native else _group_ranges(weight, config)
     if not finite:
         raise SchemeError(f"tensor {name} contains NaN or infinite values and cannot be quantized.")
-    fitted = (
-        rtn_kernel.grid(low, high, config.bits, config.symmetric, SCALE_DTYPES[config.scale_dtype]) if native else None
-    )
-    if fitted is not None:
-        scales, inverse, zeros = fitted
-    else:
-        if not config.symmetric:
-            low.clamp_(max=0)
-            high.clamp_(min=0)
-        scales = range_scales(low, high, config)  # the caller names the tensor in a ScaleRangeError
-        inverse = scales.float().reciprocal()
-        zeros = None if config.symmetric else low.mul_(inverse).neg_().round_().clamp_(0, 2**config.bits - 1)
+    fitted = native and rtn_kernel.grid(low, high, config.bits, config.symmetric, SCALE_DTYPES[config.scale_dtype])
+    scales, inverse, zeros = fitted or _grid(low, high, config)  # torch's, also for the error a scale out of range gets
     if native:
-        codes = rtn_kernel.int_codes(weight, inverse, zeros, config.group_size_for(columns), config.bits)
+        codes = rtn_kernel.int_codes(weight, inverse, zeros, group, config.bits)
     else:
         codes = _int_codes(weight, inverse, zeros, config)
     return _assembled(codes, weight, config, Rounding(config, weight).stored(scales, zeros))
 
 
-def _group_ranges(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's (min, max) as float32 (rows, groups), over cache-sized row blocks."""
+def _grid(
+    low: torch.Tensor, high: torch.Tensor, config: QuantConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(stored scales, float32 inverses, float32 zero points or None when symmetric) of groups spanning
+    [low, high]; clamps `low` and `high` in place for an asymmetric grid.
+
+    Raises:
+        ScaleRangeError: see `grids.stored_scales` (the caller names the tensor).
+    """
+    if not config.symmetric:
+        low.clamp_(max=0)
+        high.clamp_(min=0)
+    scales = range_scales(low, high, config)
+    inverse = scales.float().reciprocal()
+    zeros = None if config.symmetric else low.mul_(inverse).neg_().round_().clamp_(0, 2**config.bits - 1)
+    return scales, inverse, zeros
+
+
+def _group_ranges(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Each group's (min, max) as float32 (rows, groups), over cache-sized row blocks, and whether all
+    are finite (`rtn_kernel.group_ranges`)."""
     rows, columns = weight.shape
     blocks = row_blocks(rows, columns)
     low, high = torch.empty(rows, config.groups_for(columns)), torch.empty(rows, config.groups_for(columns))
@@ -159,7 +164,7 @@ def _group_ranges(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tens
         block = group_view(weight[start : start + blocks.step], config)
         torch.amin(block, -1, out=low[start : start + blocks.step])  # 4x faster than torch.aminmax on short groups
         torch.amax(block, -1, out=high[start : start + blocks.step])
-    return low, high
+    return low, high, bool(torch.isfinite(low).all() and torch.isfinite(high).all())
 
 
 def _int_codes(

@@ -278,8 +278,8 @@ def grid(
     (rows, groups), for groups spanning the float32 ranges [low, high] (unclamped) on the integer grid:
     the values of `rtn.range_scales` and `rtn._rtn_int`. None when some scale does not fit `scale_dtype`
     (`grids.stored_scales` then raises its error)."""
+    native.check_tensor(low, low.shape, torch.float32)
     native.check_tensor(high, low.shape, torch.float32)
-    native.check_tensor(low, high.shape, torch.float32)
     stored = torch.empty(low.shape, dtype=torch.int16)
     inverse = torch.empty(low.shape)
     zeros = None if symmetric else torch.empty(low.shape)
